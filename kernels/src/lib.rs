@@ -1,0 +1,243 @@
+//! Block-diffusion attention.
+//!
+//! The model never builds attention masks itself: it describes *which* attention it needs with a
+//! [`BlockLayout`] and calls [`block_diffusion_attention`]. The first implementation behind the
+//! entry point is the dense-mask reference (scaled dot-product attention with a boolean mask
+//! generated from the layout). Faster implementations (block-sparse CPU, fused CUDA) replace the
+//! inside and are tested against [`dense_attention`].
+
+use anyhow::{bail, ensure, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Which attention pattern a forward pass needs. Everything about the mask follows from the
+/// sequence length `L` and the block size `L′` (§2.2 of the BD3-LM reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockLayout {
+    /// Training and evaluation input `x_t ⊕ x_0` of length 2L: noisy blocks attend bidirectionally
+    /// inside their block and to the clean copies of strictly earlier blocks; the clean stream is
+    /// block-causal and never sees noisy tokens.
+    TwoStream { seq_len: usize, block_size: usize },
+    /// One stream of `seq_len` tokens, block-causal with blocks of `block_size`: bidirectional
+    /// inside a block, causal across blocks. `block_size == seq_len` is plain bidirectional
+    /// attention (MDLM); `block_size == 1` is causal.
+    BlockCausal { seq_len: usize, block_size: usize },
+    /// Token-causal attention (the AR model).
+    Causal { seq_len: usize },
+    /// One block of `block_len` queries against `prefix_len` cached clean keys followed by the
+    /// block's own keys: every key is visible, no mask is needed.
+    Decode { prefix_len: usize, block_len: usize },
+}
+
+impl BlockLayout {
+    /// A two-stream (x_t ⊕ x_0) layout; `block_size` must divide `seq_len`.
+    pub fn two_stream(seq_len: usize, block_size: usize) -> Result<Self> {
+        check_blocks(seq_len, block_size)?;
+        Ok(Self::TwoStream { seq_len, block_size })
+    }
+
+    /// A single-stream block-causal layout; `block_size` must divide `seq_len`.
+    pub fn block_causal(seq_len: usize, block_size: usize) -> Result<Self> {
+        check_blocks(seq_len, block_size)?;
+        Ok(Self::BlockCausal { seq_len, block_size })
+    }
+
+    /// Number of query positions.
+    pub fn query_len(&self) -> usize {
+        match *self {
+            Self::TwoStream { seq_len, .. } => 2 * seq_len,
+            Self::BlockCausal { seq_len, .. } | Self::Causal { seq_len } => seq_len,
+            Self::Decode { block_len, .. } => block_len,
+        }
+    }
+
+    /// Number of key positions.
+    pub fn key_len(&self) -> usize {
+        match *self {
+            Self::Decode { prefix_len, block_len } => prefix_len + block_len,
+            _ => self.query_len(),
+        }
+    }
+
+    /// RoPE position of every query token. In the two-stream layout the noisy token i and the
+    /// clean token i share position i (§2.3), so the positions are 0..L twice.
+    pub fn query_positions(&self) -> Vec<i64> {
+        match *self {
+            Self::TwoStream { seq_len, .. } => (0..seq_len as i64).chain(0..seq_len as i64).collect(),
+            Self::BlockCausal { seq_len, .. } | Self::Causal { seq_len } => (0..seq_len as i64).collect(),
+            Self::Decode { prefix_len, block_len } => {
+                (prefix_len as i64..(prefix_len + block_len) as i64).collect()
+            }
+        }
+    }
+
+    /// Whether any key is hidden from any query (Decode and bidirectional layouts need no mask).
+    pub fn needs_mask(&self) -> bool {
+        match *self {
+            Self::Decode { .. } => false,
+            Self::BlockCausal { seq_len, block_size } => block_size < seq_len,
+            _ => true,
+        }
+    }
+
+    /// The dense boolean mask `[query_len, key_len]` (true = may attend), built with tensor
+    /// arithmetic from the layout. Only the dense reference path uses it.
+    pub fn dense_mask(&self, device: Device) -> Tensor {
+        let opts = (Kind::Int64, device);
+        match *self {
+            Self::TwoStream { seq_len, block_size } => {
+                let n = seq_len as i64;
+                let idx = Tensor::arange(2 * n, opts);
+                let half = idx.ge(n).to_kind(Kind::Int64); // 0 = noisy x_t, 1 = clean x_0
+                let blk = (&idx - &half * n).divide_scalar_mode(block_size as i64, "floor");
+                let (hq, hk) = (half.unsqueeze(1), half.unsqueeze(0));
+                let (bq, bk) = (blk.unsqueeze(1), blk.unsqueeze(0));
+                let block_diagonal = bq.eq_tensor(&bk).logical_and(&hq.eq_tensor(&hk));
+                let offset_block_causal = hq.eq(0).logical_and(&hk.eq(1)).logical_and(&bk.lt_tensor(&bq));
+                let block_causal = hq.eq(1).logical_and(&hk.eq(1)).logical_and(&bk.le_tensor(&bq));
+                block_diagonal.logical_or(&offset_block_causal).logical_or(&block_causal)
+            }
+            Self::BlockCausal { seq_len, block_size } => {
+                let blk = Tensor::arange(seq_len as i64, opts).divide_scalar_mode(block_size as i64, "floor");
+                blk.unsqueeze(0).le_tensor(&blk.unsqueeze(1))
+            }
+            Self::Causal { seq_len } => {
+                let idx = Tensor::arange(seq_len as i64, opts);
+                idx.unsqueeze(0).le_tensor(&idx.unsqueeze(1))
+            }
+            Self::Decode { prefix_len, block_len } => {
+                Tensor::ones([block_len as i64, (prefix_len + block_len) as i64], (Kind::Bool, device))
+            }
+        }
+    }
+}
+
+fn check_blocks(seq_len: usize, block_size: usize) -> Result<()> {
+    ensure!(seq_len > 0, "sequence length must be positive");
+    ensure!(
+        block_size > 0 && seq_len % block_size == 0,
+        "block size {block_size} must be positive and divide the sequence length {seq_len}"
+    );
+    Ok(())
+}
+
+/// The attention entry point: `q`, `k`, `v` are `[batch, heads, len, head_dim]` (post-RoPE);
+/// returns `[batch, heads, query_len, head_dim]`. Scale 1/√head_dim, no dropout.
+pub fn block_diffusion_attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<Tensor> {
+    check_shapes(q, k, v, layout)?;
+    dense_attention(q, k, v, layout)
+}
+
+/// Dense-mask reference: SDPA with the full boolean mask of the layout.
+pub fn dense_attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<Tensor> {
+    let head_dim = q.size()[3];
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mask = layout.needs_mask().then(|| layout.dense_mask(q.device()));
+    Ok(Tensor::f_scaled_dot_product_attention(q, k, v, mask.as_ref(), 0.0, false, scale, false)?)
+}
+
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<()> {
+    let (qs, ks, vs) = (q.size(), k.size(), v.size());
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
+        bail!("attention expects [batch, heads, len, head_dim] tensors, got q {qs:?}, k {ks:?}, v {vs:?}");
+    }
+    ensure!(
+        qs[2] as usize == layout.query_len() && ks[2] as usize == layout.key_len() && ks == vs,
+        "attention shapes q {qs:?}, k {ks:?}, v {vs:?} do not match layout {layout:?}"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// §2.2 written out element by element, independently of the tensor construction above.
+    fn reference_allowed(n: usize, b: usize, q: usize, k: usize) -> bool {
+        let half = |i: usize| usize::from(i >= n);
+        let blk = |i: usize| (i - n * half(i)) / b;
+        let m_bd = blk(q) == blk(k) && half(q) == half(k);
+        let m_obc = half(q) == 0 && half(k) == 1 && blk(k) < blk(q);
+        let m_bc = half(q) == 1 && half(k) == 1 && blk(k) <= blk(q);
+        m_bd || m_obc || m_bc
+    }
+
+    fn mask_to_vec(mask: &Tensor) -> Vec<Vec<bool>> {
+        let rows = mask.size()[0];
+        (0..rows).map(|r| Vec::<bool>::try_from(mask.get(r)).unwrap()).collect()
+    }
+
+    #[test]
+    fn two_stream_mask_matches_the_formula() {
+        for n in [8usize, 16] {
+            for b in [1usize, 2, 4, n] {
+                let layout = BlockLayout::two_stream(n, b).unwrap();
+                let mask = mask_to_vec(&layout.dense_mask(Device::Cpu));
+                assert_eq!(mask.len(), 2 * n);
+                for (q, row) in mask.iter().enumerate() {
+                    assert_eq!(row.len(), 2 * n);
+                    for (k, &allowed) in row.iter().enumerate() {
+                        assert_eq!(allowed, reference_allowed(n, b, q, k), "L={n} L'={b} q={q} k={k}");
+                        if q >= n && k < n {
+                            assert!(!allowed, "clean query {q} sees noisy key {k}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn special_cases_of_the_two_stream_mask() {
+        // L' = L: the noisy half sees exactly the noisy half (MDLM).
+        let n = 8;
+        let mask = mask_to_vec(&BlockLayout::two_stream(n, n).unwrap().dense_mask(Device::Cpu));
+        for (q, row) in mask.iter().enumerate().take(n) {
+            for (k, &allowed) in row.iter().enumerate() {
+                assert_eq!(allowed, k < n, "q={q} k={k}");
+            }
+        }
+        // L' = 1: noisy i sees itself and clean tokens < i (AR with a [MASK] query).
+        let mask = mask_to_vec(&BlockLayout::two_stream(n, 1).unwrap().dense_mask(Device::Cpu));
+        for (q, row) in mask.iter().enumerate().take(n) {
+            for (k, &allowed) in row.iter().enumerate() {
+                assert_eq!(allowed, k == q || (k >= n && k - n < q), "q={q} k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn block_causal_is_the_clean_quadrant() {
+        for (n, b) in [(8, 2), (16, 4), (8, 8), (8, 1)] {
+            let two = BlockLayout::two_stream(n, b).unwrap().dense_mask(Device::Cpu);
+            let clean = two.narrow(0, n as i64, n as i64).narrow(1, n as i64, n as i64);
+            let one = BlockLayout::block_causal(n, b).unwrap().dense_mask(Device::Cpu);
+            assert!(clean.equal(&one), "L={n} L'={b}");
+        }
+        let causal = BlockLayout::Causal { seq_len: 8 }.dense_mask(Device::Cpu);
+        assert!(causal.equal(&BlockLayout::block_causal(8, 1).unwrap().dense_mask(Device::Cpu)));
+    }
+
+    #[test]
+    fn bad_block_sizes_are_rejected() {
+        assert!(BlockLayout::two_stream(16, 3).is_err());
+        assert!(BlockLayout::two_stream(16, 0).is_err());
+        assert!(BlockLayout::block_causal(0, 1).is_err());
+    }
+
+    #[test]
+    fn dense_attention_equals_explicit_softmax() {
+        tch::manual_seed(0);
+        let layout = BlockLayout::two_stream(8, 2).unwrap();
+        let (b, h, s, d) = (2, 3, 16, 4);
+        let q = Tensor::randn([b, h, s, d], (Kind::Double, Device::Cpu));
+        let k = Tensor::randn([b, h, s, d], (Kind::Double, Device::Cpu));
+        let v = Tensor::randn([b, h, s, d], (Kind::Double, Device::Cpu));
+        let out = block_diffusion_attention(&q, &k, &v, &layout).unwrap();
+        let scores = q.matmul(&k.transpose(-2, -1)) / (d as f64).sqrt();
+        let mask = layout.dense_mask(Device::Cpu);
+        let scores = scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
+        let expected = scores.softmax(-1, Kind::Double).matmul(&v);
+        assert!(out.allclose(&expected, 1e-10, 1e-10, false));
+        assert!(block_diffusion_attention(&q, &k, &v, &BlockLayout::two_stream(4, 2).unwrap()).is_err());
+    }
+}

