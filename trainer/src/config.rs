@@ -1,0 +1,371 @@
+//! The run configuration: one tree of serde structs read from TOML, with `--set a.b=c`
+//! overrides. Unknown keys are errors that name the key; every section has defaults taken from
+//! the BD3-LM reference (§8), so a config file only states what differs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub diffusion: DiffusionConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub sample: SampleConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The run directory is `<dir>/<name>`.
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { name: "default".into(), dir: "runs".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Block diffusion (BD3-LM; block_size = seq_len is MDLM).
+    Bd3,
+    /// The autoregressive baseline: causal attention, no adaLN, next-token loss (§1.8).
+    Ar,
+}
+
+/// The DiT backbone (§1.1). Defaults are the paper's `small` model on GPT-2's vocabulary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub cond_dim: usize,
+    pub mlp_ratio: usize,
+    pub dropout: f64,
+    /// Model vocabulary including `[MASK]` (GPT-2: 50257 + 1).
+    pub vocab_size: usize,
+    /// Training context L.
+    pub seq_len: usize,
+    /// Off for BD3-LM and MDLM (§1.3): the conditioning vector is then a learned constant.
+    pub time_conditioning: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self::small()
+    }
+}
+
+impl ModelConfig {
+    /// The paper's model: 12 layers × 768 × 12 heads, cond 128, context 1024.
+    pub fn small() -> Self {
+        Self {
+            arch: Arch::Bd3,
+            hidden: 768,
+            layers: 12,
+            heads: 12,
+            cond_dim: 128,
+            mlp_ratio: 4,
+            dropout: 0.1,
+            vocab_size: 50258,
+            seq_len: 1024,
+            time_conditioning: false,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// The block-diffusion objective (§2–§3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiffusionConfig {
+    /// Block size L′; L′ = seq_len is MDLM, L′ = 1 is AR with a [MASK] query.
+    pub block_size: usize,
+    pub mask_id: u32,
+    /// β: lower end of the masking-rate interval.
+    pub sampling_eps_min: f64,
+    /// ω: upper end of the masking-rate interval.
+    pub sampling_eps_max: f64,
+    /// One stratified draw of t per (sequence, block) over the whole batch (§3.3).
+    pub antithetic: bool,
+    /// Re-noise blocks whose masked fraction leaves [β, ω] (§3.4).
+    pub resample: bool,
+    /// Keep the first token of every sequence clean (§3.5).
+    pub ignore_bos: bool,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            mask_id: 50257,
+            sampling_eps_min: 1e-3,
+            sampling_eps_max: 1.0,
+            antithetic: true,
+            resample: true,
+            ignore_bos: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Directory of `.txt` documents (the demo corpus is installed by scripts/setup.sh).
+    pub corpus: PathBuf,
+    /// The last documents (by file name) held out for validation.
+    pub valid_documents: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { corpus: "data/shakespeare".into(), valid_documents: 2 }
+    }
+}
+
+/// AdamW, LR schedule, clipping and EMA (§8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up steps, then constant.
+    pub warmup_steps: u64,
+    /// Global gradient-norm clip (0 disables).
+    pub grad_clip: f64,
+    /// EMA decay (0 disables the EMA).
+    pub ema_decay: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            warmup_steps: 2500,
+            grad_clip: 1.0,
+            ema_decay: 0.9999,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    pub micro_batch: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// "auto" (CUDA when available), "cpu" or "cuda" / "cuda:N".
+    pub device: String,
+    /// bf16 autocast on CUDA (LayerNorm and the loss stay in fp32).
+    pub bf16: bool,
+    /// CPU threads for libtorch (0 = all cores).
+    pub threads: usize,
+    pub log_every: u64,
+    /// Validation NELBO every this many steps (0 = only at the end).
+    pub eval_every: u64,
+    /// Validation batches per evaluation (0 = the whole split).
+    pub eval_batches: usize,
+    /// Tokens generated with the EMA weights at the end of training (0 = none).
+    pub sample_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            micro_batch: 16,
+            grad_accum: 1,
+            seed: 1,
+            device: "auto".into(),
+            bf16: true,
+            threads: 0,
+            log_every: 10,
+            eval_every: 0,
+            eval_batches: 0,
+            sample_tokens: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    /// Nucleus (top-p) mass; 1 disables the filter.
+    pub nucleus_p: f64,
+    pub seed: u64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self { nucleus_p: 0.9, seed: 1 }
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`section.field=value`, value in TOML syntax or a bare
+    /// string) and validates the result. Errors name the file and the offending field.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        Self::from_toml_str(&text, overrides).with_context(|| format!("in config {}", path.display()))
+    }
+
+    pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Self> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("field `{path}`: {}", e.into_inner())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.run.dir.join(&self.run.name)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let d = &self.diffusion;
+        let t = &self.train;
+        ensure!(m.hidden > 0 && m.layers > 0 && m.heads > 0, "model.hidden, model.layers and model.heads must be positive");
+        ensure!(m.hidden % m.heads == 0, "model.hidden ({}) must be a multiple of model.heads ({})", m.hidden, m.heads);
+        ensure!(m.head_dim() % 2 == 0, "model.hidden / model.heads ({}) must be even for rotary embeddings", m.head_dim());
+        ensure!((0.0..1.0).contains(&m.dropout), "model.dropout ({}) must lie in [0, 1)", m.dropout);
+        ensure!(m.seq_len >= 2, "model.seq_len ({}) must be at least 2", m.seq_len);
+        ensure!(
+            (d.mask_id as usize) < m.vocab_size,
+            "diffusion.mask_id ({}) must be below model.vocab_size ({})",
+            d.mask_id,
+            m.vocab_size
+        );
+        if m.arch == Arch::Bd3 {
+            ensure!(
+                d.block_size > 0 && m.seq_len % d.block_size == 0,
+                "diffusion.block_size ({}) must divide model.seq_len ({})",
+                d.block_size,
+                m.seq_len
+            );
+        }
+        let (lo, hi) = (d.sampling_eps_min, d.sampling_eps_max);
+        ensure!(
+            lo > 0.0 && lo <= hi && hi <= 1.0,
+            "diffusion.sampling_eps_min/max ({lo}, {hi}) must satisfy 0 < min ≤ max ≤ 1"
+        );
+        ensure!(t.micro_batch > 0 && t.grad_accum > 0, "train.micro_batch and train.grad_accum must be positive");
+        ensure!(t.log_every > 0, "train.log_every must be positive");
+        ensure!(
+            self.sample.nucleus_p > 0.0 && self.sample.nucleus_p <= 1.0,
+            "sample.nucleus_p ({}) must lie in (0, 1]",
+            self.sample.nucleus_p
+        );
+        if !(t.device == "auto" || t.device == "cpu" || t.device.starts_with("cuda")) {
+            bail!("train.device ({:?}) must be \"auto\", \"cpu\" or \"cuda[:N]\"", t.device);
+        }
+        Ok(())
+    }
+}
+
+/// `a.b.c=value`: sets a nested key, creating tables on the way. The value is parsed as TOML
+/// (numbers, booleans, quoted strings, arrays); anything else is taken as a string.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .with_context(|| format!("override {spec:?} is not of the form section.field=value"))?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    ensure!(path.iter().all(|p| !p.is_empty()), "override {spec:?} has an empty key component");
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut cursor = table;
+    for (i, p) in parents.iter().enumerate() {
+        let entry = cursor.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cursor = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("override {spec:?}: `{}` is not a section", path[..=i].join(".")),
+        };
+    }
+    cursor.insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_reference_recipe() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(c.model, ModelConfig::small());
+        assert_eq!((c.optim.lr, c.optim.beta1, c.optim.beta2, c.optim.eps), (3e-4, 0.9, 0.999, 1e-8));
+        assert_eq!((c.optim.weight_decay, c.optim.warmup_steps, c.optim.grad_clip), (0.0, 2500, 1.0));
+        assert_eq!(c.optim.ema_decay, 0.9999);
+        assert_eq!((c.diffusion.sampling_eps_min, c.diffusion.sampling_eps_max), (1e-3, 1.0));
+    }
+
+    #[test]
+    fn overrides_apply_and_round_trip() {
+        let sets = ["optim.lr=1e-3".to_string(), "run.name=abc".into(), "model.layers=2".into()];
+        let c = Config::from_toml_str("[model]\nhidden = 64\nheads = 4\n", &sets).unwrap();
+        assert_eq!((c.optim.lr, c.run.name.as_str(), c.model.layers, c.model.hidden), (1e-3, "abc", 2, 64));
+        assert_eq!(Config::from_toml_str(&c.to_toml().unwrap(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml_str("[model]\nhiden = 3\n", &[]).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("model.hiden") && msg.contains("unknown field"), "{msg}");
+        let err = Config::from_toml_str("", &["optim.lr_max=1".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("optim.lr_max"), "{err:#}");
+        let err = Config::from_toml_str("[model]\nlayers = \"x\"\n", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("model.layers"), "{err:#}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = Config::from_toml_str("[diffusion]\nblock_size = 3\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("diffusion.block_size"), "{err}");
+        let err = Config::from_toml_str("[model]\nheads = 5\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("model.heads"), "{err}");
+        assert!(Config::from_toml_str("", &["optim.lr".into()]).is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! The block-diffusion objective (§2–§3 of the reference).
+//!
+//! For a clean batch x_0: draw one masking rate t per (sequence, block) — stratified over the
+//! whole batch × blocks and mapped into the clip interval [β, ω] —, mask each token of block b
+//! with probability t_b (re-drawing blocks whose masked fraction leaves [β, ω]), keep the first
+//! token clean, run the denoiser on x_t ⊕ x_0 in one pass, and score the x_t half with the SUBS
+//! parameterisation: ℓ_i = −(1/t_b)·log p_θ(x_0,i | x_t, x_<b) at masked positions, 0 elsewhere,
+//! averaged over all tokens.
+//!
+//! Beside the vectorized pass sit the two references it must equal: the naive two-pass
+//! Algorithm 1 ([`BlockDiffusion::token_losses_naive`]) and, for L′ = L, MDLM's single pass.
+
+use anyhow::{bail, ensure, Result};
+use kernels::BlockLayout;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DiffusionConfig, ModelConfig};
+use crate::model::Dit;
+use crate::rng::NoiseRng;
+
+/// The logit added to `[MASK]` so that its probability is exactly zero (§3.6).
+const NEG_INF_LOGIT: f64 = -1e6;
+/// Re-draws allowed per block before resampling gives up (an admissible fraction exists, so
+/// this only trips on intervals that admit a vanishingly unlikely count).
+const MAX_RESAMPLES: usize = 100_000;
+
+/// The interval [β, ω] of masking rates t is drawn from (the clipped schedule, §3.4, §4).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClipInterval {
+    pub beta: f64,
+    pub omega: f64,
+}
+
+impl ClipInterval {
+    /// The unclipped linear schedule, the one likelihoods are reported on.
+    pub const FULL: ClipInterval = ClipInterval { beta: 1e-3, omega: 1.0 };
+
+    /// Which bounds resampling enforces: the lower one only when β is above the default 1e-3,
+    /// the upper one only when ω is below 1 (as the reference does).
+    fn checks(&self) -> (bool, bool) {
+        (self.beta > Self::FULL.beta, self.omega < 1.0)
+    }
+
+    /// Whether a block with this fraction of masked tokens is inside the interval.
+    pub fn admits(&self, fraction: f64) -> bool {
+        let (lower, upper) = self.checks();
+        !(lower && fraction < self.beta) && !(upper && fraction > self.omega)
+    }
+}
+
+/// One draw of the forward process for a micro-batch: t per block and the noisy tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Noise {
+    pub batch: usize,
+    pub seq_len: usize,
+    pub block_size: usize,
+    /// `[batch, seq_len / block_size]`, row-major.
+    pub t: Vec<f64>,
+    /// `[batch, seq_len]`, row-major.
+    pub xt: Vec<u32>,
+}
+
+impl Noise {
+    pub fn num_blocks(&self) -> usize {
+        self.seq_len / self.block_size
+    }
+
+    pub fn xt_tensor(&self, device: Device) -> Tensor {
+        tokens_tensor(&self.xt, self.batch, self.seq_len, device)
+    }
+
+    /// t repeated over every token of its block, `[batch, seq_len]` fp32.
+    pub fn t_per_token(&self, device: Device) -> Tensor {
+        let per_token: Vec<f32> =
+            self.t.iter().flat_map(|&t| std::iter::repeat_n(t as f32, self.block_size)).collect();
+        Tensor::from_slice(&per_token).reshape([self.batch as i64, self.seq_len as i64]).to_device(device)
+    }
+}
+
+/// `u32` tokens `[batch, len]` as an int64 tensor on `device`.
+pub fn tokens_tensor(tokens: &[u32], batch: usize, len: usize, device: Device) -> Tensor {
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_slice(&ids).reshape([batch as i64, len as i64]).to_device(device)
+}
+
+/// `n` uniforms in [0, 1). Antithetic (low-discrepancy) draws put exactly one value in each of
+/// the `n` strata [i/n, (i+1)/n), i being the row-major index over (sequence, block) (§3.3).
+pub fn stratified_uniform(rng: &mut NoiseRng, n: usize, antithetic: bool) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let u = rng.uniform();
+            if antithetic {
+                ((u + i as f64) / n as f64).min(1.0 - f64::EPSILON)
+            } else {
+                u
+            }
+        })
+        .collect()
+}
+
+/// The block-diffusion objective for one model shape.
+#[derive(Debug, Clone)]
+pub struct BlockDiffusion {
+    pub seq_len: usize,
+    pub block_size: usize,
+    pub mask_id: u32,
+    pub antithetic: bool,
+    pub resample: bool,
+    pub ignore_bos: bool,
+}
+
+impl BlockDiffusion {
+    pub fn new(model: &ModelConfig, cfg: &DiffusionConfig) -> Result<Self> {
+        BlockLayout::two_stream(model.seq_len, cfg.block_size)?;
+        Ok(Self {
+            seq_len: model.seq_len,
+            block_size: cfg.block_size,
+            mask_id: cfg.mask_id,
+            antithetic: cfg.antithetic,
+            resample: cfg.resample,
+            ignore_bos: cfg.ignore_bos,
+        })
+    }
+
+    /// Draws t per block and the noisy tokens x_t for clean tokens `x0` `[batch, seq_len]`.
+    pub fn sample_noise(&self, x0: &[u32], batch: usize, clip: ClipInterval, rng: &mut NoiseRng) -> Result<Noise> {
+        let (n, bs) = (self.seq_len, self.block_size);
+        ensure!(x0.len() == batch * n, "batch of {} tokens is not {batch} × {n}", x0.len());
+        let nb = n / bs;
+        let resample = self.resample && clip != ClipInterval::FULL && {
+            let (lower, upper) = clip.checks();
+            lower || upper
+        };
+        if resample && !(0..=bs).any(|k| clip.admits(k as f64 / bs as f64)) {
+            bail!("clip interval [{}, {}] admits no masked fraction k/{bs} for block size {bs}", clip.beta, clip.omega);
+        }
+        let t: Vec<f64> = stratified_uniform(rng, batch * nb, self.antithetic)
+            .into_iter()
+            .map(|u| clip.beta + (clip.omega - clip.beta) * u)
+            .collect();
+        let mut xt = x0.to_vec();
+        for (blk, &tb) in t.iter().enumerate() {
+            let span = blk * bs..(blk + 1) * bs;
+            for attempt in 0.. {
+                let mut masked = 0;
+                for i in span.clone() {
+                    let hit = rng.uniform() <= tb;
+                    masked += usize::from(hit);
+                    xt[i] = if hit { self.mask_id } else { x0[i] };
+                }
+                if !resample || clip.admits(masked as f64 / bs as f64) {
+                    break;
+                }
+                ensure!(attempt < MAX_RESAMPLES, "resampling block {blk} (t = {tb}) did not reach [{}, {}]", clip.beta, clip.omega);
+            }
+        }
+        if self.ignore_bos {
+            for row in 0..batch {
+                xt[row * n] = x0[row * n];
+            }
+        }
+        Ok(Noise { batch, seq_len: n, block_size: bs, t, xt })
+    }
+
+    /// The training loss: the mean of [`Self::token_losses`] over all tokens (§3.7).
+    pub fn loss(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        Ok(self.token_losses(model, x0, noise, train)?.mean(Kind::Float))
+    }
+
+    /// Per-token losses `[batch, seq_len]`. With L′ = L the clean stream carries no information
+    /// the noisy half can see, so MDLM's single pass over x_t gives the same values at half
+    /// the cost.
+    pub fn token_losses(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        if self.block_size == self.seq_len {
+            self.token_losses_single_stream(model, x0, noise, train)
+        } else {
+            self.token_losses_two_stream(model, x0, noise, train)
+        }
+    }
+
+    /// The vectorized pass over x_t ⊕ x_0 with the three-part mask (§2.1–2.4).
+    pub fn token_losses_two_stream(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        let xt = noise.xt_tensor(x0.device());
+        let input = Tensor::cat(&[&xt, x0], 1);
+        let layout = BlockLayout::two_stream(self.seq_len, self.block_size)?;
+        let logits = model.logits(&input, &layout, self.seq_len, train)?;
+        Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
+    }
+
+    /// MDLM: one bidirectional pass over x_t alone.
+    pub fn token_losses_single_stream(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        let xt = noise.xt_tensor(x0.device());
+        let layout = BlockLayout::block_causal(self.seq_len, self.seq_len)?;
+        let logits = model.logits(&xt, &layout, self.seq_len, train)?;
+        Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
+    }
+
+    /// Algorithm 1 as written: a clean block-causal pass produces every layer's keys/values,
+    /// then each noisy block attends to its own tokens plus the clean keys/values of earlier
+    /// blocks. The slow, obvious reference for the vectorized pass.
+    pub fn token_losses_naive(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        let xt = noise.xt_tensor(x0.device());
+        let clean = model.clean_kv(x0, self.block_size, train)?;
+        let bs = self.block_size as i64;
+        let logits: Vec<Tensor> = (0..noise.num_blocks() as i64)
+            .map(|b| {
+                let prefix: Vec<_> = clean.iter().map(|l| l.narrow(0, b * bs)).collect();
+                model.logits_with_prefix(&xt.narrow(1, b * bs, bs), &prefix, train)
+            })
+            .collect::<Result<_>>()?;
+        let logits = Tensor::cat(&logits, 1);
+        Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
+    }
+
+    /// −(1/t)·log p(x_0 | …) under SUBS, computed by gathering the target's log-probability
+    /// instead of materializing the carry-over rows: at unmasked positions SUBS gives x_t = x_0
+    /// log-probability 0, so the term is 0 there.
+    fn nelbo_terms(&self, logits: &Tensor, x0: &Tensor, xt: &Tensor, t: &Tensor) -> Tensor {
+        let log_probs = mask_logit_removed(logits, self.mask_id).log_softmax(-1, Kind::Float);
+        let target = log_probs.gather(2, &x0.unsqueeze(2), false).squeeze_dim(2);
+        let masked = xt.eq(self.mask_id as i64).to_kind(Kind::Float);
+        -(target * masked) / t
+    }
+}
+
+/// logits + (−1e6 at `[MASK]`): the model never predicts the mask token.
+fn mask_logit_removed(logits: &Tensor, mask_id: u32) -> Tensor {
+    let vocab = *logits.size().last().expect("logits have a vocabulary axis");
+    let bias = Tensor::zeros([vocab], (Kind::Float, logits.device()));
+    let _ = bias.narrow(0, mask_id as i64, 1).fill_(NEG_INF_LOGIT);
+    logits.to_kind(Kind::Float) + bias
+}
+
+/// The SUBS parameterisation (§3.6): log-probabilities `[batch, len, vocab]` with zero mass on
+/// `[MASK]`, and "carry-over" rows (log-probability 0 on x_t, −1e6 elsewhere) wherever x_t is
+/// not masked.
+pub fn subs_log_probs(logits: &Tensor, xt: &Tensor, mask_id: u32) -> Tensor {
+    let vocab = *logits.size().last().expect("logits have a vocabulary axis");
+    let log_probs = mask_logit_removed(logits, mask_id).log_softmax(-1, Kind::Float);
+    let carry = (xt.one_hot(vocab).to_kind(Kind::Float) - 1.0) * -NEG_INF_LOGIT;
+    let unmasked = xt.ne(mask_id as i64).unsqueeze(2);
+    log_probs.where_self(&unmasked.logical_not(), &carry)
+}
+
+/// Next-token losses `[batch, len − 1]` of the AR model (§1.8): input x[:, :-1], targets
+/// x[:, 1:], the mask token's logit removed.
+pub fn ar_token_losses(model: &Dit, x0: &Tensor, mask_id: u32, train: bool) -> Result<Tensor> {
+    let (_, len) = x0.size2()?;
+    let input = x0.narrow(1, 0, len - 1);
+    let logits = model.logits(&input, &BlockLayout::Causal { seq_len: len as usize - 1 }, len as usize - 1, train)?;
+    let log_probs = mask_logit_removed(&logits, mask_id).log_softmax(-1, Kind::Float);
+    Ok(-log_probs.gather(2, &x0.narrow(1, 1, len - 1).unsqueeze(2), false).squeeze_dim(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn objective(seq_len: usize, block_size: usize, resample: bool) -> BlockDiffusion {
+        BlockDiffusion { seq_len, block_size, mask_id: 99, antithetic: true, resample, ignore_bos: true }
+    }
+
+    #[test]
+    fn antithetic_draws_fill_every_stratum_once() {
+        let mut rng = NoiseRng::new(3, 0, 0, 0);
+        for n in [1usize, 7, 64, 1000] {
+            let u = stratified_uniform(&mut rng, n, true);
+            let mut strata: Vec<usize> = u.iter().map(|x| (x * n as f64).floor() as usize).collect();
+            assert!(strata.iter().enumerate().all(|(i, &s)| i == s), "row-major stratum order");
+            strata.dedup();
+            assert_eq!(strata.len(), n);
+        }
+    }
+
+    #[test]
+    fn resampling_keeps_every_block_inside_the_interval() {
+        for (bs, clip) in [(4, ClipInterval { beta: 0.45, omega: 0.95 }), (16, ClipInterval { beta: 0.3, omega: 0.8 })] {
+            let mut obj = objective(64, bs, true);
+            obj.ignore_bos = false;
+            let x0: Vec<u32> = (0..8 * 64).map(|i| (i % 50) as u32).collect();
+            let noise = obj.sample_noise(&x0, 8, clip, &mut NoiseRng::new(1, 0, 0, 0)).unwrap();
+            for (blk, &t) in noise.t.iter().enumerate() {
+                assert!(t >= clip.beta && t <= clip.omega, "t = {t}");
+                let masked = noise.xt[blk * bs..(blk + 1) * bs].iter().filter(|&&x| x == 99).count();
+                assert!(clip.admits(masked as f64 / bs as f64), "block {blk}: {masked}/{bs} masked, t = {t}");
+            }
+            // Without resampling the same draw leaves some blocks outside (the test has teeth).
+            obj.resample = false;
+            let noise = obj.sample_noise(&x0, 8, clip, &mut NoiseRng::new(1, 0, 0, 0)).unwrap();
+            let outside = noise.xt.chunks(bs).filter(|b| !clip.admits(b.iter().filter(|&&x| x == 99).count() as f64 / bs as f64));
+            assert!(outside.count() > 0);
+        }
+    }
+
+    #[test]
+    fn impossible_intervals_are_refused() {
+        let obj = objective(8, 1, true);
+        let err = obj.sample_noise(&[0; 8], 1, ClipInterval { beta: 0.3, omega: 0.8 }, &mut NoiseRng::new(0, 0, 0, 0));
+        assert!(err.unwrap_err().to_string().contains("admits no masked fraction"));
+    }
+
+    #[test]
+    fn full_masking_and_the_clean_first_token() {
+        let obj = objective(16, 4, true);
+        let x0: Vec<u32> = (1..=32).collect();
+        let noise = obj.sample_noise(&x0, 2, ClipInterval { beta: 1.0, omega: 1.0 }, &mut NoiseRng::new(0, 0, 0, 0)).unwrap();
+        for (i, &tok) in noise.xt.iter().enumerate() {
+            let expected = if i % 16 == 0 { x0[i] } else { 99 };
+            assert_eq!(tok, expected, "position {i}");
+        }
+        assert!(noise.t.iter().all(|&t| t == 1.0));
+    }
+
+    #[test]
+    fn subs_zeroes_unmasked_positions_and_the_mask_token() {
+        tch::manual_seed(0);
+        let (b, l, v) = (2, 6, 100);
+        let logits = Tensor::randn([b, l, v], (Kind::Float, Device::Cpu)) * 3.0;
+        let xt = Tensor::from_slice(&[5i64, 99, 7, 99, 99, 1, 99, 3, 99, 4, 2, 99]).reshape([b, l]);
+        let x0 = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 1, 0, 3, 11, 4, 2, 12]).reshape([b, l]);
+        let lp = subs_log_probs(&logits, &xt, 99);
+        let mask_prob = lp.select(2, 99).exp();
+        assert_eq!(mask_prob.abs().max().double_value(&[]), 0.0, "[MASK] has probability 0");
+        let at_input = lp.gather(2, &xt.clamp_max(v - 1).unsqueeze(2), false).squeeze_dim(2);
+        let unmasked = xt.ne(99);
+        assert_eq!(at_input.masked_select(&unmasked).abs().max().double_value(&[]), 0.0, "carry-over");
+        let t = Tensor::full([b, l], 0.5, (Kind::Float, Device::Cpu));
+        let obj = objective(l as usize, 2, false);
+        let terms = obj.nelbo_terms(&logits, &x0, &xt, &t);
+        assert_eq!(terms.masked_select(&unmasked).abs().max().double_value(&[]), 0.0, "no loss where unmasked");
+        let expected = -lp.gather(2, &x0.unsqueeze(2), false).squeeze_dim(2) / &t;
+        let at_masked = |x: &Tensor| x.masked_select(&unmasked.logical_not());
+        assert!(at_masked(&terms).allclose(&at_masked(&expected), 1e-6, 1e-6, false));
+    }
+}

@@ -1,0 +1,299 @@
+//! The training loop, in the order of the paper's Algorithm 1:
+//!
+//! ```text
+//! repeat
+//!     x ~ data;  t_b ~ U[β, ω] per block;  x_t^b ~ q(· | x^b, t_b)
+//!     L = Σ_b (1/t_b) · log p_θ(x^b | x_t^b, x^{<b})      (one pass over x_t ⊕ x_0)
+//!     θ ← AdamW(θ, ∇L)
+//! until converged
+//! ```
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use dataloader::{Gpt2Tokenizer, InMemoryLoader, PackedCorpus, TextCorpus};
+use serde_json::json;
+use tch::{nn, Device, Kind, Tensor};
+use tracing::info;
+
+use crate::config::{Arch, Config};
+use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval};
+use crate::model::{num_parameters, Dit};
+use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
+use crate::rng::{stream, NoiseRng};
+use crate::sample::generate;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub run_dir: PathBuf,
+    /// Mean training loss of every step.
+    pub losses: Vec<f64>,
+    /// Validation NELBO (nats per token) with the EMA weights at the end.
+    pub final_valid_nelbo: Option<f64>,
+    /// Text generated with the EMA weights at the end, if asked for.
+    pub sample: Option<String>,
+}
+
+/// The loss a model is trained with: block diffusion or next-token prediction.
+pub enum Objective {
+    Diffusion(BlockDiffusion),
+    Autoregressive { mask_id: u32 },
+}
+
+impl Objective {
+    pub fn new(cfg: &Config) -> Result<Self> {
+        Ok(match cfg.model.arch {
+            Arch::Bd3 => Self::Diffusion(BlockDiffusion::new(&cfg.model, &cfg.diffusion)?),
+            Arch::Ar => Self::Autoregressive { mask_id: cfg.diffusion.mask_id },
+        })
+    }
+
+    /// Per-token losses of a micro-batch `[batch, len]` of clean tokens, with noise drawn
+    /// from `rng` (`[batch, len − 1]` for the AR model, which predicts tokens 1..len).
+    pub fn token_losses(
+        &self,
+        model: &Dit,
+        tokens: &[u32],
+        batch: usize,
+        clip: ClipInterval,
+        rng: &mut NoiseRng,
+        device: Device,
+        train: bool,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Diffusion(obj) => {
+                let x0 = tokens_tensor(tokens, batch, obj.seq_len, device);
+                let noise = obj.sample_noise(tokens, batch, clip, rng)?;
+                obj.token_losses(model, &x0, &noise, train)
+            }
+            Self::Autoregressive { mask_id } => {
+                let len = tokens.len() / batch;
+                ar_token_losses(model, &tokens_tensor(tokens, batch, len, device), *mask_id, train)
+            }
+        }
+    }
+}
+
+pub fn select_device(spec: &str) -> Result<Device> {
+    Ok(match spec {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        _ => {
+            let index = match spec.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest.trim_start_matches(':').parse().with_context(|| format!("train.device {spec:?}"))?,
+                None => bail!("train.device {spec:?}: expected auto, cpu or cuda[:N]"),
+            };
+            if !tch::Cuda::is_available() {
+                bail!("train.device is {spec:?} but no CUDA device is available");
+            }
+            Device::Cuda(index)
+        }
+    })
+}
+
+/// Loads the corpus of `cfg.data`, tokenizes and packs it into `model.seq_len` sequences.
+pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
+    let started = Instant::now();
+    let corpus = TextCorpus::load_dir(&cfg.data.corpus)?;
+    let tokenizer = Gpt2Tokenizer::new()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let documents = corpus.tokenize(&tokenizer, threads);
+    let packed = PackedCorpus::pack(&documents, cfg.model.seq_len, cfg.data.valid_documents)
+        .with_context(|| format!("packing corpus {}", cfg.data.corpus.display()))?;
+    info!(
+        documents = documents.len(),
+        train_sequences = packed.num_train(),
+        valid_sequences = packed.num_valid(),
+        seconds = started.elapsed().as_secs_f64(),
+        "corpus ready"
+    );
+    Ok(packed)
+}
+
+pub fn run(cfg: &Config) -> Result<TrainOutcome> {
+    // ---- set-up: device, seeds, run directory, data, model, optimizer -------------------------
+    cfg.validate()?;
+    let device = select_device(&cfg.train.device)?;
+    if cfg.train.threads > 0 {
+        tch::set_num_threads(cfg.train.threads as i32);
+    }
+    // libtorch's generator drives parameter initialization and dropout; the diffusion noise
+    // comes from `NoiseRng`, a function of (seed, step, micro-batch).
+    tch::manual_seed(cfg.train.seed as i64);
+    let autocast = cfg.train.bf16 && device.is_cuda();
+
+    let run_dir = cfg.run_dir();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
+    std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
+    let mut metrics = MetricsLog::create(run_dir.join("metrics.jsonl"))?;
+
+    let corpus = load_corpus(cfg)?;
+    let (mb, accum, seq_len) = (cfg.train.micro_batch, cfg.train.grad_accum, cfg.model.seq_len);
+    let mut loader = InMemoryLoader::new(corpus.train, seq_len, mb, cfg.train.seed, true)?;
+
+    let vs = nn::VarStore::new(device);
+    let model = Dit::new(&vs.root(), &cfg.model)?;
+    let mut params = parameters_in_name_order(&vs);
+    let objective = Objective::new(cfg)?;
+    let clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
+    let mut optimizer = AdamW::new(&params, &cfg.optim);
+    let mut ema = Ema::new(&params, cfg.optim.ema_decay);
+    let schedule = LrSchedule { base: cfg.optim.lr, warmup: cfg.optim.warmup_steps };
+    info!(
+        parameters = num_parameters(&vs),
+        ?device,
+        arch = ?cfg.model.arch,
+        block_size = cfg.diffusion.block_size,
+        global_batch = mb * accum,
+        run_dir = %run_dir.display(),
+        "training"
+    );
+
+    // ---- the loop -------------------------------------------------------------------------------
+    let mut losses = Vec::with_capacity(cfg.train.steps as usize);
+    let mut window_start = Instant::now();
+    let mut window_tokens = 0usize;
+    for step in 0..cfg.train.steps {
+        let lr = schedule.lr(step);
+        for p in params.iter_mut() {
+            p.zero_grad();
+        }
+        let mut step_loss = 0.0;
+        for micro in 0..accum {
+            let batch = loader.next_batch();
+            let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
+            let loss = tch::autocast(autocast, || {
+                objective.token_losses(&model, &batch.tokens, mb, clip, &mut rng, device, true)
+            })?
+            .mean(Kind::Float);
+            (&loss / accum as f64).backward();
+            step_loss += loss.double_value(&[]) / accum as f64;
+        }
+        if !step_loss.is_finite() {
+            bail!("step {step}: loss is {step_loss}; stopping before the weights are corrupted");
+        }
+        let grad_norm = clip_grad_norm(&params, cfg.optim.grad_clip);
+        optimizer.step(&params, lr);
+        if cfg.optim.ema_decay > 0.0 {
+            ema.update(&params);
+        }
+        losses.push(step_loss);
+        window_tokens += mb * accum * seq_len;
+
+        let last = step + 1 == cfg.train.steps;
+        if (step + 1) % cfg.train.log_every == 0 || last {
+            let tokens_per_s = window_tokens as f64 / window_start.elapsed().as_secs_f64();
+            info!(step = step + 1, loss = step_loss, lr, grad_norm, tokens_per_s = tokens_per_s.round(), "train");
+            metrics.write(json!({
+                "step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s, "tokens_seen": (step + 1) as usize * mb * accum * seq_len,
+            }))?;
+            (window_start, window_tokens) = (Instant::now(), 0);
+        }
+        if cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 && !last {
+            let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg, device))?;
+            report_validation(&mut metrics, step + 1, nelbo)?;
+        }
+    }
+
+    // ---- end of run: validation NELBO, EMA weights, a sample -------------------------------------
+    let final_valid_nelbo = if corpus.valid.is_empty() {
+        None
+    } else {
+        let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg, device))?;
+        report_validation(&mut metrics, cfg.train.steps, nelbo)?;
+        Some(nelbo)
+    };
+    let weights = run_dir.join("model.safetensors");
+    with_ema(&mut ema, &params, cfg, || Ok(vs.save(&weights)?))?;
+    info!(path = %weights.display(), "saved EMA weights");
+    let sample = if cfg.train.sample_tokens > 0 {
+        let generation = with_ema(&mut ema, &params, cfg, || generate(&model, cfg, cfg.train.sample_tokens, device))?;
+        let text = Gpt2Tokenizer::new()?.decode(&generation.tokens);
+        std::fs::write(run_dir.join("sample.txt"), &text)?;
+        info!(tokens = generation.tokens.len(), nfe = generation.nfe, "sampled");
+        Some(text)
+    } else {
+        None
+    };
+    Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample })
+}
+
+/// Runs `f` with the EMA weights in place (the reference evaluates and samples with them).
+fn with_ema<T>(ema: &mut Ema, params: &[Tensor], cfg: &Config, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let use_ema = cfg.optim.ema_decay > 0.0;
+    if use_ema {
+        ema.swap(params);
+    }
+    let result = f();
+    if use_ema {
+        ema.swap(params);
+    }
+    result
+}
+
+/// Validation NELBO in nats per token (§6.1): t ∈ [1e-3, 1] per block with antithetic draws,
+/// the first token of each sequence neither masked nor counted, token-weighted over the split
+/// (or its first `train.eval_batches` batches). The noise is the same at every evaluation.
+pub fn validate(model: &Dit, objective: &Objective, valid: &[u32], cfg: &Config, device: Device) -> Result<f64> {
+    let seq_len = cfg.model.seq_len;
+    let mb = cfg.train.micro_batch;
+    let sequences = valid.len() / seq_len;
+    let mut batches = sequences.div_ceil(mb);
+    if cfg.train.eval_batches > 0 {
+        batches = batches.min(cfg.train.eval_batches);
+    }
+    let (mut total, mut count) = (0.0, 0usize);
+    tch::no_grad(|| -> Result<()> {
+        for i in 0..batches {
+            let rows = mb.min(sequences - i * mb);
+            let tokens = &valid[i * mb * seq_len..(i * mb + rows) * seq_len];
+            let mut rng = NoiseRng::new(cfg.train.seed, stream::VALID_NOISE, i as u64, 0);
+            let terms = objective.token_losses(model, tokens, rows, ClipInterval::FULL, &mut rng, device, false)?;
+            let cols = terms.size()[1];
+            // Diffusion: drop position 0 (clean, not counted). AR: already predicts 1..L.
+            let counted = if cols as usize == seq_len { terms.narrow(1, 1, cols - 1) } else { terms };
+            total += counted.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+            count += counted.numel();
+        }
+        Ok(())
+    })?;
+    Ok(total / count.max(1) as f64)
+}
+
+fn report_validation(metrics: &mut MetricsLog, step: u64, nelbo: f64) -> Result<()> {
+    info!(step, valid_nelbo = nelbo, valid_ppl = nelbo.exp(), "validation");
+    metrics.write(json!({ "step": step, "valid_nelbo": nelbo, "valid_ppl": nelbo.exp() }))
+}
+
+/// Trainable parameters sorted by name: a stable order for the optimizer state and EMA.
+pub fn parameters_in_name_order(vs: &nn::VarStore) -> Vec<Tensor> {
+    let mut named: Vec<(String, Tensor)> =
+        vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named.into_iter().map(|(_, t)| t).collect()
+}
+
+/// One JSON object per line, flushed as written so a crashed run keeps its metrics.
+struct MetricsLog {
+    out: BufWriter<File>,
+}
+
+impl MetricsLog {
+    fn create(path: PathBuf) -> Result<Self> {
+        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { out: BufWriter::new(file) })
+    }
+
+    fn write(&mut self, value: serde_json::Value) -> Result<()> {
+        serde_json::to_writer(&mut self.out, &value)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! The vectorized block-diffusion objective against the references it must equal (§2–§3):
+//! the naive two-pass Algorithm 1, MDLM for L′ = L, next-token NLL for L′ = 1 with t ≡ 1.
+
+use kernels::BlockLayout;
+use tch::{nn, Device, Kind, Tensor};
+use trainer::config::{Arch, DiffusionConfig, ModelConfig};
+use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
+use trainer::model::{num_parameters, Dit};
+use trainer::rng::NoiseRng;
+
+const VOCAB: usize = 50;
+const MASK: u32 = 49;
+const SEQ: usize = 16;
+const BATCH: usize = 2;
+
+fn tiny_config() -> ModelConfig {
+    ModelConfig {
+        arch: Arch::Bd3,
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        cond_dim: 16,
+        mlp_ratio: 4,
+        dropout: 0.0,
+        vocab_size: VOCAB,
+        seq_len: SEQ,
+        time_conditioning: false,
+    }
+}
+
+/// A model whose zero-initialized parts (adaLN, output layer) are randomized too, so that every
+/// parameter shapes the loss.
+fn random_model(seed: i64) -> (nn::VarStore, Dit) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Dit::new(&vs.root(), &tiny_config()).unwrap();
+    tch::no_grad(|| {
+        for mut t in vs.trainable_variables() {
+            let _ = t.uniform_(-0.3, 0.3);
+        }
+    });
+    (vs, model)
+}
+
+fn objective(block_size: usize) -> BlockDiffusion {
+    let diffusion = DiffusionConfig { block_size, mask_id: MASK, ..DiffusionConfig::default() };
+    BlockDiffusion::new(&tiny_config(), &diffusion).unwrap()
+}
+
+fn clean_batch(seed: u64) -> Vec<u32> {
+    let mut rng = NoiseRng::new(seed, 9, 0, 0);
+    (0..BATCH * SEQ).map(|_| rng.below(VOCAB - 1) as u32).collect()
+}
+
+/// Loss and the gradient of every parameter (in name order) of `loss_fn`.
+fn loss_and_grads(vs: &nn::VarStore, loss_fn: impl FnOnce() -> Tensor) -> (f64, Vec<(String, Tensor)>) {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (_, t) in vars.iter_mut() {
+        t.zero_grad();
+    }
+    let loss = loss_fn();
+    loss.backward();
+    let grads = vars.iter().map(|(n, t)| (n.clone(), t.grad().copy())).collect();
+    (loss.double_value(&[]), grads)
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f64) {
+    let diff = (a - b).abs().max().double_value(&[]);
+    assert!(diff <= tol, "{what}: max difference {diff:e} > {tol:e}");
+}
+
+#[test]
+fn vectorized_pass_equals_naive_two_pass_algorithm() {
+    let (vs, model) = random_model(0);
+    for block_size in [1, 2, 4, 8] {
+        let obj = objective(block_size);
+        let tokens = clean_batch(block_size as u64);
+        let x0 = tokens_tensor(&tokens, BATCH, SEQ, Device::Cpu);
+        let noise = obj.sample_noise(&tokens, BATCH, ClipInterval::FULL, &mut NoiseRng::new(5, 0, 0, 0)).unwrap();
+        assert!(noise.xt.iter().filter(|&&t| t == MASK).count() > 0);
+        let (vec_loss, vec_grads) = loss_and_grads(&vs, || {
+            obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap().mean(Kind::Float)
+        });
+        let (naive_loss, naive_grads) =
+            loss_and_grads(&vs, || obj.token_losses_naive(&model, &x0, &noise, true).unwrap().mean(Kind::Float));
+        assert!(vec_loss > 0.0);
+        assert!((vec_loss - naive_loss).abs() <= 1e-5, "L'={block_size}: {vec_loss} vs {naive_loss}");
+        let mut nonzero = 0;
+        for ((name, g1), (_, g2)) in vec_grads.iter().zip(&naive_grads) {
+            assert_close(&format!("L'={block_size} grad {name}"), g1, g2, 1e-5);
+            nonzero += usize::from(g1.abs().max().double_value(&[]) > 0.0);
+        }
+        assert!(nonzero >= vec_grads.len() - 1, "L'={block_size}: most gradients are non-zero");
+    }
+}
+
+#[test]
+fn full_block_equals_mdlm_single_pass() {
+    let (vs, model) = random_model(1);
+    let obj = objective(SEQ);
+    let tokens = clean_batch(11);
+    let x0 = tokens_tensor(&tokens, BATCH, SEQ, Device::Cpu);
+    let noise = obj.sample_noise(&tokens, BATCH, ClipInterval::FULL, &mut NoiseRng::new(6, 0, 0, 0)).unwrap();
+    let (two, two_grads) =
+        loss_and_grads(&vs, || obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap().mean(Kind::Float));
+    let (one, one_grads) =
+        loss_and_grads(&vs, || obj.token_losses_single_stream(&model, &x0, &noise, true).unwrap().mean(Kind::Float));
+    assert!((two - one).abs() <= 1e-5, "{two} vs {one}");
+    for ((name, g1), (_, g2)) in two_grads.iter().zip(&one_grads) {
+        assert_close(name, g1, g2, 1e-5);
+    }
+    // The default entry point takes the single pass for L' = L.
+    let default = obj.loss(&model, &x0, &noise, true).unwrap().double_value(&[]);
+    assert!((default - one).abs() <= 1e-6);
+}
+
+#[test]
+fn block_size_one_with_full_masking_is_next_token_nll() {
+    let (_vs, model) = random_model(2);
+    let obj = objective(1);
+    let tokens = clean_batch(12);
+    let x0 = tokens_tensor(&tokens, BATCH, SEQ, Device::Cpu);
+    let all_masked = ClipInterval { beta: 1.0, omega: 1.0 };
+    let noise = obj.sample_noise(&tokens, BATCH, all_masked, &mut NoiseRng::new(7, 0, 0, 0)).unwrap();
+    let loss = obj.token_losses_two_stream(&model, &x0, &noise, false).unwrap().mean(Kind::Float).double_value(&[]);
+
+    // The same network reading x_<i followed by [MASK] at position i, causally, one prefix at a time.
+    let mut nll = 0.0;
+    for i in 1..SEQ as i64 {
+        let query = Tensor::full([BATCH as i64, 1], MASK as i64, (Kind::Int64, Device::Cpu));
+        let input = Tensor::cat(&[x0.narrow(1, 0, i), query], 1);
+        let logits = model.logits(&input, &BlockLayout::Causal { seq_len: i as usize + 1 }, i as usize + 1, false).unwrap();
+        let last = logits.select(1, i).to_kind(Kind::Double);
+        let _ = last.narrow(1, MASK as i64, 1).fill_(f64::NEG_INFINITY);
+        let log_probs = last.log_softmax(-1, Kind::Double);
+        nll -= log_probs.gather(1, &x0.narrow(1, i, 1), false).sum(Kind::Double).double_value(&[]);
+    }
+    // Position 0 stays clean and contributes 0; the mean runs over all B·L tokens.
+    let expected = nll / (BATCH * SEQ) as f64;
+    assert!((loss - expected).abs() <= 1e-5, "{loss} vs {expected}");
+}
+
+/// Expected keys and shapes of the reference's `small` state dict (§1.7).
+fn reference_small_keys() -> Vec<(String, Vec<i64>)> {
+    let mut keys: Vec<(String, Vec<i64>)> = vec![
+        ("backbone.vocab_embed.embedding".into(), vec![50258, 768]),
+        ("backbone.sigma_map.mlp.0.weight".into(), vec![128, 256]),
+        ("backbone.sigma_map.mlp.0.bias".into(), vec![128]),
+        ("backbone.sigma_map.mlp.2.weight".into(), vec![128, 128]),
+        ("backbone.sigma_map.mlp.2.bias".into(), vec![128]),
+        ("backbone.rotary_emb.inv_freq".into(), vec![32]),
+        ("backbone.output_layer.norm_final.weight".into(), vec![768]),
+        ("backbone.output_layer.linear.weight".into(), vec![50258, 768]),
+        ("backbone.output_layer.linear.bias".into(), vec![50258]),
+        ("backbone.output_layer.adaLN_modulation.weight".into(), vec![1536, 128]),
+        ("backbone.output_layer.adaLN_modulation.bias".into(), vec![1536]),
+        ("sampling_eps_min".into(), vec![]),
+        ("sampling_eps_max".into(), vec![]),
+    ];
+    for i in 0..12 {
+        let b = format!("backbone.blocks.{i}");
+        keys.extend([
+            (format!("{b}.norm1.weight"), vec![768]),
+            (format!("{b}.norm2.weight"), vec![768]),
+            (format!("{b}.attn_qkv.weight"), vec![2304, 768]),
+            (format!("{b}.attn_out.weight"), vec![768, 768]),
+            (format!("{b}.mlp.0.weight"), vec![3072, 768]),
+            (format!("{b}.mlp.0.bias"), vec![3072]),
+            (format!("{b}.mlp.2.weight"), vec![768, 3072]),
+            (format!("{b}.mlp.2.bias"), vec![768]),
+            (format!("{b}.adaLN_modulation.weight"), vec![4608, 128]),
+            (format!("{b}.adaLN_modulation.bias"), vec![4608]),
+        ]);
+    }
+    keys.sort();
+    keys
+}
+
+#[test]
+fn small_model_has_the_reference_keys_shapes_and_size() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = Dit::new(&vs.root(), &ModelConfig::small()).unwrap();
+    let mut ours: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+    ours.sort();
+    assert_eq!(ours, reference_small_keys());
+    assert_eq!(num_parameters(&vs), 169_627_218);
+
+    // The AR variant: no σ-map, no adaLN (§1.1).
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _ar = Dit::new(&vs.root(), &ModelConfig { arch: Arch::Ar, ..ModelConfig::small() }).unwrap();
+    assert_eq!(num_parameters(&vs), 162_246_482);
+    assert!(vs.variables().keys().all(|k| !k.contains("adaLN") && !k.contains("sigma_map")));
+}
