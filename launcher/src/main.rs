@@ -1,1 +1,84 @@
-fn main(){}
+//! `bd3`: the command line. Parsing and dispatch only; the work lives in the library crates.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use trainer::Config;
+
+#[derive(Parser)]
+#[command(name = "bd3", version, about = "Pretrain and sample Block Diffusion language models (BD3-LMs)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a TOML config.
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Generate text with trained weights (a run's model.safetensors).
+    Sample {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Weights to load, in safetensors format with the reference's parameter names.
+        #[arg(long)]
+        weights: PathBuf,
+        /// Number of tokens to generate, BOS included.
+        #[arg(long, default_value_t = 128)]
+        tokens: usize,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// Config file (TOML); see configs/.
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config field, e.g. --set optim.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config> {
+        Config::load(&self.config, &self.overrides)
+    }
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match Cli::parse().command {
+        Command::Train { config } => {
+            let cfg = config.load()?;
+            let outcome = trainer::train::run(&cfg)?;
+            if let Some(nelbo) = outcome.final_valid_nelbo {
+                println!("validation NELBO {nelbo:.4} nats/token (perplexity ≤ {:.2})", nelbo.exp());
+            }
+            if let Some(text) = outcome.sample {
+                println!("--- sample ---\n{text}\n--------------");
+            }
+            println!("run directory: {}", outcome.run_dir.display());
+        }
+        Command::Sample { config, weights, tokens } => {
+            let cfg = config.load()?;
+            let device = trainer::train::select_device(&cfg.train.device)?;
+            let mut vs = tch::nn::VarStore::new(device);
+            let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
+            vs.load(&weights).with_context(|| format!("loading weights {}", weights.display()))?;
+            let generation = trainer::sample::generate(&model, &cfg, tokens, device)?;
+            println!("{}", dataloader::Gpt2Tokenizer::new()?.decode(&generation.tokens));
+            tracing::info!(tokens = generation.tokens.len(), nfe = generation.nfe, "sampled");
+        }
+    }
+    Ok(())
+}

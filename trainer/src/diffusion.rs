@@ -180,19 +180,47 @@ impl BlockDiffusion {
 
     /// The vectorized pass over x_t ⊕ x_0 with the three-part mask (§2.1–2.4).
     pub fn token_losses_two_stream(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        let input = Tensor::cat(&[&noise.xt_tensor(x0.device()), x0], 1);
+        self.masked_terms(model, &input, &BlockLayout::two_stream(self.seq_len, self.block_size)?, x0, noise, train)
+    }
+
+    /// The same pass with logits at every x_t position, as the reference computes them: the
+    /// baseline the masked-position path is measured and tested against.
+    pub fn token_losses_two_stream_dense(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
         let xt = noise.xt_tensor(x0.device());
-        let input = Tensor::cat(&[&xt, x0], 1);
         let layout = BlockLayout::two_stream(self.seq_len, self.block_size)?;
-        let logits = model.logits(&input, &layout, self.seq_len, train)?;
+        let logits = model.logits(&Tensor::cat(&[&xt, x0], 1), &layout, self.seq_len, train)?;
         Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
     }
 
     /// MDLM: one bidirectional pass over x_t alone.
     pub fn token_losses_single_stream(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
-        let xt = noise.xt_tensor(x0.device());
-        let layout = BlockLayout::block_causal(self.seq_len, self.seq_len)?;
-        let logits = model.logits(&xt, &layout, self.seq_len, train)?;
-        Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
+        let input = noise.xt_tensor(x0.device());
+        self.masked_terms(model, &input, &BlockLayout::block_causal(self.seq_len, self.seq_len)?, x0, noise, train)
+    }
+
+    /// The loss terms `[batch, seq_len]`, with logits computed only at masked positions (the
+    /// others contribute exactly 0 under SUBS). The x_t half is the first `seq_len` positions
+    /// of every row of `input`.
+    fn masked_terms(&self, model: &Dit, input: &Tensor, layout: &BlockLayout, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+        let (batch, n, device) = (noise.batch, noise.seq_len, x0.device());
+        let masked: Vec<i64> =
+            noise.xt.iter().enumerate().filter(|&(_, &tok)| tok == self.mask_id).map(|(i, _)| i as i64).collect();
+        if masked.is_empty() {
+            // Nothing to predict; the dense path still yields a loss with a graph.
+            let logits = model.logits(input, layout, n, train)?;
+            return Ok(self.nelbo_terms(&logits, x0, &noise.xt_tensor(device), &noise.t_per_token(device)));
+        }
+        let input_len = layout.query_len() as i64;
+        let rows: Vec<i64> = masked.iter().map(|&i| i / n as i64 * input_len + i % n as i64).collect();
+        let t: Vec<f32> = masked.iter().map(|&i| noise.t[i as usize / noise.block_size] as f32).collect();
+        let (masked, rows) = (Tensor::from_slice(&masked).to_device(device), Tensor::from_slice(&rows).to_device(device));
+        let logits = model.logits_at(input, layout, &rows, train)?;
+        let log_probs = mask_logit_removed(&logits, self.mask_id).log_softmax(-1, Kind::Float);
+        let target = x0.reshape([-1]).index_select(0, &masked);
+        let values = -log_probs.gather(1, &target.unsqueeze(1), false).squeeze_dim(1) / Tensor::from_slice(&t).to_device(device);
+        let terms = Tensor::zeros([(batch * n) as i64], (Kind::Float, device)).index_add(0, &masked, &values);
+        Ok(terms.reshape([batch as i64, n as i64]))
     }
 
     /// Algorithm 1 as written: a clean block-causal pass produces every layer's keys/values,
@@ -212,9 +240,9 @@ impl BlockDiffusion {
         Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
     }
 
-    /// −(1/t)·log p(x_0 | …) under SUBS, computed by gathering the target's log-probability
-    /// instead of materializing the carry-over rows: at unmasked positions SUBS gives x_t = x_0
-    /// log-probability 0, so the term is 0 there.
+    /// −(1/t)·log p(x_0 | …) under SUBS from full logits `[batch, len, vocab]`, gathering the
+    /// target's log-probability instead of materializing the carry-over rows: at unmasked
+    /// positions SUBS gives x_t = x_0 log-probability 0, so the term is 0 there.
     fn nelbo_terms(&self, logits: &Tensor, x0: &Tensor, xt: &Tensor, t: &Tensor) -> Tensor {
         let log_probs = mask_logit_removed(logits, self.mask_id).log_softmax(-1, Kind::Float);
         let target = log_probs.gather(2, &x0.unsqueeze(2), false).squeeze_dim(2);

@@ -123,6 +123,11 @@ struct FinalLayer {
     ada_ln: Option<Linear>,
 }
 
+struct Trunk {
+    hidden: Tensor,
+    cond: Option<Tensor>,
+}
+
 /// How one forward pass treats keys and values.
 enum KvMode<'a> {
     /// Attention over the input alone.
@@ -185,7 +190,19 @@ impl Dit {
     /// Logits `[batch, keep, vocab]` of the first `keep` positions of `tokens` `[batch, len]`
     /// (in the two-stream layout only the x_t half's predictions are used, §2.4).
     pub fn logits(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool) -> Result<Tensor> {
-        self.forward(tokens, layout, keep, train, KvMode::Own)
+        let trunk = self.trunk(tokens, layout, train, KvMode::Own)?;
+        Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), trunk.cond.as_ref()))
+    }
+
+    /// Logits `[rows, vocab]` at selected positions only: `rows` holds flat indices into the
+    /// `[batch, len]` positions of `tokens`. The output layer over a 50k vocabulary is the
+    /// largest single cost of a small model, and the loss needs it only where x_t is masked.
+    pub fn logits_at(&self, tokens: &Tensor, layout: &BlockLayout, rows: &Tensor, train: bool) -> Result<Tensor> {
+        let trunk = self.trunk(tokens, layout, train, KvMode::Own)?;
+        let (b, s, d) = trunk.hidden.size3()?;
+        let hidden = trunk.hidden.reshape([b * s, d]).index_select(0, rows);
+        let cond = trunk.cond.map(|c| c.index_select(0, &rows.divide_scalar_mode(s, "floor")));
+        Ok(self.head(&hidden.unsqueeze(1), cond.as_ref()).squeeze_dim(1))
     }
 
     /// Logits of a block of tokens that attends to `prefix` (per-layer clean keys/values of the
@@ -194,18 +211,21 @@ impl Dit {
     pub fn logits_with_prefix(&self, tokens: &Tensor, prefix: &[LayerKv], train: bool) -> Result<Tensor> {
         ensure!(prefix.len() == self.blocks.len(), "prefix has {} layers, model {}", prefix.len(), self.blocks.len());
         let layout = BlockLayout::Decode { prefix_len: prefix[0].k.size()[2] as usize, block_len: tokens.size()[1] as usize };
-        self.forward(tokens, &layout, tokens.size()[1] as usize, train, KvMode::Prefix(prefix))
+        let trunk = self.trunk(tokens, &layout, train, KvMode::Prefix(prefix))?;
+        Ok(self.head(&trunk.hidden, trunk.cond.as_ref()))
     }
 
     /// Per-layer post-RoPE keys/values of `tokens` read block-causally (the clean stream M_BC).
     pub fn clean_kv(&self, tokens: &Tensor, block_size: usize, train: bool) -> Result<Vec<LayerKv>> {
         let layout = BlockLayout::block_causal(tokens.size()[1] as usize, block_size)?;
         let mut kv = Vec::with_capacity(self.blocks.len());
-        let _ = self.forward(tokens, &layout, 0, train, KvMode::Record(&mut kv))?;
+        self.trunk(tokens, &layout, train, KvMode::Record(&mut kv))?;
         Ok(kv)
     }
 
-    fn forward(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool, mut kv: KvMode) -> Result<Tensor> {
+    /// Embedding and transformer layers: hidden states `[batch, len, hidden]` and the
+    /// conditioning vector `[batch, cond]` (None for the AR model).
+    fn trunk(&self, tokens: &Tensor, layout: &BlockLayout, train: bool, mut kv: KvMode) -> Result<Trunk> {
         let (b, s) = tokens.size2()?;
         ensure!(s as usize == layout.query_len(), "input length {s} does not match layout {layout:?}");
         let cfg = &self.cfg;
@@ -259,19 +279,21 @@ impl Dit {
                 None => &x + y,
             };
         }
-        if keep == 0 {
-            return Ok(Tensor::zeros([b, 0, cfg.vocab_size as i64], (Kind::Float, device)));
-        }
-        let x = x.narrow(1, 0, keep as i64);
-        let y = layer_norm(&x, &self.output.norm_final);
-        let y = match (&self.output.ada_ln, &c) {
+        Ok(Trunk { hidden: x, cond: c })
+    }
+
+    /// Final adaLN layer and output projection on hidden states `[batch, len, hidden]`;
+    /// `cond` is `[batch, cond]`.
+    fn head(&self, x: &Tensor, cond: Option<&Tensor>) -> Tensor {
+        let y = layer_norm(x, &self.output.norm_final);
+        let y = match (&self.output.ada_ln, cond) {
             (Some(ada), Some(c)) => {
                 let m = ada.forward(c).unsqueeze(1).chunk(2, 2);
                 modulate(&y, &m[0], &m[1])
             }
             _ => y,
         };
-        Ok(self.output.linear.forward(&y))
+        self.output.linear.forward(&y)
     }
 
     /// cos/sin tables `[1, len, 1, head_dim]` on [θ, θ] (rotate-half convention, §1.4).

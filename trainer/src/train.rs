@@ -119,6 +119,9 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     // ---- set-up: device, seeds, run directory, data, model, optimizer -------------------------
     cfg.validate()?;
     let device = select_device(&cfg.train.device)?;
+    if device == Device::Cpu {
+        keep_freed_memory_for_reuse();
+    }
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
@@ -222,6 +225,19 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         None
     };
     Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample })
+}
+
+/// libtorch frees and re-allocates the same large CPU buffers (logits, their gradients) every
+/// step; glibc serves such sizes with fresh mmaps whose pages fault in again each time. Keeping
+/// freed memory in the heap instead made CPU training 1.4× faster (docs/benchmarks.md), at the
+/// price of a resident set that stays at its peak.
+fn keep_freed_memory_for_reuse() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning parameters; it is safe to call at any time.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
 }
 
 /// Runs `f` with the EMA weights in place (the reference evaluates and samples with them).

@@ -1,0 +1,38 @@
+# bd3: `make demo` and `make test` work on a fresh Debian machine; everything they need is
+# installed by scripts/setup.sh (idempotent, seconds when already done).
+SHELL := /bin/bash
+CARGO ?= cargo
+BD3 := target/debug/bd3
+
+# Demo knobs (the test suite runs the demo with a short step budget).
+DEMO_STEPS ?= 200
+DEMO_RUN_DIR ?= runs
+DEMO_SAMPLE_TOKENS ?= 96
+
+.PHONY: setup build demo test lint bench clean
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build -p bd3-launcher
+
+demo: build
+	$(BD3) train --config configs/tiny.toml --set train.steps=$(DEMO_STEPS) --set run.dir=$(DEMO_RUN_DIR)
+	$(BD3) sample --config $(DEMO_RUN_DIR)/tiny/config.toml --weights $(DEMO_RUN_DIR)/tiny/model.safetensors \
+		--tokens $(DEMO_SAMPLE_TOKENS)
+
+test: setup
+	$(CARGO) build -p bd3-launcher
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Training throughput on CPU (tiny and small configs); see docs/benchmarks.md.
+bench: setup
+	$(CARGO) bench -p bd3-trainer --bench train_throughput --profile dev
+
+clean:
+	rm -rf target runs
