@@ -38,10 +38,7 @@ impl InMemoryLoader {
     pub fn new(sequences: Vec<u32>, seq_len: usize, micro_batch: usize, seed: u64, shuffle: bool) -> Result<Self> {
         ensure!(seq_len > 0 && sequences.len() % seq_len == 0, "sequence buffer is not a whole number of sequences");
         let n = sequences.len() / seq_len;
-        ensure!(
-            micro_batch > 0 && n >= micro_batch,
-            "{n} sequences cannot fill a micro-batch of {micro_batch}"
-        );
+        ensure!(micro_batch > 0 && n >= micro_batch, "{n} sequences cannot fill a micro-batch of {micro_batch}");
         let mut loader = Self {
             sequences,
             seq_len,

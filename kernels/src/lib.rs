@@ -64,9 +64,7 @@ impl BlockLayout {
         match *self {
             Self::TwoStream { seq_len, .. } => (0..seq_len as i64).chain(0..seq_len as i64).collect(),
             Self::BlockCausal { seq_len, .. } | Self::Causal { seq_len } => (0..seq_len as i64).collect(),
-            Self::Decode { prefix_len, block_len } => {
-                (prefix_len as i64..(prefix_len + block_len) as i64).collect()
-            }
+            Self::Decode { prefix_len, block_len } => (prefix_len as i64..(prefix_len + block_len) as i64).collect(),
         }
     }
 

@@ -4,8 +4,9 @@
 //!
 //! For each config, times full optimizer steps (noise, forward, backward, clipping, AdamW, EMA)
 //! of the two-stream objective with logits at every x_t position (the reference's way, the
-//! baseline) and with logits only at masked positions (bd3's default), on random tokens, and
-//! prints tokens/s and the ratio to the baseline measured in the same run.
+//! baseline), with logits only at masked positions (bd3's default), and with freed memory kept
+//! in the heap as `bd3 train` does on CPU, on random tokens, and prints tokens/s and the ratio to
+//! the baseline measured in the same run.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,12 +18,16 @@ use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
 use trainer::model::{num_parameters, Dit};
 use trainer::optim::{clip_grad_norm, AdamW, Ema};
 use trainer::rng::NoiseRng;
-use trainer::train::parameters_in_name_order;
+use trainer::train::{keep_freed_memory_for_reuse, parameters_in_name_order};
 
 #[derive(Clone, Copy, PartialEq)]
-enum Logits {
-    Dense,
-    Masked,
+enum Variant {
+    /// Logits at every x_t position, as the reference computes them.
+    DenseLogits,
+    /// Logits only at masked positions.
+    MaskedLogits,
+    /// Masked positions, and freed memory kept in the heap (what `bd3 train` does on CPU).
+    MaskedLogitsHeapReuse,
 }
 
 fn main() -> Result<()> {
@@ -48,8 +53,9 @@ fn main() -> Result<()> {
         let batch = if name == "small" { "train.micro_batch=1" } else { "train.micro_batch=16" };
         let cfg = Config::load(&root.join(format!("configs/{name}.toml")), &[batch.to_string()])?;
         let mut baseline = None;
-        for logits in [Logits::Dense, Logits::Masked] {
-            let (params, tokens_per_s) = measure(&cfg, logits, steps)?;
+        for variant in [Variant::DenseLogits, Variant::MaskedLogits, Variant::MaskedLogitsHeapReuse] {
+            keep_freed_memory_for_reuse(variant == Variant::MaskedLogitsHeapReuse);
+            let (params, tokens_per_s) = measure(&cfg, variant, steps)?;
             let base = *baseline.get_or_insert(tokens_per_s);
             println!(
                 "| {name} | {} × {} | {} | {:.1}M | {} | {:.0} | {:.2}× |",
@@ -57,7 +63,11 @@ fn main() -> Result<()> {
                 cfg.model.seq_len,
                 cfg.diffusion.block_size,
                 params as f64 / 1e6,
-                if logits == Logits::Dense { "all positions (baseline)" } else { "masked positions" },
+                match variant {
+                    Variant::DenseLogits => "all positions (baseline)",
+                    Variant::MaskedLogits => "masked positions",
+                    Variant::MaskedLogitsHeapReuse => "masked positions + heap reuse",
+                },
                 tokens_per_s,
                 tokens_per_s / base
             );
@@ -67,7 +77,7 @@ fn main() -> Result<()> {
 }
 
 /// Returns (parameters, training tokens/s) over `steps` timed steps after one warm-up step.
-fn measure(cfg: &Config, logits: Logits, steps: usize) -> Result<(i64, f64)> {
+fn measure(cfg: &Config, variant: Variant, steps: usize) -> Result<(i64, f64)> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Dit::new(&vs.root(), &cfg.model)?;
@@ -88,9 +98,9 @@ fn measure(cfg: &Config, logits: Logits, steps: usize) -> Result<(i64, f64)> {
         for p in params.iter_mut() {
             p.zero_grad();
         }
-        let terms = match logits {
-            Logits::Dense => objective.token_losses_two_stream_dense(&model, &x0, &noise, true)?,
-            Logits::Masked => objective.token_losses_two_stream(&model, &x0, &noise, true)?,
+        let terms = match variant {
+            Variant::DenseLogits => objective.token_losses_two_stream_dense(&model, &x0, &noise, true)?,
+            _ => objective.token_losses_two_stream(&model, &x0, &noise, true)?,
         };
         terms.mean(Kind::Float).backward();
         clip_grad_norm(&params, cfg.optim.grad_clip);

@@ -264,9 +264,16 @@ impl Config {
         let m = &self.model;
         let d = &self.diffusion;
         let t = &self.train;
-        ensure!(m.hidden > 0 && m.layers > 0 && m.heads > 0, "model.hidden, model.layers and model.heads must be positive");
+        ensure!(
+            m.hidden > 0 && m.layers > 0 && m.heads > 0,
+            "model.hidden, model.layers and model.heads must be positive"
+        );
         ensure!(m.hidden % m.heads == 0, "model.hidden ({}) must be a multiple of model.heads ({})", m.hidden, m.heads);
-        ensure!(m.head_dim() % 2 == 0, "model.hidden / model.heads ({}) must be even for rotary embeddings", m.head_dim());
+        ensure!(
+            m.head_dim() % 2 == 0,
+            "model.hidden / model.heads ({}) must be even for rotary embeddings",
+            m.head_dim()
+        );
         ensure!((0.0..1.0).contains(&m.dropout), "model.dropout ({}) must lie in [0, 1)", m.dropout);
         ensure!(m.seq_len >= 2, "model.seq_len ({}) must be at least 2", m.seq_len);
         ensure!(
@@ -305,9 +312,8 @@ impl Config {
 /// `a.b.c=value`: sets a nested key, creating tables on the way. The value is parsed as TOML
 /// (numbers, booleans, quoted strings, arrays); anything else is taken as a string.
 fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
-    let (key, raw) = spec
-        .split_once('=')
-        .with_context(|| format!("override {spec:?} is not of the form section.field=value"))?;
+    let (key, raw) =
+        spec.split_once('=').with_context(|| format!("override {spec:?} is not of the form section.field=value"))?;
     let path: Vec<&str> = key.trim().split('.').collect();
     ensure!(path.iter().all(|p| !p.is_empty()), "override {spec:?} has an empty key component");
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {

@@ -44,7 +44,9 @@ impl ClipInterval {
     /// Whether a block with this fraction of masked tokens is inside the interval.
     pub fn admits(&self, fraction: f64) -> bool {
         let (lower, upper) = self.checks();
-        !(lower && fraction < self.beta) && !(upper && fraction > self.omega)
+        let too_few = lower && fraction < self.beta;
+        let too_many = upper && fraction > self.omega;
+        !(too_few || too_many)
     }
 }
 
@@ -71,8 +73,7 @@ impl Noise {
 
     /// t repeated over every token of its block, `[batch, seq_len]` fp32.
     pub fn t_per_token(&self, device: Device) -> Tensor {
-        let per_token: Vec<f32> =
-            self.t.iter().flat_map(|&t| std::iter::repeat_n(t as f32, self.block_size)).collect();
+        let per_token: Vec<f32> = self.t.iter().flat_map(|&t| std::iter::repeat_n(t as f32, self.block_size)).collect();
         Tensor::from_slice(&per_token).reshape([self.batch as i64, self.seq_len as i64]).to_device(device)
     }
 }
@@ -151,7 +152,12 @@ impl BlockDiffusion {
                 if !resample || clip.admits(masked as f64 / bs as f64) {
                     break;
                 }
-                ensure!(attempt < MAX_RESAMPLES, "resampling block {blk} (t = {tb}) did not reach [{}, {}]", clip.beta, clip.omega);
+                ensure!(
+                    attempt < MAX_RESAMPLES,
+                    "resampling block {blk} (t = {tb}) did not reach [{}, {}]",
+                    clip.beta,
+                    clip.omega
+                );
             }
         }
         if self.ignore_bos {
@@ -186,7 +192,13 @@ impl BlockDiffusion {
 
     /// The same pass with logits at every x_t position, as the reference computes them: the
     /// baseline the masked-position path is measured and tested against.
-    pub fn token_losses_two_stream_dense(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+    pub fn token_losses_two_stream_dense(
+        &self,
+        model: &Dit,
+        x0: &Tensor,
+        noise: &Noise,
+        train: bool,
+    ) -> Result<Tensor> {
         let xt = noise.xt_tensor(x0.device());
         let layout = BlockLayout::two_stream(self.seq_len, self.block_size)?;
         let logits = model.logits(&Tensor::cat(&[&xt, x0], 1), &layout, self.seq_len, train)?;
@@ -202,7 +214,15 @@ impl BlockDiffusion {
     /// The loss terms `[batch, seq_len]`, with logits computed only at masked positions (the
     /// others contribute exactly 0 under SUBS). The x_t half is the first `seq_len` positions
     /// of every row of `input`.
-    fn masked_terms(&self, model: &Dit, input: &Tensor, layout: &BlockLayout, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
+    fn masked_terms(
+        &self,
+        model: &Dit,
+        input: &Tensor,
+        layout: &BlockLayout,
+        x0: &Tensor,
+        noise: &Noise,
+        train: bool,
+    ) -> Result<Tensor> {
         let (batch, n, device) = (noise.batch, noise.seq_len, x0.device());
         let masked: Vec<i64> =
             noise.xt.iter().enumerate().filter(|&(_, &tok)| tok == self.mask_id).map(|(i, _)| i as i64).collect();
@@ -214,11 +234,13 @@ impl BlockDiffusion {
         let input_len = layout.query_len() as i64;
         let rows: Vec<i64> = masked.iter().map(|&i| i / n as i64 * input_len + i % n as i64).collect();
         let t: Vec<f32> = masked.iter().map(|&i| noise.t[i as usize / noise.block_size] as f32).collect();
-        let (masked, rows) = (Tensor::from_slice(&masked).to_device(device), Tensor::from_slice(&rows).to_device(device));
+        let (masked, rows) =
+            (Tensor::from_slice(&masked).to_device(device), Tensor::from_slice(&rows).to_device(device));
         let logits = model.logits_at(input, layout, &rows, train)?;
         let log_probs = mask_logit_removed(&logits, self.mask_id).log_softmax(-1, Kind::Float);
         let target = x0.reshape([-1]).index_select(0, &masked);
-        let values = -log_probs.gather(1, &target.unsqueeze(1), false).squeeze_dim(1) / Tensor::from_slice(&t).to_device(device);
+        let values =
+            -log_probs.gather(1, &target.unsqueeze(1), false).squeeze_dim(1) / Tensor::from_slice(&t).to_device(device);
         let terms = Tensor::zeros([(batch * n) as i64], (Kind::Float, device)).index_add(0, &masked, &values);
         Ok(terms.reshape([batch as i64, n as i64]))
     }
@@ -302,7 +324,8 @@ mod tests {
 
     #[test]
     fn resampling_keeps_every_block_inside_the_interval() {
-        for (bs, clip) in [(4, ClipInterval { beta: 0.45, omega: 0.95 }), (16, ClipInterval { beta: 0.3, omega: 0.8 })] {
+        for (bs, clip) in [(4, ClipInterval { beta: 0.45, omega: 0.95 }), (16, ClipInterval { beta: 0.3, omega: 0.8 })]
+        {
             let mut obj = objective(64, bs, true);
             obj.ignore_bos = false;
             let x0: Vec<u32> = (0..8 * 64).map(|i| (i % 50) as u32).collect();
@@ -315,7 +338,8 @@ mod tests {
             // Without resampling the same draw leaves some blocks outside (the test has teeth).
             obj.resample = false;
             let noise = obj.sample_noise(&x0, 8, clip, &mut NoiseRng::new(1, 0, 0, 0)).unwrap();
-            let outside = noise.xt.chunks(bs).filter(|b| !clip.admits(b.iter().filter(|&&x| x == 99).count() as f64 / bs as f64));
+            let outside =
+                noise.xt.chunks(bs).filter(|b| !clip.admits(b.iter().filter(|&&x| x == 99).count() as f64 / bs as f64));
             assert!(outside.count() > 0);
         }
     }
@@ -331,7 +355,8 @@ mod tests {
     fn full_masking_and_the_clean_first_token() {
         let obj = objective(16, 4, true);
         let x0: Vec<u32> = (1..=32).collect();
-        let noise = obj.sample_noise(&x0, 2, ClipInterval { beta: 1.0, omega: 1.0 }, &mut NoiseRng::new(0, 0, 0, 0)).unwrap();
+        let noise =
+            obj.sample_noise(&x0, 2, ClipInterval { beta: 1.0, omega: 1.0 }, &mut NoiseRng::new(0, 0, 0, 0)).unwrap();
         for (i, &tok) in noise.xt.iter().enumerate() {
             let expected = if i % 16 == 0 { x0[i] } else { 99 };
             assert_eq!(tok, expected, "position {i}");

@@ -61,7 +61,10 @@ struct SigmaMap {
 impl SigmaMap {
     fn new(p: nn::Path, cond: i64) -> Self {
         let mlp = &p / "mlp";
-        Self { mlp0: Linear::new(&mlp / "0", SIGMA_FREQ_DIM, cond, true), mlp2: Linear::new(&mlp / "2", cond, cond, true) }
+        Self {
+            mlp0: Linear::new(&mlp / "0", SIGMA_FREQ_DIM, cond, true),
+            mlp2: Linear::new(&mlp / "2", cond, cond, true),
+        }
     }
 
     fn forward(&self, sigma: &Tensor) -> Tensor {
@@ -187,6 +190,10 @@ impl Dit {
         &self.cfg
     }
 
+    pub fn device(&self) -> tch::Device {
+        self.vocab_embed.device()
+    }
+
     /// Logits `[batch, keep, vocab]` of the first `keep` positions of `tokens` `[batch, len]`
     /// (in the two-stream layout only the x_t half's predictions are used, §2.4).
     pub fn logits(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool) -> Result<Tensor> {
@@ -210,7 +217,8 @@ impl Dit {
     /// `prefix_len..prefix_len+len`.
     pub fn logits_with_prefix(&self, tokens: &Tensor, prefix: &[LayerKv], train: bool) -> Result<Tensor> {
         ensure!(prefix.len() == self.blocks.len(), "prefix has {} layers, model {}", prefix.len(), self.blocks.len());
-        let layout = BlockLayout::Decode { prefix_len: prefix[0].k.size()[2] as usize, block_len: tokens.size()[1] as usize };
+        let layout =
+            BlockLayout::Decode { prefix_len: prefix[0].k.size()[2] as usize, block_len: tokens.size()[1] as usize };
         let trunk = self.trunk(tokens, &layout, train, KvMode::Prefix(prefix))?;
         Ok(self.head(&trunk.hidden, trunk.cond.as_ref()))
     }
@@ -340,7 +348,16 @@ mod tests {
     #[test]
     fn zero_init_makes_every_block_the_identity_and_logits_zero() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let cfg = ModelConfig { hidden: 16, layers: 2, heads: 2, cond_dim: 8, seq_len: 8, vocab_size: 20, dropout: 0.0, ..ModelConfig::small() };
+        let cfg = ModelConfig {
+            hidden: 16,
+            layers: 2,
+            heads: 2,
+            cond_dim: 8,
+            seq_len: 8,
+            vocab_size: 20,
+            dropout: 0.0,
+            ..ModelConfig::small()
+        };
         let model = Dit::new(&vs.root(), &cfg).unwrap();
         let tokens = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7, 8]).reshape([1, 8]);
         let logits = model.logits(&tokens, &BlockLayout::block_causal(8, 2).unwrap(), 8, false).unwrap();

@@ -163,9 +163,10 @@ mod tests {
         let theirs = vs.variables()["w"].shallow_clone();
         let mut ours = theirs.detach().copy().set_requires_grad(true);
         let objective = |p: &Tensor| (p - &target).square().sum(Kind::Double) + p.sin().sum(Kind::Double);
-        let mut reference = nn::AdamW { beta1: cfg.beta1, beta2: cfg.beta2, wd: cfg.weight_decay, eps: cfg.eps, amsgrad: false }
-            .build(&vs, 1e-2)
-            .unwrap();
+        let mut reference =
+            nn::AdamW { beta1: cfg.beta1, beta2: cfg.beta2, wd: cfg.weight_decay, eps: cfg.eps, amsgrad: false }
+                .build(&vs, 1e-2)
+                .unwrap();
         let params = [ours.shallow_clone()];
         let mut adam = AdamW::new(&params, &cfg);
         for _ in 0..5 {

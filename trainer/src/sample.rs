@@ -60,7 +60,8 @@ fn generate_blocks(model: &Dit, cfg: &Config, len: usize, device: Device, rng: &
             let logits = model.logits(&x, &layout, input.len(), false)?;
             nfe += 1;
             let pos = masked[rng.below(masked.len())];
-            let log_probs = subs_log_probs(&logits.narrow(1, (pos - start) as i64, 1), &x.narrow(1, (pos - start) as i64, 1), mask);
+            let log_probs =
+                subs_log_probs(&logits.narrow(1, (pos - start) as i64, 1), &x.narrow(1, (pos - start) as i64, 1), mask);
             seq[pos] = sample_nucleus(&log_probs.reshape([-1]), cfg.sample.nucleus_p, rng)?;
         }
     }

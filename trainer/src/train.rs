@@ -61,9 +61,9 @@ impl Objective {
         batch: usize,
         clip: ClipInterval,
         rng: &mut NoiseRng,
-        device: Device,
         train: bool,
     ) -> Result<Tensor> {
+        let device = model.device();
         match self {
             Self::Diffusion(obj) => {
                 let x0 = tokens_tensor(tokens, batch, obj.seq_len, device);
@@ -120,7 +120,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     cfg.validate()?;
     let device = select_device(&cfg.train.device)?;
     if device == Device::Cpu {
-        keep_freed_memory_for_reuse();
+        keep_freed_memory_for_reuse(true);
     }
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
@@ -170,10 +170,9 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         for micro in 0..accum {
             let batch = loader.next_batch();
             let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
-            let loss = tch::autocast(autocast, || {
-                objective.token_losses(&model, &batch.tokens, mb, clip, &mut rng, device, true)
-            })?
-            .mean(Kind::Float);
+            let loss =
+                tch::autocast(autocast, || objective.token_losses(&model, &batch.tokens, mb, clip, &mut rng, true))?
+                    .mean(Kind::Float);
             (&loss / accum as f64).backward();
             step_loss += loss.double_value(&[]) / accum as f64;
         }
@@ -199,7 +198,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
             (window_start, window_tokens) = (Instant::now(), 0);
         }
         if cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 && !last {
-            let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg, device))?;
+            let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg))?;
             report_validation(&mut metrics, step + 1, nelbo)?;
         }
     }
@@ -208,7 +207,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let final_valid_nelbo = if corpus.valid.is_empty() {
         None
     } else {
-        let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg, device))?;
+        let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg))?;
         report_validation(&mut metrics, cfg.train.steps, nelbo)?;
         Some(nelbo)
     };
@@ -230,14 +229,17 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
 /// libtorch frees and re-allocates the same large CPU buffers (logits, their gradients) every
 /// step; glibc serves such sizes with fresh mmaps whose pages fault in again each time. Keeping
 /// freed memory in the heap instead made CPU training 1.4× faster (docs/benchmarks.md), at the
-/// price of a resident set that stays at its peak.
-fn keep_freed_memory_for_reuse() {
+/// price of a resident set that stays at its peak. `false` restores glibc's defaults.
+pub fn keep_freed_memory_for_reuse(keep: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning parameters; it is safe to call at any time.
     unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        let (mmap_max, trim_threshold) = if keep { (0, i32::MAX) } else { (65_536, 128 * 1024) };
+        libc::mallopt(libc::M_MMAP_MAX, mmap_max);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, trim_threshold);
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = keep;
 }
 
 /// Runs `f` with the EMA weights in place (the reference evaluates and samples with them).
@@ -256,7 +258,7 @@ fn with_ema<T>(ema: &mut Ema, params: &[Tensor], cfg: &Config, f: impl FnOnce() 
 /// Validation NELBO in nats per token (§6.1): t ∈ [1e-3, 1] per block with antithetic draws,
 /// the first token of each sequence neither masked nor counted, token-weighted over the split
 /// (or its first `train.eval_batches` batches). The noise is the same at every evaluation.
-pub fn validate(model: &Dit, objective: &Objective, valid: &[u32], cfg: &Config, device: Device) -> Result<f64> {
+pub fn validate(model: &Dit, objective: &Objective, valid: &[u32], cfg: &Config) -> Result<f64> {
     let seq_len = cfg.model.seq_len;
     let mb = cfg.train.micro_batch;
     let sequences = valid.len() / seq_len;
@@ -270,7 +272,7 @@ pub fn validate(model: &Dit, objective: &Objective, valid: &[u32], cfg: &Config,
             let rows = mb.min(sequences - i * mb);
             let tokens = &valid[i * mb * seq_len..(i * mb + rows) * seq_len];
             let mut rng = NoiseRng::new(cfg.train.seed, stream::VALID_NOISE, i as u64, 0);
-            let terms = objective.token_losses(model, tokens, rows, ClipInterval::FULL, &mut rng, device, false)?;
+            let terms = objective.token_losses(model, tokens, rows, ClipInterval::FULL, &mut rng, false)?;
             let cols = terms.size()[1];
             // Diffusion: drop position 0 (clean, not counted). AR: already predicts 1..L.
             let counted = if cols as usize == seq_len { terms.narrow(1, 1, cols - 1) } else { terms };
@@ -289,8 +291,7 @@ fn report_validation(metrics: &mut MetricsLog, step: u64, nelbo: f64) -> Result<
 
 /// Trainable parameters sorted by name: a stable order for the optimizer state and EMA.
 pub fn parameters_in_name_order(vs: &nn::VarStore) -> Vec<Tensor> {
-    let mut named: Vec<(String, Tensor)> =
-        vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     named.into_iter().map(|(_, t)| t).collect()
 }

@@ -79,9 +79,8 @@ fn vectorized_pass_equals_naive_two_pass_algorithm() {
         let x0 = tokens_tensor(&tokens, BATCH, SEQ, Device::Cpu);
         let noise = obj.sample_noise(&tokens, BATCH, ClipInterval::FULL, &mut NoiseRng::new(5, 0, 0, 0)).unwrap();
         assert!(noise.xt.iter().filter(|&&t| t == MASK).count() > 0);
-        let (vec_loss, vec_grads) = loss_and_grads(&vs, || {
-            obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap().mean(Kind::Float)
-        });
+        let (vec_loss, vec_grads) =
+            loss_and_grads(&vs, || obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap().mean(Kind::Float));
         let dense = obj.token_losses_two_stream_dense(&model, &x0, &noise, true).unwrap();
         let masked = obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap();
         assert_close("dense vs masked-position logits", &dense, &masked, 1e-6);
@@ -133,7 +132,8 @@ fn block_size_one_with_full_masking_is_next_token_nll() {
     for i in 1..SEQ as i64 {
         let query = Tensor::full([BATCH as i64, 1], MASK as i64, (Kind::Int64, Device::Cpu));
         let input = Tensor::cat(&[x0.narrow(1, 0, i), query], 1);
-        let logits = model.logits(&input, &BlockLayout::Causal { seq_len: i as usize + 1 }, i as usize + 1, false).unwrap();
+        let logits =
+            model.logits(&input, &BlockLayout::Causal { seq_len: i as usize + 1 }, i as usize + 1, false).unwrap();
         let last = logits.select(1, i).to_kind(Kind::Double);
         let _ = last.narrow(1, MASK as i64, 1).fill_(f64::NEG_INFINITY);
         let log_probs = last.log_softmax(-1, Kind::Double);
