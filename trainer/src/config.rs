@@ -282,6 +282,12 @@ impl Config {
             d.mask_id,
             m.vocab_size
         );
+        // The σ-map exists so that the reference's checkpoints load, but BD3-LM and MDLM train
+        // with σ ≡ 0 (§1.3); feeding σ(t) is not wired through the objective and sampler.
+        ensure!(
+            !m.time_conditioning,
+            "model.time_conditioning = true is not supported: BD3-LM and MDLM use a constant conditioning vector (σ ≡ 0)"
+        );
         if m.arch == Arch::Bd3 {
             ensure!(
                 d.block_size > 0 && m.seq_len % d.block_size == 0,
@@ -370,6 +376,8 @@ mod tests {
     fn invalid_values_are_named() {
         let err = Config::from_toml_str("[diffusion]\nblock_size = 3\n", &[]).unwrap_err();
         assert!(err.to_string().contains("diffusion.block_size"), "{err}");
+        let err = Config::from_toml_str("[model]\ntime_conditioning = true\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("model.time_conditioning"), "{err}");
         let err = Config::from_toml_str("[model]\nheads = 5\n", &[]).unwrap_err();
         assert!(err.to_string().contains("model.heads"), "{err}");
         assert!(Config::from_toml_str("", &["optim.lr".into()]).is_err());
