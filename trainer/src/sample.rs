@@ -57,11 +57,13 @@ fn generate_blocks(model: &Dit, cfg: &Config, len: usize, device: Device, rng: &
             let input = &seq[start..];
             let x = tokens_tensor(input, 1, input.len(), device);
             let layout = BlockLayout::block_causal(input.len(), bs)?;
-            let logits = model.logits(&x, &layout, input.len(), false)?;
-            nfe += 1;
+            // First-hitting: the position to unmask is chosen before the call, so only its
+            // logits are needed.
             let pos = masked[rng.below(masked.len())];
-            let log_probs =
-                subs_log_probs(&logits.narrow(1, (pos - start) as i64, 1), &x.narrow(1, (pos - start) as i64, 1), mask);
+            let row = (pos - start) as i64;
+            let logits = model.logits_at(&x, &layout, &Tensor::from_slice(&[row]).to_device(device), false)?;
+            nfe += 1;
+            let log_probs = subs_log_probs(&logits.unsqueeze(0), &x.narrow(1, row, 1), mask);
             seq[pos] = sample_nucleus(&log_probs.reshape([-1]), cfg.sample.nucleus_p, rng)?;
         }
     }

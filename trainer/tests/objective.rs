@@ -83,7 +83,8 @@ fn vectorized_pass_equals_naive_two_pass_algorithm() {
             loss_and_grads(&vs, || obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap().mean(Kind::Float));
         let dense = obj.token_losses_two_stream_dense(&model, &x0, &noise, true).unwrap();
         let masked = obj.token_losses_two_stream(&model, &x0, &noise, true).unwrap();
-        assert_close("dense vs masked-position logits", &dense, &masked, 1e-6);
+        // Per-token terms carry the 1/t weight (up to 1000×): compare them relatively.
+        assert!(dense.allclose(&masked, 1e-5, 1e-5, false), "L'={block_size}: dense vs masked-position logits");
         let (naive_loss, naive_grads) =
             loss_and_grads(&vs, || obj.token_losses_naive(&model, &x0, &noise, true).unwrap().mean(Kind::Float));
         assert!(vec_loss > 0.0);
