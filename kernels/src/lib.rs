@@ -24,8 +24,10 @@ pub enum BlockLayout {
     /// Token-causal attention (the AR model).
     Causal { seq_len: usize },
     /// One block of `block_len` queries against `prefix_len` cached clean keys followed by the
-    /// block's own keys: every key is visible, no mask is needed.
-    Decode { prefix_len: usize, block_len: usize },
+    /// block's own keys: every key is visible, no mask is needed. `position` is the RoPE position
+    /// of the block's first token (cached keys keep the positions they were rotated with, so
+    /// after a sliding window drops old keys it is larger than `prefix_len`).
+    Decode { prefix_len: usize, block_len: usize, position: usize },
 }
 
 impl BlockLayout {
@@ -53,7 +55,7 @@ impl BlockLayout {
     /// Number of key positions.
     pub fn key_len(&self) -> usize {
         match *self {
-            Self::Decode { prefix_len, block_len } => prefix_len + block_len,
+            Self::Decode { prefix_len, block_len, .. } => prefix_len + block_len,
             _ => self.query_len(),
         }
     }
@@ -64,7 +66,7 @@ impl BlockLayout {
         match *self {
             Self::TwoStream { seq_len, .. } => (0..seq_len as i64).chain(0..seq_len as i64).collect(),
             Self::BlockCausal { seq_len, .. } | Self::Causal { seq_len } => (0..seq_len as i64).collect(),
-            Self::Decode { prefix_len, block_len } => (prefix_len as i64..(prefix_len + block_len) as i64).collect(),
+            Self::Decode { block_len, position, .. } => (position as i64..(position + block_len) as i64).collect(),
         }
     }
 
@@ -102,7 +104,7 @@ impl BlockLayout {
                 let idx = Tensor::arange(seq_len as i64, opts);
                 idx.unsqueeze(0).le_tensor(&idx.unsqueeze(1))
             }
-            Self::Decode { prefix_len, block_len } => {
+            Self::Decode { prefix_len, block_len, .. } => {
                 Tensor::ones([block_len as i64, (prefix_len + block_len) as i64], (Kind::Bool, device))
             }
         }

@@ -4,8 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
+use trainer::sample::SampleOptions;
 use trainer::Config;
 
 #[derive(Parser)]
@@ -22,17 +23,27 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Generate text with trained weights (a run's model.safetensors).
+    /// Generate text with trained weights (a run's model.safetensors). Sampler settings come
+    /// from the config's [sample] section (--set sample.algorithm=ancestral, sample.batch=4, ...).
     Sample {
         #[command(flatten)]
         config: ConfigArgs,
         /// Weights to load, in safetensors format with the reference's parameter names.
         #[arg(long)]
         weights: PathBuf,
-        /// Number of tokens to generate, BOS included.
+        /// Tokens per sequence, BOS included (the cap with sample.var_length).
         #[arg(long, default_value_t = 128)]
         tokens: usize,
+        /// `text`, or `jsonl`: one object per sequence with tokens, text, NFE and stop reason.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Jsonl,
 }
 
 #[derive(Args)]
@@ -69,15 +80,37 @@ fn main() -> Result<()> {
             }
             println!("run directory: {}", outcome.run_dir.display());
         }
-        Command::Sample { config, weights, tokens } => {
+        Command::Sample { config, weights, tokens, format } => {
             let cfg = config.load()?;
             let device = trainer::train::select_device(&cfg.train.device)?;
             let mut vs = tch::nn::VarStore::new(device);
             let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
             vs.load(&weights).with_context(|| format!("loading weights {}", weights.display()))?;
-            let generation = trainer::sample::generate(&model, &cfg, tokens, device)?;
-            println!("{}", dataloader::Gpt2Tokenizer::new()?.decode(&generation.tokens));
-            tracing::info!(tokens = generation.tokens.len(), nfe = generation.nfe, "sampled");
+            let opts = SampleOptions::from_config(&cfg, tokens);
+            let generation = trainer::sample::generate(&model, &cfg, &opts, device)?;
+            let tokenizer = dataloader::Gpt2Tokenizer::new()?;
+            for sample in &generation.samples {
+                let text = tokenizer.decode(&sample.tokens);
+                match format {
+                    Format::Text => println!("{text}"),
+                    Format::Jsonl => println!(
+                        "{}",
+                        serde_json::json!({
+                            "tokens": sample.tokens, "text": text, "stop": sample.stop,
+                            "nfe": generation.nfe, "tokens_per_s": generation.tokens_per_s(),
+                        })
+                    ),
+                }
+            }
+            if let Format::Text = format {
+                println!(
+                    "[{} sequence(s), {} tokens each at most; NFE {}; {:.1} tokens/s]",
+                    generation.samples.len(),
+                    tokens,
+                    generation.nfe,
+                    generation.tokens_per_s()
+                );
+            }
         }
     }
     Ok(())

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::sample::{Algorithm, NucleusRule};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -217,17 +219,41 @@ impl Default for TrainConfig {
     }
 }
 
+/// Generation (§5); `bd3 sample` and the end-of-training sample read it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SampleConfig {
+    /// "first_hitting" (one masked position per network call) or "ancestral".
+    pub algorithm: Algorithm,
+    /// T, the ancestral sampler's steps per block.
+    pub steps: usize,
     /// Nucleus (top-p) mass; 1 disables the filter.
     pub nucleus_p: f64,
+    /// "standard" (keeps the token that crosses p) or "reference" (drops it, §5.4).
+    pub nucleus_rule: NucleusRule,
+    pub temperature: f64,
+    /// Cache the keys/values of committed blocks (off: recompute the window every call).
+    pub kv_cache: bool,
+    /// Stop at the first generated EOS or when the last 256 tokens' entropy is below 4 nats.
+    pub var_length: bool,
+    /// Sequences generated together.
+    pub batch: usize,
     pub seed: u64,
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
-        Self { nucleus_p: 0.9, seed: 1 }
+        Self {
+            algorithm: Algorithm::FirstHitting,
+            steps: 1000,
+            nucleus_p: 0.9,
+            nucleus_rule: NucleusRule::Standard,
+            temperature: 1.0,
+            kv_cache: true,
+            var_length: false,
+            batch: 1,
+            seed: 1,
+        }
     }
 }
 
@@ -308,6 +334,9 @@ impl Config {
             "sample.nucleus_p ({}) must lie in (0, 1]",
             self.sample.nucleus_p
         );
+        ensure!(self.sample.steps > 0, "sample.steps must be positive");
+        ensure!(self.sample.batch > 0, "sample.batch must be positive");
+        ensure!(self.sample.temperature > 0.0, "sample.temperature ({}) must be positive", self.sample.temperature);
         if !(t.device == "auto" || t.device == "cpu" || t.device.starts_with("cuda")) {
             bail!("train.device ({:?}) must be \"auto\", \"cpu\" or \"cuda[:N]\"", t.device);
         }

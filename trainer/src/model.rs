@@ -132,13 +132,12 @@ struct Trunk {
 }
 
 /// How one forward pass treats keys and values.
-enum KvMode<'a> {
-    /// Attention over the input alone.
-    Own,
-    /// Prepend these per-layer keys/values (clean context) to the input's own.
-    Prefix(&'a [LayerKv]),
-    /// Attention over the input alone, and hand back every layer's keys/values.
-    Record(&'a mut Vec<LayerKv>),
+#[derive(Default)]
+struct KvIo<'a> {
+    /// Per-layer keys/values (clean context) prepended to the input's own.
+    prefix: Option<&'a [LayerKv]>,
+    /// Where to hand back every layer's keys/values of the input.
+    record: Option<&'a mut Vec<LayerKv>>,
 }
 
 /// The DiT backbone.
@@ -197,7 +196,7 @@ impl Dit {
     /// Logits `[batch, keep, vocab]` of the first `keep` positions of `tokens` `[batch, len]`
     /// (in the two-stream layout only the x_t half's predictions are used, §2.4).
     pub fn logits(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool) -> Result<Tensor> {
-        let trunk = self.trunk(tokens, layout, train, KvMode::Own)?;
+        let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
         Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), trunk.cond.as_ref()))
     }
 
@@ -205,7 +204,7 @@ impl Dit {
     /// `[batch, len]` positions of `tokens`. The output layer over a 50k vocabulary is the
     /// largest single cost of a small model, and the loss needs it only where x_t is masked.
     pub fn logits_at(&self, tokens: &Tensor, layout: &BlockLayout, rows: &Tensor, train: bool) -> Result<Tensor> {
-        let trunk = self.trunk(tokens, layout, train, KvMode::Own)?;
+        let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
         let (b, s, d) = trunk.hidden.size3()?;
         let hidden = trunk.hidden.reshape([b * s, d]).index_select(0, rows);
         let cond = trunk.cond.map(|c| c.index_select(0, &rows.divide_scalar_mode(s, "floor")));
@@ -217,23 +216,50 @@ impl Dit {
     /// `prefix_len..prefix_len+len`.
     pub fn logits_with_prefix(&self, tokens: &Tensor, prefix: &[LayerKv], train: bool) -> Result<Tensor> {
         ensure!(prefix.len() == self.blocks.len(), "prefix has {} layers, model {}", prefix.len(), self.blocks.len());
-        let layout =
-            BlockLayout::Decode { prefix_len: prefix[0].k.size()[2] as usize, block_len: tokens.size()[1] as usize };
-        let trunk = self.trunk(tokens, &layout, train, KvMode::Prefix(prefix))?;
+        let prefix_len = prefix[0].k.size()[2] as usize;
+        let layout = BlockLayout::Decode { prefix_len, block_len: tokens.size()[1] as usize, position: prefix_len };
+        let trunk = self.trunk(tokens, &layout, train, KvIo { prefix: Some(prefix), record: None })?;
         Ok(self.head(&trunk.hidden, trunk.cond.as_ref()))
+    }
+
+    /// One decoding call against cached keys/values: `tokens` `[batch, len]` at RoPE positions
+    /// `position..position+len` attend to every cached key and to each other. Returns the
+    /// block's logits (if `logits`) and its own per-layer keys/values (if `record`), which the
+    /// caller appends to its cache. Always in evaluation mode (no dropout).
+    pub fn decode(
+        &self,
+        tokens: &Tensor,
+        prefix: &[LayerKv],
+        position: usize,
+        logits: bool,
+        record: bool,
+    ) -> Result<(Option<Tensor>, Vec<LayerKv>)> {
+        ensure!(
+            prefix.is_empty() || prefix.len() == self.blocks.len(),
+            "prefix has {} layers, model {}",
+            prefix.len(),
+            self.blocks.len()
+        );
+        let prefix_len = prefix.first().map_or(0, |l| l.k.size()[2] as usize);
+        let layout = BlockLayout::Decode { prefix_len, block_len: tokens.size()[1] as usize, position };
+        let mut recorded = Vec::new();
+        let io = KvIo { prefix: (!prefix.is_empty()).then_some(prefix), record: record.then_some(&mut recorded) };
+        let trunk = self.trunk(tokens, &layout, false, io)?;
+        let logits = logits.then(|| self.head(&trunk.hidden, trunk.cond.as_ref()));
+        Ok((logits, recorded))
     }
 
     /// Per-layer post-RoPE keys/values of `tokens` read block-causally (the clean stream M_BC).
     pub fn clean_kv(&self, tokens: &Tensor, block_size: usize, train: bool) -> Result<Vec<LayerKv>> {
         let layout = BlockLayout::block_causal(tokens.size()[1] as usize, block_size)?;
         let mut kv = Vec::with_capacity(self.blocks.len());
-        self.trunk(tokens, &layout, train, KvMode::Record(&mut kv))?;
+        self.trunk(tokens, &layout, train, KvIo { prefix: None, record: Some(&mut kv) })?;
         Ok(kv)
     }
 
     /// Embedding and transformer layers: hidden states `[batch, len, hidden]` and the
     /// conditioning vector `[batch, cond]` (None for the AR model).
-    fn trunk(&self, tokens: &Tensor, layout: &BlockLayout, train: bool, mut kv: KvMode) -> Result<Trunk> {
+    fn trunk(&self, tokens: &Tensor, layout: &BlockLayout, train: bool, mut kv: KvIo) -> Result<Trunk> {
         let (b, s) = tokens.size2()?;
         ensure!(s as usize == layout.query_len(), "input length {s} does not match layout {layout:?}");
         let cfg = &self.cfg;
@@ -262,13 +288,12 @@ impl Dit {
             let q = rope(qkv.select(2, 0));
             let mut k = rope(qkv.select(2, 1));
             let mut v = qkv.select(2, 2).transpose(1, 2);
-            match &mut kv {
-                KvMode::Own => {}
-                KvMode::Prefix(prefix) => {
-                    k = Tensor::cat(&[&prefix[i].k, &k], 2);
-                    v = Tensor::cat(&[&prefix[i].v, &v], 2);
-                }
-                KvMode::Record(out) => out.push(LayerKv { k: k.shallow_clone(), v: v.shallow_clone() }),
+            if let Some(out) = kv.record.as_mut() {
+                out.push(LayerKv { k: k.shallow_clone(), v: v.shallow_clone() });
+            }
+            if let Some(prefix) = kv.prefix {
+                k = Tensor::cat(&[&prefix[i].k, &k], 2);
+                v = Tensor::cat(&[&prefix[i].v, &v], 2);
             }
             let o = block_diffusion_attention(&q, &k, &v, layout)?.transpose(1, 2).reshape([b, s, d]);
             let o = blk.attn_out.forward(&o).dropout(cfg.dropout, train);
@@ -304,11 +329,13 @@ impl Dit {
         self.output.linear.forward(&y)
     }
 
-    /// cos/sin tables `[1, len, 1, head_dim]` on [θ, θ] (rotate-half convention, §1.4).
+    /// cos/sin tables `[1, len, 1, head_dim]` on [θ, θ] (rotate-half convention, §1.4). The
+    /// angles are formed in fp64: the KV-cache sampler keeps absolute positions, which grow past
+    /// the point where an fp32 angle loses the precision of a rebased one.
     fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
-        let theta = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let theta = positions.to_kind(Kind::Double).unsqueeze(1) * self.inv_freq.to_kind(Kind::Double).unsqueeze(0);
         let emb = Tensor::cat(&[&theta, &theta], 1).unsqueeze(0).unsqueeze(2);
-        (emb.cos(), emb.sin())
+        (emb.cos().to_kind(Kind::Float), emb.sin().to_kind(Kind::Float))
     }
 }
 

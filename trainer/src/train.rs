@@ -24,7 +24,7 @@ use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInter
 use crate::model::{num_parameters, Dit};
 use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
 use crate::rng::{stream, NoiseRng};
-use crate::sample::generate;
+use crate::sample::{generate, SampleOptions};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -215,10 +215,11 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     with_ema(&mut ema, &params, cfg, || Ok(vs.save(&weights)?))?;
     info!(path = %weights.display(), "saved EMA weights");
     let sample = if cfg.train.sample_tokens > 0 {
-        let generation = with_ema(&mut ema, &params, cfg, || generate(&model, cfg, cfg.train.sample_tokens, device))?;
-        let text = Gpt2Tokenizer::new()?.decode(&generation.tokens);
+        let opts = SampleOptions { batch: 1, ..SampleOptions::from_config(cfg, cfg.train.sample_tokens) };
+        let generation = with_ema(&mut ema, &params, cfg, || generate(&model, cfg, &opts, device))?;
+        let text = Gpt2Tokenizer::new()?.decode(&generation.samples[0].tokens);
         std::fs::write(run_dir.join("sample.txt"), &text)?;
-        info!(tokens = generation.tokens.len(), nfe = generation.nfe, "sampled");
+        info!(nfe = generation.nfe, tokens_per_s = generation.tokens_per_s().round(), "sampled");
         Some(text)
     } else {
         None
