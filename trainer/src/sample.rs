@@ -178,7 +178,10 @@ impl BlockContext for Cached<'_> {
             self.kv
                 .iter()
                 .zip(new)
-                .map(|(old, new)| LayerKv { k: Tensor::cat(&[&old.k, &new.k], 2), v: Tensor::cat(&[&old.v, &new.v], 2) })
+                .map(|(old, new)| LayerKv {
+                    k: Tensor::cat(&[&old.k, &new.k], 2),
+                    v: Tensor::cat(&[&old.v, &new.v], 2),
+                })
                 .collect()
         };
         let cached = self.kv[0].k.size()[2] as usize;
@@ -332,7 +335,13 @@ fn generate_blocks(
 }
 
 /// The AR model: one token per call, with a causal KV cache (or the window recomputed).
-fn generate_tokens(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device, rng: &mut NoiseRng) -> Result<Generation> {
+fn generate_tokens(
+    model: &Dit,
+    cfg: &Config,
+    opts: &SampleOptions,
+    device: Device,
+    rng: &mut NoiseRng,
+) -> Result<Generation> {
     let batch = opts.batch;
     let mut rows: Vec<Vec<u32>> = vec![vec![BOS_ID]; batch];
     let mut stops: Vec<Option<(StopReason, usize)>> = vec![None; batch];
@@ -342,6 +351,11 @@ fn generate_tokens(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Devi
     while rows[0].len() < opts.len && stops.iter().any(Option::is_none) {
         let n = rows[0].len();
         let logits = if opts.kv_cache {
+            // The newest token attends to at most seq_len − 1 cached ones.
+            let cached = kv.first().map_or(0, |l| l.k.size()[2] as usize);
+            if cached > max_cached {
+                kv = kv.iter().map(|l| l.narrow((cached - max_cached) as i64, max_cached as i64)).collect();
+            }
             let last: Vec<i64> = rows.iter().map(|r| r[n - 1] as i64).collect();
             let last = Tensor::from_slice(&last).reshape([batch as i64, 1]).to_device(device);
             let (logits, new) = model.decode(&last, &kv, n - 1, true, true)?;
@@ -353,10 +367,6 @@ fn generate_tokens(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Devi
                     .map(|(o, n)| LayerKv { k: Tensor::cat(&[&o.k, &n.k], 2), v: Tensor::cat(&[&o.v, &n.v], 2) })
                     .collect()
             };
-            let cached = kv[0].k.size()[2] as usize;
-            if cached > max_cached {
-                kv = kv.iter().map(|l| l.narrow((cached - max_cached) as i64, max_cached as i64)).collect();
-            }
             logits.expect("logits").select(1, 0)
         } else {
             let start = n.saturating_sub(cfg.model.seq_len);

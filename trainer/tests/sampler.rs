@@ -1,0 +1,103 @@
+//! The KV-cache sampler against the uncached reference, and its accounting (§5).
+
+use tch::{nn, Device};
+use trainer::config::{Arch, Config};
+use trainer::model::Dit;
+use trainer::sample::{generate, Algorithm, SampleOptions, StopReason};
+
+/// A small random model on the full GPT-2 vocabulary (BOS/EOS 50256, [MASK] 50257).
+fn random_model(arch: Arch, block_size: usize, seq_len: usize) -> (nn::VarStore, Dit, Config) {
+    let mut cfg = Config::from_toml_str("", &[]).unwrap();
+    cfg.model = trainer::config::ModelConfig {
+        arch,
+        hidden: 32,
+        layers: 2,
+        heads: 2,
+        cond_dim: 16,
+        dropout: 0.0,
+        seq_len,
+        ..cfg.model
+    };
+    cfg.diffusion.block_size = block_size;
+    tch::manual_seed(block_size as i64);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = Dit::new(&vs.root(), &cfg.model).unwrap();
+    tch::no_grad(|| {
+        for mut t in vs.trainable_variables() {
+            let _ = t.uniform_(-0.5, 0.5);
+        }
+    });
+    (vs, model, cfg)
+}
+
+fn options(cfg: &Config, len: usize, batch: usize) -> SampleOptions {
+    SampleOptions { batch, nucleus_p: 0.95, ..SampleOptions::from_config(cfg, len) }
+}
+
+#[test]
+fn kv_cache_gives_the_tokens_of_recomputing_the_window() {
+    for block_size in [1, 4, 16] {
+        // Exact up to the context length. Once the window slides, the cache keeps keys/values
+        // computed while older blocks were still visible (as the reference's cache does), which
+        // recomputing the window cannot reproduce; `long_generation_slides_the_window` covers it.
+        let (_vs, model, cfg) = random_model(Arch::Bd3, block_size, 64);
+        let cached = options(&cfg, 64, 2);
+        let uncached = SampleOptions { kv_cache: false, ..cached.clone() };
+        let a = generate(&model, &cfg, &cached, Device::Cpu).unwrap();
+        let b = generate(&model, &cfg, &uncached, Device::Cpu).unwrap();
+        assert_eq!(a.samples, b.samples, "L'={block_size}");
+        assert_eq!(a.nfe, b.nfe);
+        assert!(a.samples.iter().all(|s| s.tokens.len() == 64 && s.tokens[0] == 50256 && s.stop == StopReason::Length));
+        assert!(a.samples.iter().flat_map(|s| &s.tokens).all(|&t| t != 50257), "no [MASK] left");
+        assert_ne!(a.samples[0].tokens, a.samples[1].tokens, "rows of a batch differ");
+    }
+}
+
+#[test]
+fn first_hitting_unmasks_one_position_per_call() {
+    let (_vs, model, cfg) = random_model(Arch::Bd3, 4, 32);
+    let opts = options(&cfg, 40, 3);
+    let g = generate(&model, &cfg, &opts, Device::Cpu).unwrap();
+    assert_eq!(g.nfe, 39, "one call per generated token (BOS is given)");
+    assert_eq!(g.unmasked_per_call.len(), g.nfe);
+    assert!(g.unmasked_per_call.iter().all(|&n| n == 3), "one position per row per call");
+}
+
+#[test]
+fn ancestral_reuses_outputs_and_matches_calling_every_step() {
+    let (_vs, model, cfg) = random_model(Arch::Bd3, 4, 32);
+    let steps = 100;
+    let reuse = SampleOptions { algorithm: Algorithm::Ancestral, steps, ..options(&cfg, 32, 2) };
+    let every_step = SampleOptions { reuse_outputs: false, ..reuse.clone() };
+    let a = generate(&model, &cfg, &reuse, Device::Cpu).unwrap();
+    let b = generate(&model, &cfg, &every_step, Device::Cpu).unwrap();
+    assert_eq!(a.samples, b.samples);
+    let blocks = 32 / 4;
+    // At most one call per change: ≤ L′ × batch calls per block, against ~T without reuse.
+    assert!(a.nfe <= blocks * 4 * 2, "{} calls", a.nfe);
+    assert!(b.nfe > 10 * a.nfe, "{} vs {} calls", b.nfe, a.nfe);
+    assert_eq!(a.unmasked_per_call.iter().sum::<usize>(), 2 * (32 - 1));
+    assert!(a.unmasked_per_call.iter().all(|&n| n > 0), "every call changed the sequence");
+}
+
+#[test]
+fn long_generation_slides_the_window() {
+    let (_vs, model, cfg) = random_model(Arch::Bd3, 8, 16);
+    let g = generate(&model, &cfg, &options(&cfg, 4 * 16, 1), Device::Cpu).unwrap();
+    assert_eq!(g.samples[0].tokens.len(), 64);
+    assert_eq!(g.nfe, 63);
+}
+
+#[test]
+fn ar_model_samples_with_its_own_cache() {
+    let (_vs, model, cfg) = random_model(Arch::Ar, 1, 40);
+    let cached = options(&cfg, 40, 2);
+    let uncached = SampleOptions { kv_cache: false, ..cached.clone() };
+    let a = generate(&model, &cfg, &cached, Device::Cpu).unwrap();
+    let b = generate(&model, &cfg, &uncached, Device::Cpu).unwrap();
+    assert_eq!(a.samples, b.samples);
+    assert_eq!(a.nfe, 39);
+    // Past the context the window slides and generation goes on.
+    let long = generate(&model, &cfg, &options(&cfg, 100, 1), Device::Cpu).unwrap();
+    assert_eq!((long.samples[0].tokens.len(), long.nfe), (100, 99));
+}
