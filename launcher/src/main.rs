@@ -1,7 +1,7 @@
 //! `bd3`: the command line. Parsing and dispatch only; the work lives in the library crates.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -23,6 +23,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Evaluate trained weights.
+    #[command(subcommand)]
+    Eval(Eval),
     /// Generate text with trained weights (a run's model.safetensors). Sampler settings come
     /// from the config's [sample] section (--set sample.algorithm=ancestral, sample.batch=4, ...).
     Sample {
@@ -38,6 +41,29 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+}
+
+#[derive(Subcommand)]
+enum Eval {
+    /// NELBO perplexity bound of a split (§6.1): NLL, perplexity and bits per token.
+    Ppl {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Weights to evaluate (a run's model.safetensors holds the EMA weights).
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long, value_enum, default_value_t = Split::Valid)]
+        split: Split,
+        /// Evaluate only the first N batches of train.micro_batch sequences (0 = all).
+        #[arg(long, default_value_t = 0)]
+        batches: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Split {
+    Train,
+    Valid,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -80,12 +106,32 @@ fn main() -> Result<()> {
             }
             println!("run directory: {}", outcome.run_dir.display());
         }
+        Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
+            let cfg = config.load()?;
+            let (model, _vs, _device) = load_model(&cfg, &weights)?;
+            let corpus = trainer::train::load_corpus(&cfg)?;
+            let sequences = match split {
+                Split::Train => &corpus.train,
+                Split::Valid => &corpus.valid,
+            };
+            let objective = trainer::train::Objective::new(&cfg)?;
+            let batches = trainer::eval::EvalBatches {
+                seq_len: cfg.model.seq_len,
+                micro_batch: cfg.train.micro_batch,
+                max_batches: batches,
+            };
+            let report = trainer::eval::nelbo(&model, &objective, sequences, batches, cfg.train.seed)?;
+            println!(
+                "NLL {:.4} nats/token  PPL {:.2}  {:.4} bits/token  over {} tokens",
+                report.nll,
+                report.ppl(),
+                report.bits_per_token(),
+                report.tokens
+            );
+        }
         Command::Sample { config, weights, tokens, format } => {
             let cfg = config.load()?;
-            let device = trainer::train::select_device(&cfg.train.device)?;
-            let mut vs = tch::nn::VarStore::new(device);
-            let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
-            vs.load(&weights).with_context(|| format!("loading weights {}", weights.display()))?;
+            let (model, _vs, device) = load_model(&cfg, &weights)?;
             let opts = SampleOptions::from_config(&cfg, tokens);
             let generation = trainer::sample::generate(&model, &cfg, &opts, device)?;
             let tokenizer = dataloader::Gpt2Tokenizer::new()?;
@@ -114,4 +160,13 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Builds the model of `cfg` and loads `weights` (safetensors with the reference's names).
+fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::VarStore, tch::Device)> {
+    let device = trainer::train::select_device(&cfg.train.device)?;
+    let mut vs = tch::nn::VarStore::new(device);
+    let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
+    vs.load(weights).with_context(|| format!("loading weights {}", weights.display()))?;
+    Ok((model, vs, device))
 }

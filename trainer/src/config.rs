@@ -115,6 +115,13 @@ pub struct DiffusionConfig {
     pub resample: bool,
     /// Keep the first token of every sequence clean (§3.5).
     pub ignore_bos: bool,
+    /// At every validation, pick the clip interval [β, ω] that minimizes the variance of the
+    /// per-block losses (§4.2) and train with it from then on.
+    pub clip_search: bool,
+    pub clip_search_widths: Vec<f64>,
+    pub clip_search_delta: f64,
+    /// Validation batches the search uses.
+    pub clip_search_batches: usize,
 }
 
 impl Default for DiffusionConfig {
@@ -127,6 +134,10 @@ impl Default for DiffusionConfig {
             antithetic: true,
             resample: true,
             ignore_bos: true,
+            clip_search: true,
+            clip_search_widths: vec![0.5, 0.6, 0.7, 0.8, 0.9],
+            clip_search_delta: 0.05,
+            clip_search_batches: 100,
         }
     }
 }
@@ -326,6 +337,10 @@ impl Config {
         ensure!(
             lo > 0.0 && lo <= hi && hi <= 1.0,
             "diffusion.sampling_eps_min/max ({lo}, {hi}) must satisfy 0 < min ≤ max ≤ 1"
+        );
+        ensure!(
+            d.clip_search_delta > 0.0 && d.clip_search_widths.iter().all(|w| *w > 0.0 && *w <= 1.0),
+            "diffusion.clip_search_delta must be positive and diffusion.clip_search_widths lie in (0, 1]"
         );
         ensure!(t.micro_batch > 0 && t.grad_accum > 0, "train.micro_batch and train.grad_accum must be positive");
         ensure!(t.log_every > 0, "train.log_every must be positive");

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod diffusion;
+pub mod eval;
 pub mod model;
 pub mod optim;
 pub mod rng;

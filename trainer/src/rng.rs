@@ -46,6 +46,7 @@ pub mod stream {
     pub const TRAIN_NOISE: u64 = 1;
     pub const VALID_NOISE: u64 = 2;
     pub const SAMPLE: u64 = 3;
+    pub const CLIP_SEARCH: u64 = 4;
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use tracing::info;
 
 use crate::config::{Arch, Config};
 use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval};
+use crate::eval::{self, EvalBatches, NelboReport};
 use crate::model::{num_parameters, Dit};
 use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
 use crate::rng::{stream, NoiseRng};
@@ -143,7 +144,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let model = Dit::new(&vs.root(), &cfg.model)?;
     let mut params = parameters_in_name_order(&vs);
     let objective = Objective::new(cfg)?;
-    let clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
+    let mut clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
     let mut optimizer = AdamW::new(&params, &cfg.optim);
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);
     let schedule = LrSchedule { base: cfg.optim.lr, warmup: cfg.optim.warmup_steps };
@@ -198,8 +199,8 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
             (window_start, window_tokens) = (Instant::now(), 0);
         }
         if cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 && !last {
-            let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg))?;
-            report_validation(&mut metrics, step + 1, nelbo)?;
+            let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &corpus.valid, cfg))?;
+            clip = report_validation(&mut metrics, &vs, step + 1, &outcome)?.unwrap_or(clip);
         }
     }
 
@@ -207,9 +208,9 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let final_valid_nelbo = if corpus.valid.is_empty() {
         None
     } else {
-        let nelbo = with_ema(&mut ema, &params, cfg, || validate(&model, &objective, &corpus.valid, cfg))?;
-        report_validation(&mut metrics, cfg.train.steps, nelbo)?;
-        Some(nelbo)
+        let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &corpus.valid, cfg))?;
+        report_validation(&mut metrics, &vs, cfg.train.steps, &outcome)?;
+        Some(outcome.nelbo.nll)
     };
     let weights = run_dir.join("model.safetensors");
     with_ema(&mut ema, &params, cfg, || Ok(vs.save(&weights)?))?;
@@ -256,38 +257,58 @@ fn with_ema<T>(ema: &mut Ema, params: &[Tensor], cfg: &Config, f: impl FnOnce() 
     result
 }
 
-/// Validation NELBO in nats per token (§6.1): t ∈ [1e-3, 1] per block with antithetic draws,
-/// the first token of each sequence neither masked nor counted, token-weighted over the split
-/// (or its first `train.eval_batches` batches). The noise is the same at every evaluation.
-pub fn validate(model: &Dit, objective: &Objective, valid: &[u32], cfg: &Config) -> Result<f64> {
-    let seq_len = cfg.model.seq_len;
-    let mb = cfg.train.micro_batch;
-    let sequences = valid.len() / seq_len;
-    let mut batches = sequences.div_ceil(mb);
-    if cfg.train.eval_batches > 0 {
-        batches = batches.min(cfg.train.eval_batches);
-    }
-    let (mut total, mut count) = (0.0, 0usize);
-    tch::no_grad(|| -> Result<()> {
-        for i in 0..batches {
-            let rows = mb.min(sequences - i * mb);
-            let tokens = &valid[i * mb * seq_len..(i * mb + rows) * seq_len];
-            let mut rng = NoiseRng::new(cfg.train.seed, stream::VALID_NOISE, i as u64, 0);
-            let terms = objective.token_losses(model, tokens, rows, ClipInterval::FULL, &mut rng, false)?;
-            let cols = terms.size()[1];
-            // Diffusion: drop position 0 (clean, not counted). AR: already predicts 1..L.
-            let counted = if cols as usize == seq_len { terms.narrow(1, 1, cols - 1) } else { terms };
-            total += counted.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
-            count += counted.numel();
-        }
-        Ok(())
-    })?;
-    Ok(total / count.max(1) as f64)
+/// What one validation measured.
+pub struct Validation {
+    pub nelbo: NelboReport,
+    /// The clip search's winner and its mean per-batch variance, when it ran.
+    pub clip: Option<(ClipInterval, f64)>,
 }
 
-fn report_validation(metrics: &mut MetricsLog, step: u64, nelbo: f64) -> Result<()> {
-    info!(step, valid_nelbo = nelbo, valid_ppl = nelbo.exp(), "validation");
-    metrics.write(json!({ "step": step, "valid_nelbo": nelbo, "valid_ppl": nelbo.exp() }))
+/// Validation NELBO over the split (or its first `train.eval_batches` batches) and, for BD3-LM
+/// with `diffusion.clip_search`, the clip search over its first `clip_search_batches` batches.
+pub fn validation(model: &Dit, objective: &Objective, valid: &[u32], cfg: &Config) -> Result<Validation> {
+    let batches = EvalBatches {
+        seq_len: cfg.model.seq_len,
+        micro_batch: cfg.train.micro_batch,
+        max_batches: cfg.train.eval_batches,
+    };
+    let nelbo = eval::nelbo(model, objective, valid, batches, cfg.train.seed)?;
+    let clip = match objective {
+        Objective::Diffusion(obj) if cfg.diffusion.clip_search => {
+            let d = &cfg.diffusion;
+            let candidates = eval::clip_candidates(d.block_size, &d.clip_search_widths, d.clip_search_delta);
+            let batches = EvalBatches { max_batches: d.clip_search_batches.max(1), ..batches };
+            eval::clip_search(model, obj, valid, batches, candidates, cfg.train.seed)?.best()
+        }
+        _ => None,
+    };
+    Ok(Validation { nelbo, clip })
+}
+
+/// Logs a validation; a clip-search winner is written into the model's `sampling_eps_min/max`
+/// buffers (saved with the weights) and returned for the following training steps.
+fn report_validation(
+    metrics: &mut MetricsLog,
+    vs: &nn::VarStore,
+    step: u64,
+    v: &Validation,
+) -> Result<Option<ClipInterval>> {
+    let nll = v.nelbo.nll;
+    info!(step, valid_nelbo = nll, valid_ppl = nll.exp(), tokens = v.nelbo.tokens, "validation");
+    metrics.write(json!({ "step": step, "valid_nelbo": nll, "valid_ppl": nll.exp() }))?;
+    let Some((clip, variance)) = v.clip else { return Ok(None) };
+    info!(step, beta = clip.beta, omega = clip.omega, variance, "clip search");
+    metrics
+        .write(json!({ "step": step, "clip_beta": clip.beta, "clip_omega": clip.omega, "clip_variance": variance }))?;
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, value) in [("sampling_eps_min", clip.beta), ("sampling_eps_max", clip.omega)] {
+            if let Some(t) = vars.get(name) {
+                let _ = t.shallow_clone().fill_(value);
+            }
+        }
+    });
+    Ok(Some(clip))
 }
 
 /// Trainable parameters sorted by name: a stable order for the optimizer state and EMA.

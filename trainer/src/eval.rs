@@ -1,0 +1,201 @@
+//! Evaluation: the NELBO perplexity bound (§6.1) and the data-driven clip search (§4.2).
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use crate::diffusion::{BlockDiffusion, ClipInterval};
+use crate::model::Dit;
+use crate::rng::{stream, NoiseRng};
+use crate::train::Objective;
+
+/// Token-weighted negative log-likelihood bound over a split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NelboReport {
+    /// Nats per token.
+    pub nll: f64,
+    /// Tokens counted (the first token of each sequence is not).
+    pub tokens: usize,
+}
+
+impl NelboReport {
+    pub fn ppl(&self) -> f64 {
+        self.nll.exp()
+    }
+
+    pub fn bits_per_token(&self) -> f64 {
+        self.nll / std::f64::consts::LN_2
+    }
+}
+
+/// How a split is cut into evaluation batches: `micro_batch` sequences each (the last may be
+/// shorter), at most `max_batches` of them (0 = all).
+#[derive(Debug, Clone, Copy)]
+pub struct EvalBatches {
+    pub seq_len: usize,
+    pub micro_batch: usize,
+    pub max_batches: usize,
+}
+
+impl EvalBatches {
+    /// `(batch index, rows, tokens)` of every batch of `sequences`.
+    pub fn iter<'a>(&self, sequences: &'a [u32]) -> impl Iterator<Item = (usize, usize, &'a [u32])> + 'a {
+        let (l, mb) = (self.seq_len, self.micro_batch);
+        let n = sequences.len() / l;
+        let mut batches = n.div_ceil(mb);
+        if self.max_batches > 0 {
+            batches = batches.min(self.max_batches);
+        }
+        (0..batches).map(move |i| {
+            let rows = mb.min(n - i * mb);
+            (i, rows, &sequences[i * mb * l..(i * mb + rows) * l])
+        })
+    }
+}
+
+/// NELBO (§6.1): one Monte-Carlo draw per sequence with t ∈ [1e-3, 1] per block (antithetic),
+/// the first token neither masked nor counted, token-weighted over the split. The AR model's
+/// exact NLL of tokens 1..L. The noise of batch i is drawn from (seed, i), so the number is
+/// reproducible and comparable between evaluations.
+pub fn nelbo(
+    model: &Dit,
+    objective: &Objective,
+    sequences: &[u32],
+    batches: EvalBatches,
+    seed: u64,
+) -> Result<NelboReport> {
+    let (mut total, mut tokens) = (0.0, 0usize);
+    tch::no_grad(|| -> Result<()> {
+        for (i, rows, batch) in batches.iter(sequences) {
+            let mut rng = NoiseRng::new(seed, stream::VALID_NOISE, i as u64, 0);
+            let terms = objective.token_losses(model, batch, rows, ClipInterval::FULL, &mut rng, false)?;
+            let cols = terms.size()[1];
+            // Diffusion: drop position 0 (clean, not counted). AR: already predicts 1..L.
+            let counted = if cols as usize == batches.seq_len { terms.narrow(1, 1, cols - 1) } else { terms };
+            total += counted.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+            tokens += counted.numel();
+        }
+        Ok(())
+    })?;
+    Ok(NelboReport { nll: total / tokens.max(1) as f64, tokens })
+}
+
+/// The clip intervals searched (§4.2): (1e-3, 1) plus, for every width w and start
+/// s = 0, δ, 2δ, … with s + w ≤ 1, the interval (max(s, 1e-3), s + w). For L′ = 1 only linear
+/// (1e-3, 1) against full masking (1, 1).
+pub fn clip_candidates(block_size: usize, widths: &[f64], delta: f64) -> Vec<ClipInterval> {
+    if block_size == 1 {
+        return vec![ClipInterval::FULL, ClipInterval { beta: 1.0, omega: 1.0 }];
+    }
+    let mut out = vec![ClipInterval::FULL];
+    for &w in widths {
+        let starts = ((1.0 - w) / delta + 1e-9).floor() as usize;
+        for k in 0..=starts {
+            // Rounded to 1e-9 so that 0.05 × 3 + 0.5 is 0.65, not 0.65000000000000002.
+            let round = |x: f64| (x * 1e9).round() / 1e9;
+            let s = round(k as f64 * delta);
+            out.push(ClipInterval { beta: s.max(ClipInterval::FULL.beta), omega: round(s + w) });
+        }
+    }
+    out
+}
+
+/// Accumulates, per candidate interval, the unbiased variance of per-block mean losses of each
+/// batch, summed over batches; the interval with the smallest sum wins.
+#[derive(Debug, Clone)]
+pub struct ClipSearch {
+    pub candidates: Vec<ClipInterval>,
+    pub variance_sums: Vec<f64>,
+    pub batches: Vec<usize>,
+}
+
+impl ClipSearch {
+    pub fn new(candidates: Vec<ClipInterval>) -> Self {
+        let n = candidates.len();
+        Self { candidates, variance_sums: vec![0.0; n], batches: vec![0; n] }
+    }
+
+    /// `per_block` `[batch, blocks]`: the mean loss of every block of a batch under candidate
+    /// `index`.
+    pub fn observe(&mut self, index: usize, per_block: &Tensor) {
+        let var = per_block.to_kind(Kind::Double).reshape([-1]).var(true).double_value(&[]);
+        self.variance_sums[index] += var;
+        self.batches[index] += 1;
+    }
+
+    /// The candidate with the smallest summed variance and its mean variance per batch; among
+    /// equal sums the earlier candidate (the unclipped one first).
+    pub fn best(&self) -> Option<(ClipInterval, f64)> {
+        (0..self.candidates.len())
+            .filter(|&i| self.batches[i] > 0)
+            .min_by(|&a, &b| self.variance_sums[a].total_cmp(&self.variance_sums[b]).then(a.cmp(&b)))
+            .map(|i| (self.candidates[i], self.variance_sums[i] / self.batches[i] as f64))
+    }
+}
+
+/// Runs the clip search over the first batches of a split. Every candidate sees the same clean
+/// batches and the same random numbers (common random numbers make the comparison sharper);
+/// candidates whose resampling rule no block size can meet are skipped.
+pub fn clip_search(
+    model: &Dit,
+    objective: &BlockDiffusion,
+    sequences: &[u32],
+    batches: EvalBatches,
+    candidates: Vec<ClipInterval>,
+    seed: u64,
+) -> Result<ClipSearch> {
+    let mut search = ClipSearch::new(candidates);
+    let device = model.device();
+    let nb = (objective.seq_len / objective.block_size) as i64;
+    tch::no_grad(|| -> Result<()> {
+        for (i, rows, batch) in batches.iter(sequences) {
+            let x0 = crate::diffusion::tokens_tensor(batch, rows, objective.seq_len, device);
+            for c in 0..search.candidates.len() {
+                let mut rng = NoiseRng::new(seed, stream::CLIP_SEARCH, i as u64, 0);
+                let Ok(noise) = objective.sample_noise(batch, rows, search.candidates[c], &mut rng) else {
+                    continue;
+                };
+                let terms = objective.token_losses(model, &x0, &noise, false)?;
+                search.observe(c, &terms.reshape([rows as i64, nb, -1]).mean_dim(-1, false, Kind::Float));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(search)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn candidates_are_the_reference_grid() {
+        let c = clip_candidates(16, &[0.5, 0.6, 0.7, 0.8, 0.9], 0.05);
+        assert_eq!(c.len(), 36);
+        assert_eq!(c[0], ClipInterval::FULL);
+        assert_eq!(c[1], ClipInterval { beta: 1e-3, omega: 0.5 });
+        assert_eq!(c[2], ClipInterval { beta: 0.05, omega: 0.55 });
+        assert_eq!(c[11], ClipInterval { beta: 0.5, omega: 1.0 });
+        assert_eq!(c[35], ClipInterval { beta: 0.1, omega: 1.0 });
+        assert_eq!(clip_candidates(1, &[0.5], 0.05).len(), 2);
+    }
+
+    #[test]
+    fn search_picks_the_minimum_variance_interval() {
+        let candidates = clip_candidates(4, &[0.5], 0.25);
+        assert_eq!(candidates.len(), 4);
+        let mut search = ClipSearch::new(candidates.clone());
+        // Per-block losses with variances 4, 1, 9 and 0.25 (two batches each, the same spread).
+        let spread = |sd: f64| Tensor::from_slice(&[-sd, sd, -sd, sd]).reshape([2, 2]) + 3.0;
+        for _ in 0..2 {
+            for (i, sd) in [2.0, 1.0, 3.0, 0.5].into_iter().enumerate() {
+                search.observe(i, &spread(sd).to_device(Device::Cpu));
+            }
+        }
+        let (best, var) = search.best().unwrap();
+        assert_eq!(best, candidates[3]);
+        // Unbiased variance of [−½, ½, −½, ½] is 1/3.
+        assert!((var - 1.0 / 3.0).abs() < 1e-12, "{var}");
+        assert_eq!(ClipSearch::new(candidates).best(), None);
+    }
+}
