@@ -58,6 +58,36 @@ enum Eval {
         #[arg(long, default_value_t = 0)]
         batches: usize,
     },
+    /// Generative perplexity under an AR judge (mean of per-sample perplexities, windows of the
+    /// judge's context moving by half of it, EOS targets excluded), unigram entropy and lengths.
+    Gen(GenArgs),
+}
+
+#[derive(Args)]
+struct GenArgs {
+    /// Samples to score, one JSON object per line with a `tokens` array (`bd3 sample --format
+    /// jsonl`). Without it, samples are generated with --config/--weights.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Config and weights of the model to sample from (when no --input is given).
+    #[arg(long, requires = "weights")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Overrides for --config (e.g. --set sample.batch=8).
+    #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
+    overrides: Vec<String>,
+    /// Sequences to generate, in batches of sample.batch.
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    /// Tokens per generated sequence, BOS included.
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    /// The judge: an AR model trained by bd3 (model.arch = "ar"), its config and weights.
+    #[arg(long)]
+    judge_config: PathBuf,
+    #[arg(long)]
+    judge_weights: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -129,6 +159,51 @@ fn main() -> Result<()> {
                 report.tokens
             );
         }
+        Command::Eval(Eval::Gen(args)) => {
+            let samples = match &args.input {
+                Some(path) => read_samples(path)?,
+                None => {
+                    let (Some(config), Some(weights)) = (&args.config, &args.weights) else {
+                        anyhow::bail!("bd3 eval gen needs --input, or --config and --weights to sample from");
+                    };
+                    let cfg = Config::load(config, &args.overrides)?;
+                    let (model, _vs, device) = load_model(&cfg, weights)?;
+                    let mut samples = Vec::new();
+                    let mut opts = SampleOptions::from_config(&cfg, args.tokens);
+                    while samples.len() < args.samples {
+                        opts.batch = opts.batch.min(args.samples - samples.len());
+                        let g = trainer::sample::generate(&model, &cfg, &opts, device)?;
+                        samples.extend(g.samples.into_iter().map(|s| s.tokens));
+                        opts.seed += 1;
+                    }
+                    samples
+                }
+            };
+            let judge_cfg = Config::load(&args.judge_config, &[])?;
+            anyhow::ensure!(
+                judge_cfg.model.arch == trainer::config::Arch::Ar,
+                "{}: the judge must be an AR model (model.arch = \"ar\")",
+                args.judge_config.display()
+            );
+            let (judge, _jvs, _) = load_model(&judge_cfg, &args.judge_weights)?;
+            let report = trainer::eval::generation_report(
+                &judge,
+                &samples,
+                judge_cfg.model.seq_len,
+                trainer::sample::EOS_ID,
+                judge_cfg.diffusion.mask_id,
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+            println!(
+                "gen PPL {:.2} (mean of {} samples; corpus {:.2})  entropy {:.3} nats  length median {} max {}",
+                report.mean_ppl,
+                samples.len(),
+                report.corpus_ppl,
+                report.mean_entropy,
+                report.median_length,
+                report.max_length
+            );
+        }
         Command::Sample { config, weights, tokens, format } => {
             let cfg = config.load()?;
             let (model, _vs, device) = load_model(&cfg, &weights)?;
@@ -169,4 +244,25 @@ fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::Va
     let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
     vs.load(weights).with_context(|| format!("loading weights {}", weights.display()))?;
     Ok((model, vs, device))
+}
+
+/// Token arrays from a JSONL file (`bd3 sample --format jsonl` output).
+fn read_samples(path: &Path) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            let value: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+            let tokens = value.get("tokens").and_then(|t| t.as_array()).with_context(|| {
+                format!("{}:{}: expected an object with a `tokens` array of ids", path.display(), i + 1)
+            })?;
+            tokens
+                .iter()
+                .map(|t| t.as_u64().map(|t| t as u32))
+                .collect::<Option<Vec<u32>>>()
+                .with_context(|| format!("{}:{}: `tokens` must hold non-negative integers", path.display(), i + 1))
+        })
+        .collect()
 }

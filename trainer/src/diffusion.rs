@@ -274,7 +274,7 @@ impl BlockDiffusion {
 }
 
 /// logits + (−1e6 at `[MASK]`): the model never predicts the mask token.
-fn mask_logit_removed(logits: &Tensor, mask_id: u32) -> Tensor {
+pub fn mask_logit_removed(logits: &Tensor, mask_id: u32) -> Tensor {
     let vocab = *logits.size().last().expect("logits have a vocabulary axis");
     let bias = Tensor::zeros([vocab], (Kind::Float, logits.device()));
     let _ = bias.narrow(0, mask_id as i64, 1).fill_(NEG_INF_LOGIT);

@@ -87,3 +87,67 @@ fn clip_search_scores_every_feasible_candidate() {
     // Clipping away small t (which the loss weights by 1/t) lowers the variance here.
     assert_ne!(best, ClipInterval::FULL);
 }
+
+/// Per-target brute force: target p is scored with context [begin, p), where begin is 0 for
+/// p < W and k·W/2 with k = (p − W)/(W/2) + 1 after that.
+fn brute_force_nll(judge: &Dit, tokens: &[u32], w: usize) -> (f64, usize) {
+    let s = w / 2;
+    let (mut total, mut n) = (0.0, 0);
+    for p in 1..tokens.len() {
+        if tokens[p] == 50256 {
+            continue;
+        }
+        let begin = if p < w { 0 } else { ((p - w) / s + 1) * s };
+        let ctx = tokens_tensor(&tokens[begin..p], 1, p - begin, Device::Cpu);
+        let logits =
+            judge.logits(&ctx, &kernels::BlockLayout::Causal { seq_len: p - begin }, p - begin, false).unwrap();
+        let last = logits.select(1, (p - begin - 1) as i64).to_kind(tch::Kind::Double);
+        let _ = last.narrow(1, 50257, 1).fill_(f64::NEG_INFINITY);
+        total -= last.log_softmax(-1, tch::Kind::Double).double_value(&[0, tokens[p] as i64]);
+        n += 1;
+    }
+    (total, n)
+}
+
+#[test]
+fn generative_perplexity_scores_every_token_once_with_strided_windows() {
+    let mut cfg = Config::from_toml_str("", &[]).unwrap();
+    cfg.model = ModelConfig {
+        arch: trainer::config::Arch::Ar,
+        hidden: 32,
+        layers: 2,
+        heads: 2,
+        dropout: 0.0,
+        seq_len: 8,
+        ..cfg.model
+    };
+    tch::manual_seed(4);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let judge = Dit::new(&vs.root(), &cfg.model).unwrap();
+    tch::no_grad(|| {
+        for mut t in vs.trainable_variables() {
+            let _ = t.uniform_(-0.3, 0.3);
+        }
+    });
+    let mut rng = NoiseRng::new(2, 0, 0, 0);
+    let mut sample = |n: usize| -> Vec<u32> {
+        let mut s: Vec<u32> = (0..n).map(|_| rng.below(1000) as u32).collect();
+        s[0] = 50256;
+        s
+    };
+    let (short, mut long) = (sample(5), sample(23));
+    long[13] = 50256; // an EOS target is not scored
+    let samples = vec![short.clone(), long.clone()];
+    let report = trainer::eval::generation_report(&judge, &samples, 8, 50256, 50257).unwrap();
+    for (i, s) in samples.iter().enumerate() {
+        let (nll, n) = tch::no_grad(|| brute_force_nll(&judge, s, 8));
+        let (ours, count) = tch::no_grad(|| trainer::eval::judge_nll(&judge, s, 8, 50256, 50257).unwrap());
+        assert_eq!(count, n);
+        assert!((ours - nll).abs() < 1e-4 * nll.abs().max(1.0), "sample {i}: {ours} vs {nll}");
+        assert!((report.sample_ppl[i] - (nll / n as f64).exp()).abs() < 1e-3 * report.sample_ppl[i]);
+    }
+    assert_eq!(trainer::eval::judge_nll(&judge, &long, 8, 50256, 50257).unwrap().1, 21, "22 targets, one EOS");
+    assert!((report.mean_ppl - (report.sample_ppl[0] + report.sample_ppl[1]) / 2.0).abs() < 1e-9);
+    assert_eq!((report.median_length, report.max_length), ((4.0 + 21.0) / 2.0, 21));
+    assert!(report.entropy.iter().all(|&h| h > 0.0));
+}
