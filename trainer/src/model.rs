@@ -126,6 +126,14 @@ struct FinalLayer {
     ada_ln: Option<Linear>,
 }
 
+/// Which logits a decoding call computes.
+pub enum Heads<'a> {
+    None,
+    All,
+    /// Flat indices into the `[batch, len]` positions of the input.
+    Rows(&'a Tensor),
+}
+
 struct Trunk {
     hidden: Tensor,
     cond: Option<Tensor>,
@@ -205,9 +213,14 @@ impl Dit {
     /// largest single cost of a small model, and the loss needs it only where x_t is masked.
     pub fn logits_at(&self, tokens: &Tensor, layout: &BlockLayout, rows: &Tensor, train: bool) -> Result<Tensor> {
         let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
-        let (b, s, d) = trunk.hidden.size3()?;
-        let hidden = trunk.hidden.reshape([b * s, d]).index_select(0, rows);
-        let cond = trunk.cond.map(|c| c.index_select(0, &rows.divide_scalar_mode(s, "floor")));
+        self.head_at(&trunk, rows)
+    }
+
+    /// The head on selected rows (flat indices into `[batch, len]`) of a trunk's output.
+    fn head_at(&self, trunk: &Trunk, rows: &Tensor) -> Result<Tensor> {
+        let (_, s, d) = trunk.hidden.size3()?;
+        let hidden = trunk.hidden.reshape([-1, d]).index_select(0, rows);
+        let cond = trunk.cond.as_ref().map(|c| c.index_select(0, &rows.divide_scalar_mode(s, "floor")));
         Ok(self.head(&hidden.unsqueeze(1), cond.as_ref()).squeeze_dim(1))
     }
 
@@ -223,15 +236,15 @@ impl Dit {
     }
 
     /// One decoding call against cached keys/values: `tokens` `[batch, len]` at RoPE positions
-    /// `position..position+len` attend to every cached key and to each other. Returns the
-    /// block's logits (if `logits`) and its own per-layer keys/values (if `record`), which the
-    /// caller appends to its cache. Always in evaluation mode (no dropout).
+    /// `position..position+len` attend to every cached key and to each other. Returns the logits
+    /// `heads` asks for and, if `record`, the block's own per-layer keys/values, which the caller
+    /// appends to its cache. Always in evaluation mode (no dropout).
     pub fn decode(
         &self,
         tokens: &Tensor,
         prefix: &[LayerKv],
         position: usize,
-        logits: bool,
+        heads: Heads,
         record: bool,
     ) -> Result<(Option<Tensor>, Vec<LayerKv>)> {
         ensure!(
@@ -245,7 +258,11 @@ impl Dit {
         let mut recorded = Vec::new();
         let io = KvIo { prefix: (!prefix.is_empty()).then_some(prefix), record: record.then_some(&mut recorded) };
         let trunk = self.trunk(tokens, &layout, false, io)?;
-        let logits = logits.then(|| self.head(&trunk.hidden, trunk.cond.as_ref()));
+        let logits = match heads {
+            Heads::None => None,
+            Heads::All => Some(self.head(&trunk.hidden, trunk.cond.as_ref())),
+            Heads::Rows(rows) => Some(self.head_at(&trunk, rows)?),
+        };
         Ok((logits, recorded))
     }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Arch, Config};
-use crate::model::{Dit, LayerKv};
+use crate::model::{Dit, Heads, LayerKv};
 use crate::rng::{stream, NoiseRng};
 
 /// GPT-2's `<|endoftext|>`: BOS and EOS.
@@ -149,8 +149,11 @@ pub fn generate(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device)
 
 /// Where a block denoiser gets its logits from.
 trait BlockContext {
-    /// Logits `[batch, L′, vocab]` of `block` `[batch, L′]` after the committed tokens.
-    fn block_logits(&mut self, block: &Tensor) -> Result<Tensor>;
+    /// Logits of `block` `[batch, L′]` after the committed tokens: `[batch, L′, vocab]`, or
+    /// `[rows, vocab]` at `rows` (flat indices into the block's `[batch, L′]` positions). A
+    /// single row's projection onto the vocabulary is a matrix-vector product, many times
+    /// cheaper than the L′-row product when the model is small.
+    fn block_logits(&mut self, block: &Tensor, rows: Option<&Tensor>) -> Result<Tensor>;
     /// Appends a finished block.
     fn commit(&mut self, block: &Tensor) -> Result<()>;
 }
@@ -165,12 +168,13 @@ struct Cached<'a> {
 }
 
 impl BlockContext for Cached<'_> {
-    fn block_logits(&mut self, block: &Tensor) -> Result<Tensor> {
-        Ok(self.model.decode(block, &self.kv, self.position, true, false)?.0.expect("logits"))
+    fn block_logits(&mut self, block: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+        let heads = rows.map_or(Heads::All, Heads::Rows);
+        Ok(self.model.decode(block, &self.kv, self.position, heads, false)?.0.expect("logits"))
     }
 
     fn commit(&mut self, block: &Tensor) -> Result<()> {
-        let (_, new) = self.model.decode(block, &self.kv, self.position, false, true)?;
+        let (_, new) = self.model.decode(block, &self.kv, self.position, Heads::None, true)?;
         self.position += block.size()[1] as usize;
         self.kv = if self.kv.is_empty() {
             new
@@ -203,7 +207,7 @@ struct Uncached<'a> {
 }
 
 impl BlockContext for Uncached<'_> {
-    fn block_logits(&mut self, block: &Tensor) -> Result<Tensor> {
+    fn block_logits(&mut self, block: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
         let context = match self.committed.is_empty() {
             true => block.shallow_clone(),
             false => {
@@ -216,9 +220,18 @@ impl BlockContext for Uncached<'_> {
         let (b, len) = context.size2()?;
         let bs = self.block_size as i64;
         let layout = BlockLayout::block_causal(len as usize, self.block_size)?;
-        let rows: Vec<i64> = (0..b).flat_map(|r| (len - bs..len).map(move |c| r * len + c)).collect();
-        let rows = Tensor::from_slice(&rows).to_device(block.device());
-        Ok(self.model.logits_at(&context, &layout, &rows, false)?.reshape([b, bs, -1]))
+        // Block row r, position i sits at r·len + (len − L′) + i of the context.
+        let to_context = |flat: &Tensor| {
+            let (r, i) = (flat.divide_scalar_mode(bs, "floor"), flat.remainder(bs));
+            r * len + (len - bs) + i
+        };
+        match rows {
+            Some(rows) => self.model.logits_at(&context, &layout, &to_context(rows), false),
+            None => {
+                let all = Tensor::arange(b * bs, (Kind::Int64, block.device()));
+                Ok(self.model.logits_at(&context, &layout, &to_context(&all), false)?.reshape([b, bs, -1]))
+            }
+        }
     }
 
     fn commit(&mut self, block: &Tensor) -> Result<()> {
@@ -285,21 +298,24 @@ fn generate_blocks(
                             (!m.is_empty()).then(|| m[rng.below(m.len())])
                         })
                         .collect();
-                    let logits = ctx.block_logits(&state.tensor(device))?;
+                    let picked: Vec<(usize, usize)> =
+                        picks.into_iter().enumerate().filter_map(|(r, i)| i.map(|i| (r, i))).collect();
+                    let rows: Vec<i64> = picked.iter().map(|&(r, i)| (r * bs + i) as i64).collect();
+                    let rows = Tensor::from_slice(&rows).to_device(device);
+                    let probs =
+                        denoiser_probs(&ctx.block_logits(&state.tensor(device), Some(&rows))?, mask, opts.temperature);
                     nfe += 1;
-                    for (r, pick) in picks.into_iter().enumerate() {
-                        if let Some(i) = pick {
-                            let p = denoiser_probs(&logits.get(r as i64).get(i as i64), mask, opts.temperature);
-                            state.tokens[r][i] = sample_from(&p, opts, rng)?;
-                            changed += 1;
-                        }
+                    for (n, (r, i)) in picked.into_iter().enumerate() {
+                        state.tokens[r][i] = sample_from(&probs.get(n as i64), opts, rng)?;
+                        changed += 1;
                     }
                 }
                 Algorithm::Ancestral => {
                     let t = 1.0 - step as f64 / opts.steps as f64;
                     let s = (t - 1.0 / opts.steps as f64).max(0.0);
                     if probs.is_none() || !opts.reuse_outputs {
-                        probs = Some(denoiser_probs(&ctx.block_logits(&state.tensor(device))?, mask, opts.temperature));
+                        let logits = ctx.block_logits(&state.tensor(device), None)?;
+                        probs = Some(denoiser_probs(&logits, mask, opts.temperature));
                         nfe += 1;
                         unmasked_per_call.push(0);
                     }
@@ -358,7 +374,7 @@ fn generate_tokens(
             }
             let last: Vec<i64> = rows.iter().map(|r| r[n - 1] as i64).collect();
             let last = Tensor::from_slice(&last).reshape([batch as i64, 1]).to_device(device);
-            let (logits, new) = model.decode(&last, &kv, n - 1, true, true)?;
+            let (logits, new) = model.decode(&last, &kv, n - 1, Heads::All, true)?;
             kv = if kv.is_empty() {
                 new
             } else {
