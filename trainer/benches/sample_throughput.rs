@@ -1,6 +1,6 @@
 //! Sampling throughput on CPU: the KV-cache sampler against recomputing the window.
 //!
-//!     cargo bench -p bd3-trainer --bench sample_throughput --profile dev -- [tiny[:TOKENS]] [small[:TOKENS]]
+//!     cargo bench -p bd3-trainer --bench sample_throughput --profile dev -- [CONFIG[:TOKENS[:L′]] ...]
 //!
 //! For each config (context 1024) and block size L′ ∈ {4, 16}: generates one sequence of TOKENS
 //! tokens (default 1024) with first-hitting, without the cache (the baseline) and with it, from the
@@ -16,13 +16,17 @@ use trainer::sample::{generate, SampleOptions};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let runs: Vec<(String, usize)> = if args.is_empty() {
-        vec![("tiny".into(), 1024), ("small".into(), 1024)]
+    // CONFIG[:TOKENS[:L′]] — all block sizes (4 and 16) unless one is named.
+    let runs: Vec<(String, usize, Vec<usize>)> = if args.is_empty() {
+        vec![("tiny".into(), 1024, vec![4, 16]), ("small".into(), 1024, vec![4, 16])]
     } else {
         args.iter()
-            .map(|a| match a.split_once(':') {
-                Some((name, n)) => Ok((name.to_string(), n.parse()?)),
-                None => Ok((a.clone(), 1024)),
+            .map(|a| {
+                let mut parts = a.split(':');
+                let name = parts.next().unwrap_or_default().to_string();
+                let tokens = parts.next().map_or(Ok(1024), str::parse)?;
+                let blocks = parts.next().map_or(Ok(vec![4, 16]), |b| b.parse().map(|b| vec![b]))?;
+                Ok((name, tokens, blocks))
             })
             .collect::<Result<_>>()?
     };
@@ -31,18 +35,24 @@ fn main() -> Result<()> {
     println!("threads: {}", tch::get_num_threads());
     println!("| config | tokens | L′ | KV cache | NFE | tokens/s | ratio |");
     println!("|---|---|---|---|---|---|---|");
-    for (name, tokens) in runs {
-        for block_size in [4usize, 16] {
+    for (name, tokens, blocks) in runs {
+        for block_size in blocks {
             let sets = ["model.seq_len=1024".to_string(), format!("diffusion.block_size={block_size}")];
             let cfg = Config::load(&root.join(format!("configs/{name}.toml")), &sets)?;
             tch::manual_seed(0);
             let vs = nn::VarStore::new(Device::Cpu);
             let model = Dit::new(&vs.root(), &cfg.model)?;
-            // Zero-initialized adaLN and output layers would give uniform predictions: perturb them.
+            // Zero-initialized adaLN and output layers would give uniform predictions, whose
+            // nucleus is the whole vocabulary. Draw the output projection so that logits have a
+            // standard deviation of about 3, as peaked as a trained model's: the host-side
+            // sampling cost is then what it is in use, for the cached and uncached path alike.
+            let logit_std = 3.0 / (cfg.model.hidden as f64).sqrt();
             tch::no_grad(|| {
                 for (name, mut t) in vs.variables() {
-                    if name.contains("adaLN") || name.contains("output_layer.linear") {
+                    if name.contains("adaLN") {
                         let _ = t.normal_(0.0, 0.02);
+                    } else if name.contains("output_layer.linear") {
+                        let _ = t.normal_(0.0, logit_std);
                     }
                 }
             });

@@ -193,9 +193,9 @@ pub fn judge_nll(judge: &Dit, tokens: &[u32], window: usize, eos: u32, mask_id: 
         let x = crate::diffusion::tokens_tensor(&tokens[begin..end], 1, end - begin, judge.device());
         let logits = judge.logits(&x, &kernels::BlockLayout::Causal { seq_len: end - begin }, end - begin, false)?;
         let log_probs = crate::diffusion::mask_logit_removed(&logits, mask_id).log_softmax(-1, Kind::Double);
-        for target in scored_to..end {
-            if tokens[target] != eos {
-                total -= log_probs.double_value(&[0, (target - 1 - begin) as i64, tokens[target] as i64]);
+        for (target, &token) in tokens.iter().enumerate().take(end).skip(scored_to) {
+            if token != eos {
+                total -= log_probs.double_value(&[0, (target - 1 - begin) as i64, token as i64]);
                 count += 1;
             }
         }

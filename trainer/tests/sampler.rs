@@ -101,3 +101,36 @@ fn ar_model_samples_with_its_own_cache() {
     let long = generate(&model, &cfg, &options(&cfg, 100, 1), Device::Cpu).unwrap();
     assert_eq!((long.samples[0].tokens.len(), long.nfe), (100, 99));
 }
+
+/// A model that always predicts `token` (a large output bias), to drive the stopping rules.
+fn biased_model(token: i64) -> (nn::VarStore, Dit, Config) {
+    let (vs, model, cfg) = random_model(Arch::Bd3, 16, 512);
+    tch::no_grad(|| {
+        let _ = vs.variables()["backbone.output_layer.linear.bias"].narrow(0, token, 1).fill_(100.0);
+    });
+    (vs, model, cfg)
+}
+
+#[test]
+fn variable_length_stops_at_the_first_generated_eos() {
+    let (_vs, model, cfg) = biased_model(50256);
+    let opts = SampleOptions { var_length: true, ..options(&cfg, 512, 1) };
+    let g = generate(&model, &cfg, &opts, Device::Cpu).unwrap();
+    assert_eq!(g.samples[0].stop, StopReason::Eos);
+    assert_eq!(g.samples[0].tokens, vec![50256, 50256], "BOS, then the EOS that ends it");
+    assert_eq!(g.nfe, 15, "one block");
+    // Without variable length the same model fills the requested length.
+    let fixed = generate(&model, &cfg, &options(&cfg, 48, 1), Device::Cpu).unwrap();
+    assert_eq!((fixed.samples[0].tokens.len(), fixed.samples[0].stop), (48, StopReason::Length));
+}
+
+#[test]
+fn variable_length_stops_on_low_entropy_and_drops_the_last_256_tokens() {
+    let (_vs, model, cfg) = biased_model(42);
+    let opts = SampleOptions { var_length: true, ..options(&cfg, 512, 1) };
+    let g = generate(&model, &cfg, &opts, Device::Cpu).unwrap();
+    // After 17 blocks (272 tokens) the last 256 are all token 42: entropy 0 < 4 nats.
+    assert_eq!(g.samples[0].stop, StopReason::LowEntropy);
+    assert_eq!(g.samples[0].tokens.len(), 272 - 256);
+    assert_eq!(g.nfe, 271);
+}
