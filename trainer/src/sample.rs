@@ -135,7 +135,7 @@ pub fn generate(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device)
             let block_size = cfg.diffusion.block_size;
             let window = cfg.model.seq_len / block_size * block_size;
             let mut context: Box<dyn BlockContext> = if opts.kv_cache {
-                Box::new(Cached { model, kv: Vec::new(), position: 0, max_cached: window - block_size })
+                Box::new(Cached { model, cache: KvCache::new(window - block_size), position: 0 })
             } else {
                 Box::new(Uncached { model, committed: Vec::new(), block_size, max_context: window - block_size })
             };
@@ -158,28 +158,28 @@ trait BlockContext {
     fn commit(&mut self, block: &Tensor) -> Result<()>;
 }
 
-/// Post-RoPE keys/values of the committed blocks, at most `max_cached` positions.
-struct Cached<'a> {
-    model: &'a Dit,
-    kv: Vec<LayerKv>,
-    /// RoPE position of the next block (absolute: cached keys keep theirs when the window slides).
-    position: usize,
-    max_cached: usize,
+/// Per-layer post-RoPE keys/values of committed tokens, keeping the newest `capacity`
+/// positions (older ones slide out of the window).
+struct KvCache {
+    layers: Vec<LayerKv>,
+    capacity: usize,
 }
 
-impl BlockContext for Cached<'_> {
-    fn block_logits(&mut self, block: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
-        let heads = rows.map_or(Heads::All, Heads::Rows);
-        Ok(self.model.decode(block, &self.kv, self.position, heads, false)?.0.expect("logits"))
+impl KvCache {
+    fn new(capacity: usize) -> Self {
+        Self { layers: Vec::new(), capacity }
     }
 
-    fn commit(&mut self, block: &Tensor) -> Result<()> {
-        let (_, new) = self.model.decode(block, &self.kv, self.position, Heads::None, true)?;
-        self.position += block.size()[1] as usize;
-        self.kv = if self.kv.is_empty() {
+    fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.k.size()[2] as usize)
+    }
+
+    /// Appends the keys/values of newly committed tokens, then drops the oldest beyond capacity.
+    fn append(&mut self, new: Vec<LayerKv>) {
+        self.layers = if self.layers.is_empty() {
             new
         } else {
-            self.kv
+            self.layers
                 .iter()
                 .zip(new)
                 .map(|(old, new)| LayerKv {
@@ -188,11 +188,32 @@ impl BlockContext for Cached<'_> {
                 })
                 .collect()
         };
-        let cached = self.kv[0].k.size()[2] as usize;
-        if cached > self.max_cached {
-            let drop = (cached - self.max_cached) as i64;
-            self.kv = self.kv.iter().map(|l| l.narrow(drop, self.max_cached as i64)).collect();
+        let len = self.len();
+        if len > self.capacity {
+            let (drop, keep) = ((len - self.capacity) as i64, self.capacity as i64);
+            self.layers = self.layers.iter().map(|l| l.narrow(drop, keep)).collect();
         }
+    }
+}
+
+/// The KV-cache context: a block attends to at most `window − L′` cached positions.
+struct Cached<'a> {
+    model: &'a Dit,
+    cache: KvCache,
+    /// RoPE position of the next block (absolute: cached keys keep theirs when the window slides).
+    position: usize,
+}
+
+impl BlockContext for Cached<'_> {
+    fn block_logits(&mut self, block: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
+        let heads = rows.map_or(Heads::All, Heads::Rows);
+        Ok(self.model.decode(block, &self.cache.layers, self.position, heads, false)?.0.expect("logits"))
+    }
+
+    fn commit(&mut self, block: &Tensor) -> Result<()> {
+        let (_, new) = self.model.decode(block, &self.cache.layers, self.position, Heads::None, true)?;
+        self.position += block.size()[1] as usize;
+        self.cache.append(new);
         Ok(())
     }
 }
@@ -361,28 +382,16 @@ fn generate_tokens(
     let batch = opts.batch;
     let mut rows: Vec<Vec<u32>> = vec![vec![BOS_ID]; batch];
     let mut stops: Vec<Option<(StopReason, usize)>> = vec![None; batch];
-    let mut kv: Vec<LayerKv> = Vec::new();
-    let max_cached = cfg.model.seq_len - 1;
+    // The cache keeps the newest seq_len − 1 positions, so the fed token sees a window of seq_len.
+    let mut cache = KvCache::new(cfg.model.seq_len - 1);
     let mut nfe = 0;
     while rows[0].len() < opts.len && stops.iter().any(Option::is_none) {
         let n = rows[0].len();
         let logits = if opts.kv_cache {
-            // The newest token attends to at most seq_len − 1 cached ones.
-            let cached = kv.first().map_or(0, |l| l.k.size()[2] as usize);
-            if cached > max_cached {
-                kv = kv.iter().map(|l| l.narrow((cached - max_cached) as i64, max_cached as i64)).collect();
-            }
             let last: Vec<i64> = rows.iter().map(|r| r[n - 1] as i64).collect();
             let last = Tensor::from_slice(&last).reshape([batch as i64, 1]).to_device(device);
-            let (logits, new) = model.decode(&last, &kv, n - 1, Heads::All, true)?;
-            kv = if kv.is_empty() {
-                new
-            } else {
-                kv.iter()
-                    .zip(new)
-                    .map(|(o, n)| LayerKv { k: Tensor::cat(&[&o.k, &n.k], 2), v: Tensor::cat(&[&o.v, &n.v], 2) })
-                    .collect()
-            };
+            let (logits, new) = model.decode(&last, &cache.layers, n - 1, Heads::All, true)?;
+            cache.append(new);
             logits.expect("logits").select(1, 0)
         } else {
             let start = n.saturating_sub(cfg.model.seq_len);
