@@ -55,11 +55,6 @@ impl InMemoryLoader {
         self.sequences.len() / self.seq_len
     }
 
-    /// Batches in one pass over the data (a partial last batch is dropped).
-    pub fn batches_per_epoch(&self) -> usize {
-        self.num_sequences() / self.micro_batch
-    }
-
     pub fn state(&self) -> LoaderState {
         self.state
     }

@@ -193,10 +193,6 @@ impl Dit {
         Ok(Self { cfg: cfg.clone(), vocab_embed, sigma_map, blocks, output, inv_freq })
     }
 
-    pub fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
     pub fn device(&self) -> tch::Device {
         self.vocab_embed.device()
     }

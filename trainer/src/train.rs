@@ -145,6 +145,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let mut params = parameters_in_name_order(&vs);
     let objective = Objective::new(cfg)?;
     let mut clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
+    store_clip_interval(&vs, clip);
     let mut optimizer = AdamW::new(&params, &cfg.optim);
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);
     let schedule = LrSchedule { base: cfg.optim.lr, warmup: cfg.optim.warmup_steps };
@@ -201,6 +202,8 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         if cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 && !last {
             let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &corpus.valid, cfg))?;
             clip = report_validation(&mut metrics, &vs, step + 1, &outcome)?.unwrap_or(clip);
+            // Validation time is not training time.
+            (window_start, window_tokens) = (Instant::now(), 0);
         }
     }
 
@@ -300,6 +303,13 @@ fn report_validation(
     info!(step, beta = clip.beta, omega = clip.omega, variance, "clip search");
     metrics
         .write(json!({ "step": step, "clip_beta": clip.beta, "clip_omega": clip.omega, "clip_variance": variance }))?;
+    store_clip_interval(vs, clip);
+    Ok(Some(clip))
+}
+
+/// Writes the interval in use into the model's `sampling_eps_min/max` buffers, which are saved
+/// with the weights as in the reference's checkpoints.
+fn store_clip_interval(vs: &nn::VarStore, clip: ClipInterval) {
     let vars = vs.variables();
     tch::no_grad(|| {
         for (name, value) in [("sampling_eps_min", clip.beta), ("sampling_eps_max", clip.omega)] {
@@ -308,7 +318,6 @@ fn report_validation(
             }
         }
     });
-    Ok(Some(clip))
 }
 
 /// Trainable parameters sorted by name: a stable order for the optimizer state and EMA.
