@@ -46,7 +46,12 @@ fn tiny_model_loss_falls_on_the_embedded_corpus() {
     assert!(lines.iter().any(|l| l["step"] == 60 && l["loss"].is_f64() && l["tokens_per_s"].is_f64()));
     assert!(lines.iter().any(|l| l["valid_nelbo"].is_f64()));
     assert_eq!(Config::load(&out.run_dir.join("config.toml"), &[]).unwrap(), cfg);
-    assert!(out.run_dir.join("model.safetensors").exists());
+    // The clip search ran at the validation; its winner is stored with the weights.
+    let clip = lines.iter().rev().find(|l| l["clip_beta"].is_f64()).expect("a clip search result");
+    let weights = tch::Tensor::read_safetensors(out.run_dir.join("model.safetensors")).unwrap();
+    let buffer = |name: &str| weights.iter().find(|(n, _)| n == name).unwrap().1.double_value(&[]);
+    assert!((buffer("sampling_eps_min") - clip["clip_beta"].as_f64().unwrap()).abs() < 1e-6);
+    assert!((buffer("sampling_eps_max") - clip["clip_omega"].as_f64().unwrap()).abs() < 1e-6);
     std::fs::remove_dir_all(cfg.run.dir).unwrap();
 }
 
