@@ -10,7 +10,9 @@
 //! Denoising is first-hitting (one uniformly chosen masked position per network call) or ancestral
 //! with T steps; since the denoiser does not depend on t, its output is reused without a network
 //! call while nothing changed. All random numbers come from one seeded stream whose use does not
-//! depend on which context or reuse setting runs, so they produce the same tokens.
+//! depend on which context or reuse setting runs, so they produce the same tokens — up to
+//! `seq_len`: once the window slides, the cache keeps keys/values computed while older blocks
+//! were visible (as the reference's cache does), which a recomputed window cannot reproduce.
 
 use std::time::Instant;
 
