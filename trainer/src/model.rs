@@ -224,11 +224,9 @@ impl Dit {
     /// tokens before it) and to itself, all keys visible. The block sits at positions
     /// `prefix_len..prefix_len+len`.
     pub fn logits_with_prefix(&self, tokens: &Tensor, prefix: &[LayerKv], train: bool) -> Result<Tensor> {
-        ensure!(prefix.len() == self.blocks.len(), "prefix has {} layers, model {}", prefix.len(), self.blocks.len());
-        let prefix_len = prefix[0].k.size()[2] as usize;
-        let layout = BlockLayout::Decode { prefix_len, block_len: tokens.size()[1] as usize, position: prefix_len };
-        let trunk = self.trunk(tokens, &layout, train, KvIo { prefix: Some(prefix), record: None })?;
-        Ok(self.head(&trunk.hidden, trunk.cond.as_ref()))
+        let position = prefix.first().map_or(0, |l| l.k.size()[2] as usize);
+        let (logits, _) = self.attend_to_prefix(tokens, prefix, position, Heads::All, false, train)?;
+        Ok(logits.expect("logits were asked for"))
     }
 
     /// One decoding call against cached keys/values: `tokens` `[batch, len]` at RoPE positions
@@ -243,6 +241,18 @@ impl Dit {
         heads: Heads,
         record: bool,
     ) -> Result<(Option<Tensor>, Vec<LayerKv>)> {
+        self.attend_to_prefix(tokens, prefix, position, heads, record, false)
+    }
+
+    fn attend_to_prefix(
+        &self,
+        tokens: &Tensor,
+        prefix: &[LayerKv],
+        position: usize,
+        heads: Heads,
+        record: bool,
+        train: bool,
+    ) -> Result<(Option<Tensor>, Vec<LayerKv>)> {
         ensure!(
             prefix.is_empty() || prefix.len() == self.blocks.len(),
             "prefix has {} layers, model {}",
@@ -253,7 +263,7 @@ impl Dit {
         let layout = BlockLayout::Decode { prefix_len, block_len: tokens.size()[1] as usize, position };
         let mut recorded = Vec::new();
         let io = KvIo { prefix: (!prefix.is_empty()).then_some(prefix), record: record.then_some(&mut recorded) };
-        let trunk = self.trunk(tokens, &layout, false, io)?;
+        let trunk = self.trunk(tokens, &layout, train, io)?;
         let logits = match heads {
             Heads::None => None,
             Heads::All => Some(self.head(&trunk.hidden, trunk.cond.as_ref())),
