@@ -83,21 +83,26 @@ impl InMemoryLoader {
     fn epoch_order(&self, epoch: u64) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.num_sequences() as u32).collect();
         if self.shuffle {
-            let mut rng = SplitMix64(self.state.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for i in (1..order.len()).rev() {
-                let j = (rng.next() % (i as u64 + 1)) as usize;
-                order.swap(i, j);
-            }
+            shuffle(&mut order, self.state.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         }
         order
     }
 }
 
+/// Fisher–Yates with `SplitMix64(seed)`: the same permutation on every machine and version.
+pub(crate) fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut rng = SplitMix64(seed);
+    for i in (1..items.len()).rev() {
+        let j = (rng.next() % (i as u64 + 1)) as usize;
+        items.swap(i, j);
+    }
+}
+
 /// Small, portable PRNG: the order must not depend on a crate's version.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
