@@ -6,11 +6,21 @@
 
 pub mod corpus;
 pub mod loader;
+pub mod manifest;
+pub mod prepare;
+pub mod reader;
+pub mod shard;
 pub mod store;
 pub mod testing;
 pub mod tokenizer;
 
 pub use corpus::{PackedCorpus, TextCorpus};
 pub use loader::{Batch, InMemoryLoader, LoaderState};
+pub use manifest::{Manifest, SplitName};
 pub use object_store;
+pub use prepare::{prepare, Framing, PrepareConfig, PrepareSummary};
+pub use reader::{Reader, ReaderConfig, RetryConfig};
 pub use tokenizer::Gpt2Tokenizer;
+
+#[cfg(test)]
+mod tests;

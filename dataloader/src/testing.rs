@@ -151,3 +151,50 @@ impl Drop for S3TestServer {
         self.kill();
     }
 }
+
+/// Writes a data set of already tokenized sequences (flat buffers of whole `seq_len` sequences)
+/// as `bd3 prepare` would, for tests that need exact control over the tokens.
+pub fn write_token_dataset(
+    url: &str,
+    options: Vec<(String, String)>,
+    seq_len: usize,
+    splits: [&[u32]; 2],
+    shard_sequences: usize,
+    row_group_sequences: usize,
+) -> Result<crate::Manifest> {
+    use crate::manifest::{Manifest, SpecialIds, Split, FORMAT, MANIFEST_NAME};
+    use object_store::ObjectStoreExt;
+
+    let dir = crate::store::open_with_options(url, options)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut written = Vec::new();
+    for (tokens, prefix) in splits.into_iter().zip(["train", "valid"]) {
+        let mut split = Split::default();
+        for (i, shard) in tokens.chunks(shard_sequences * seq_len).enumerate() {
+            let path = format!("{prefix}-{i:05}.parquet");
+            let (bytes, info) = crate::shard::encode_with_info(shard, seq_len, row_group_sequences, &path)?;
+            let sequences = info.sequences;
+            rt.block_on(dir.store.put(&dir.child(&path), bytes.into()))?;
+            split.shards.push(info);
+            split.sequences += sequences;
+        }
+        split.tokens = split.sequences * seq_len as u64;
+        written.push(split);
+    }
+    let valid = written.pop().expect("two splits");
+    let train = written.pop().expect("two splits");
+    let manifest = Manifest {
+        format: FORMAT.to_string(),
+        tokenizer: "test".to_string(),
+        vocab_size: crate::tokenizer::MODEL_VOCAB as u32 - 1,
+        special_ids: SpecialIds { bos: crate::tokenizer::EOS_ID, eos: crate::tokenizer::EOS_ID },
+        seq_len,
+        framing: "wrap".to_string(),
+        row_group_sequences,
+        command: "write_token_dataset".to_string(),
+        train,
+        valid,
+    };
+    rt.block_on(dir.store.put(&dir.child(MANIFEST_NAME), manifest.to_json().into()))?;
+    Ok(manifest)
+}

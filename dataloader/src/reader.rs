@@ -1,0 +1,514 @@
+//! The streaming reader: each rank's slice of every global batch, from one global order.
+//!
+//! The order of an epoch depends only on (manifest, seed, epoch, shuffle window): shards are
+//! permuted, then the row groups inside each shard, and the sequences of every window of
+//! `shuffle_window` consecutive row groups are permuted among themselves. Global batch `b` is
+//! positions `[b·G, (b+1)·G)` of that order; rank `r` of `W` takes the `G/W` positions starting at
+//! `b·G + r·G/W`, in `G/W ÷ micro_batch` micro-batches. Since neither the order nor the batches
+//! depend on `W`, the state (epoch, sequences consumed globally, seed) resumes on any world size
+//! with the same `G`. The last `N mod G` positions of an epoch's order are dropped.
+//!
+//! A background task on a small tokio runtime reads ahead window by window: for each window it
+//! works out which of its sequences this rank needs, reads each row group holding some of them
+//! once (a ranged read of the token column; retried with back-off on transient errors), decodes
+//! it, keeps only those sequences and hands the window's sequences over a bounded channel, so
+//! memory stays at about `prefetch_windows + 1` windows of this rank's share.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::loader::{shuffle, Batch, LoaderState};
+use crate::manifest::{Manifest, ShardInfo, SplitName};
+use crate::shard::{footer_len, ShardMeta};
+use crate::store::{self, StoreUrl};
+
+/// Retries of one read: `attempts` in all, waiting `base_delay · 2^k` (at most `max_delay`).
+#[derive(Debug, Clone)]
+pub struct RetryConfig {
+    pub attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { attempts: 8, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReaderConfig {
+    pub split: SplitName,
+    pub seed: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Sequences per optimizer step over all ranks (micro-batch × accumulation × world size).
+    pub global_batch: usize,
+    /// Sequences per `next_batch`; divides `global_batch / world_size`.
+    pub micro_batch: usize,
+    /// Without shuffling the order is the stored one (validation).
+    pub shuffle: bool,
+    /// Row groups whose sequences are shuffled together. Part of the order: changing it changes
+    /// which sequences a resumed run sees.
+    pub shuffle_window: usize,
+    /// Windows read ahead of the one being consumed.
+    pub prefetch_windows: usize,
+    /// Row groups read at once.
+    pub concurrent_reads: usize,
+    pub io_threads: usize,
+    pub retry: RetryConfig,
+    /// Object-store options (endpoint, keys, …) over what the environment says.
+    pub store_options: Vec<(String, String)>,
+}
+
+impl ReaderConfig {
+    /// The training split, shuffled, with the default read-ahead.
+    pub fn new(seed: u64, rank: usize, world_size: usize, global_batch: usize, micro_batch: usize) -> Self {
+        Self {
+            split: SplitName::Train,
+            seed,
+            rank,
+            world_size,
+            global_batch,
+            micro_batch,
+            shuffle: true,
+            shuffle_window: 8,
+            prefetch_windows: 2,
+            concurrent_reads: 8,
+            io_threads: 2,
+            retry: RetryConfig::default(),
+            store_options: Vec::new(),
+        }
+    }
+
+    /// The validation split in its stored order.
+    pub fn validation(rank: usize, world_size: usize, global_batch: usize, micro_batch: usize) -> Self {
+        Self { split: SplitName::Valid, shuffle: false, ..Self::new(0, rank, world_size, global_batch, micro_batch) }
+    }
+
+    fn per_rank(&self) -> usize {
+        self.global_batch / self.world_size
+    }
+
+    fn check(&self) -> Result<()> {
+        ensure!(
+            self.world_size > 0 && self.rank < self.world_size,
+            "rank {} is not in a world of {}",
+            self.rank,
+            self.world_size
+        );
+        ensure!(
+            self.global_batch > 0 && self.global_batch % self.world_size == 0,
+            "global batch {} is not a positive multiple of the world size {}",
+            self.global_batch,
+            self.world_size
+        );
+        ensure!(
+            self.micro_batch > 0 && self.per_rank() % self.micro_batch == 0,
+            "micro-batch {} does not divide the {} sequences each rank takes of a global batch of {}",
+            self.micro_batch,
+            self.per_rank(),
+            self.global_batch
+        );
+        ensure!(self.shuffle_window > 0, "shuffle window must be at least one row group");
+        ensure!(self.retry.attempts > 0, "retry attempts must be at least 1");
+        Ok(())
+    }
+}
+
+/// What the read-ahead task needs, shared with it.
+struct Source {
+    dir: StoreUrl,
+    manifest: Manifest,
+    shards: Vec<ShardInfo>,
+    metas: Vec<Arc<ShardMeta>>,
+    config: ReaderConfig,
+    /// Sequences in the split.
+    total: u64,
+}
+
+/// This rank's sequences of one window, in order.
+struct Chunk {
+    epoch: u64,
+    /// This rank's index (within the epoch) of the first sequence.
+    first: u64,
+    tokens: Vec<u32>,
+}
+
+pub struct Reader {
+    rt: Runtime,
+    source: Arc<Source>,
+    rx: mpsc::Receiver<Result<Chunk>>,
+    task: JoinHandle<()>,
+    chunk: Option<(Chunk, usize)>,
+    epoch: u64,
+    /// Sequences this rank has taken in the current epoch.
+    local: u64,
+    seed: u64,
+}
+
+impl Reader {
+    /// Opens the data set whose `index.json` is at `manifest_url` (the directory or the file),
+    /// checks every shard of the split against the manifest and starts reading ahead.
+    pub fn open(manifest_url: &str, config: ReaderConfig) -> Result<Self> {
+        config.check()?;
+        let dir_url = manifest_url.strip_suffix(crate::manifest::MANIFEST_NAME).unwrap_or(manifest_url);
+        let dir = store::open_with_options(dir_url.trim_end_matches('/'), config.store_options.clone())?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.io_threads.max(1))
+            .thread_name("bd3-reader")
+            .enable_all()
+            .build()
+            .context("starting the reader's I/O runtime")?;
+        let source = rt.block_on(open_source(dir, config))?;
+        let seed = source.config.seed;
+        let (rx, task) = spawn_reader(&rt, &source, 0, 0, seed);
+        Ok(Self { rt, source, rx, task, chunk: None, epoch: 0, local: 0, seed })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.source.manifest
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.source.manifest.seq_len
+    }
+
+    /// Sequences in the split.
+    pub fn num_sequences(&self) -> u64 {
+        self.source.total
+    }
+
+    /// Global batches in one epoch (the remainder of the order is dropped).
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.source.total / self.source.config.global_batch as u64
+    }
+
+    fn local_per_epoch(&self) -> u64 {
+        self.batches_per_epoch() * self.source.config.per_rank() as u64
+    }
+
+    /// The next `micro_batch` sequences of this rank.
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        if self.local == self.local_per_epoch() {
+            self.epoch += 1;
+            self.local = 0;
+        }
+        let (micro, seq_len) = (self.source.config.micro_batch, self.seq_len());
+        let mut tokens = Vec::with_capacity(micro * seq_len);
+        while tokens.len() < micro * seq_len {
+            if self.chunk.as_ref().is_none_or(|(c, used)| *used == c.tokens.len()) {
+                let next = self.rt.block_on(self.rx.recv()).context("the reader's read-ahead task stopped")??;
+                let at = self.local + (tokens.len() / seq_len) as u64;
+                ensure!(
+                    next.epoch == self.epoch && next.first == at,
+                    "internal error: read ahead epoch {} sequence {}, expected epoch {} sequence {at}",
+                    next.epoch,
+                    next.first,
+                    self.epoch
+                );
+                self.chunk = Some((next, 0));
+            }
+            let (chunk, used) = self.chunk.as_mut().expect("set above");
+            let take = (micro * seq_len - tokens.len()).min(chunk.tokens.len() - *used);
+            tokens.extend_from_slice(&chunk.tokens[*used..*used + take]);
+            *used += take;
+        }
+        self.local += micro as u64;
+        Ok(Batch { tokens, micro_batch: micro, seq_len })
+    }
+
+    /// (epoch, sequences consumed by all ranks together, seed); the same on every rank.
+    pub fn state(&self) -> LoaderState {
+        let c = &self.source.config;
+        if self.local == self.local_per_epoch() {
+            return LoaderState { epoch: self.epoch + 1, consumed: 0, seed: self.seed };
+        }
+        let (b, j) = (self.local / c.per_rank() as u64, self.local % c.per_rank() as u64);
+        LoaderState {
+            epoch: self.epoch,
+            consumed: b * c.global_batch as u64 + j * c.world_size as u64,
+            seed: self.seed,
+        }
+    }
+
+    /// Continues from `state`, saved by a reader with the same global batch on any world size.
+    /// The state's seed replaces the configured one: the order must be the saved run's.
+    pub fn restore(&mut self, state: LoaderState) -> Result<()> {
+        let c = &self.source.config;
+        let g = c.global_batch as u64;
+        ensure!(
+            state.consumed <= self.batches_per_epoch() * g,
+            "loader state consumed {} sequences of an epoch of {} global batches of {g}",
+            state.consumed,
+            self.batches_per_epoch()
+        );
+        let (b, rem) = (state.consumed / g, state.consumed % g);
+        let step = (c.world_size * c.micro_batch) as u64;
+        ensure!(
+            rem % step == 0,
+            "loader state is {rem} sequences into a global batch, which {} ranks with micro-batches of {} cannot continue (save states between optimizer steps)",
+            c.world_size,
+            c.micro_batch
+        );
+        if state.seed != c.seed {
+            tracing::info!(saved = state.seed, configured = c.seed, "data order follows the saved seed");
+        }
+        self.task.abort();
+        self.epoch = state.epoch;
+        self.local = b * c.per_rank() as u64 + rem / c.world_size as u64;
+        self.seed = state.seed;
+        self.chunk = None;
+        let (rx, task) = spawn_reader(&self.rt, &self.source, self.epoch, self.local, self.seed);
+        (self.rx, self.task) = (rx, task);
+        Ok(())
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn open_source(dir: StoreUrl, config: ReaderConfig) -> Result<Arc<Source>> {
+    let manifest = Manifest::load(&dir).await?;
+    let split = manifest.split(config.split).clone();
+    ensure!(!split.shards.is_empty(), "dataset {}: the {} split has no shards", dir.url, config.split);
+    ensure!(
+        split.sequences >= config.global_batch as u64,
+        "dataset {}: the {} split has {} sequences, fewer than one global batch of {}",
+        dir.url,
+        config.split,
+        split.sequences,
+        config.global_batch
+    );
+    let metas: Vec<Arc<ShardMeta>> = futures::stream::iter(split.shards.iter())
+        .map(|info| read_meta(&dir, info, &manifest, &config.retry))
+        .buffered(16)
+        .try_collect()
+        .await?;
+    Ok(Arc::new(Source { total: split.sequences, dir, manifest, shards: split.shards, metas, config }))
+}
+
+/// Checks a shard's size and footer against the manifest.
+async fn read_meta(
+    dir: &StoreUrl,
+    info: &ShardInfo,
+    manifest: &Manifest,
+    retry: &RetryConfig,
+) -> Result<Arc<ShardMeta>> {
+    let name = dir.display(&info.path);
+    let path = dir.child(&info.path);
+    let head = with_retry(&name, retry, || dir.store.head(&path)).await?;
+    ensure!(head.size == info.bytes, "shard {name} is {} bytes, the manifest says {}", head.size, info.bytes);
+    ensure!(info.bytes >= 12, "shard {name} is {} bytes, too short for a Parquet file", info.bytes);
+    let mut start = info.bytes.saturating_sub(64 * 1024);
+    let mut tail = with_retry(&name, retry, || dir.store.get_range(&path, start..info.bytes)).await?;
+    if let Some(len) = footer_len(&tail).filter(|&l| (l + 8) as u64 > info.bytes - start) {
+        start = info.bytes.saturating_sub(len as u64 + 8);
+        tail = with_retry(&name, retry, || dir.store.get_range(&path, start..info.bytes)).await?;
+    }
+    let meta = ShardMeta::parse(&name, &tail, info, manifest.seq_len, manifest.row_group_sequences)?;
+    Ok(Arc::new(meta))
+}
+
+/// Runs `op` until it succeeds, fails permanently (not found, bad request) or runs out of
+/// attempts. object_store retries transient HTTP failures itself; this covers what outlasts its
+/// retries, such as a server that restarts.
+async fn with_retry<T, F, Fut>(what: &str, retry: &RetryConfig, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut delay = retry.base_delay;
+    for attempt in 1.. {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < retry.attempts && is_transient(&e) => {
+                tracing::warn!(object = what, attempt, error = %e, "read failed, retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(retry.max_delay);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {what}"))),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+fn is_transient(e: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    !matches!(
+        e,
+        E::NotFound { .. }
+            | E::InvalidPath { .. }
+            | E::NotSupported { .. }
+            | E::PermissionDenied { .. }
+            | E::Unauthenticated { .. }
+    )
+}
+
+fn spawn_reader(
+    rt: &Runtime,
+    source: &Arc<Source>,
+    epoch: u64,
+    local: u64,
+    seed: u64,
+) -> (mpsc::Receiver<Result<Chunk>>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(source.config.prefetch_windows.max(1));
+    let source = source.clone();
+    let task = rt.spawn(async move {
+        if let Err(e) = read_ahead(&source, epoch, local, seed, &tx).await {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    (rx, task)
+}
+
+/// One row group in an epoch's order.
+#[derive(Clone, Copy)]
+struct Unit {
+    shard: usize,
+    group: usize,
+    sequences: u64,
+}
+
+/// The epoch's row groups in order, cut into shuffle windows.
+fn epoch_units(source: &Source, epoch: u64, seed: u64) -> Vec<Vec<Unit>> {
+    let c = &source.config;
+    let mut shards: Vec<usize> = (0..source.metas.len()).collect();
+    let epoch_seed = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    if c.shuffle {
+        shuffle(&mut shards, epoch_seed);
+    }
+    let mut units = Vec::new();
+    for s in shards {
+        let mut groups: Vec<usize> = (0..source.metas[s].group_sequences.len()).collect();
+        if c.shuffle {
+            shuffle(&mut groups, epoch_seed ^ (s as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        }
+        units.extend(groups.into_iter().map(|g| Unit {
+            shard: s,
+            group: g,
+            sequences: source.metas[s].group_sequences[g] as u64,
+        }));
+    }
+    units.chunks(c.shuffle_window).map(<[Unit]>::to_vec).collect()
+}
+
+/// Reads this rank's sequences from (epoch, local index) on, window by window, forever.
+async fn read_ahead(
+    source: &Arc<Source>,
+    mut epoch: u64,
+    mut local: u64,
+    seed: u64,
+    tx: &mpsc::Sender<Result<Chunk>>,
+) -> Result<()> {
+    let c = &source.config;
+    let (g, m, rank) = (c.global_batch as u64, c.per_rank() as u64, c.rank as u64);
+    let epoch_end = source.total / g * g;
+    loop {
+        let windows = epoch_units(source, epoch, seed);
+        // The global position of this rank's `local`-th sequence.
+        let mut next = (local / m) * g + rank * m + local % m;
+        let mut window_start = 0u64;
+        for (w, units) in windows.iter().enumerate() {
+            let len: u64 = units.iter().map(|u| u.sequences).sum();
+            let window_end = (window_start + len).min(epoch_end);
+            let mut wanted = Vec::new();
+            while next < window_end {
+                wanted.push(next - window_start);
+                // Step to this rank's next position: the next one in its slice, or its slice of
+                // the next global batch.
+                next = if (next % g) + 1 < (rank + 1) * m { next + 1 } else { (next / g + 1) * g + rank * m };
+            }
+            if !wanted.is_empty() {
+                let mut order: Vec<u64> = (0..len).collect();
+                if c.shuffle {
+                    shuffle(
+                        &mut order,
+                        seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407),
+                    );
+                }
+                let count = wanted.len() as u64;
+                let tokens = read_window(source, units, wanted.iter().map(|&p| order[p as usize])).await?;
+                if tx.send(Ok(Chunk { epoch, first: local, tokens })).await.is_err() {
+                    return Ok(()); // the reader is gone
+                }
+                local += count;
+            }
+            window_start += len;
+            if window_start >= epoch_end {
+                break;
+            }
+        }
+        epoch += 1;
+        local = 0;
+    }
+}
+
+/// The sequences at `picks` (indices into the window's concatenated row groups), in that order.
+async fn read_window(source: &Arc<Source>, units: &[Unit], picks: impl Iterator<Item = u64>) -> Result<Vec<u32>> {
+    let seq_len = source.manifest.seq_len;
+    let starts: Vec<u64> = units.iter().scan(0, |acc, u| Some(std::mem::replace(acc, *acc + u.sequences))).collect();
+    // unit → [(row in unit, output slot)]
+    let mut by_unit: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
+    let mut slots = 0;
+    for (slot, pick) in picks.enumerate() {
+        let u = starts.partition_point(|&s| s <= pick) - 1;
+        by_unit.entry(u).or_default().push(((pick - starts[u]) as usize, slot));
+        slots = slot + 1;
+    }
+    let mut out = vec![0u32; slots * seq_len];
+    let mut reads = futures::stream::iter(by_unit)
+        .map(|(u, rows)| {
+            let (source, unit) = (source.clone(), units[u]);
+            tokio::spawn(async move { read_group(&source, unit).await.map(|t| (t, rows)) })
+        })
+        .buffer_unordered(source.config.concurrent_reads.max(1));
+    while let Some(joined) = reads.next().await {
+        let (tokens, rows) = joined.context("a row-group read task failed")??;
+        for (row, slot) in rows {
+            out[slot * seq_len..(slot + 1) * seq_len].copy_from_slice(&tokens[row * seq_len..(row + 1) * seq_len]);
+        }
+    }
+    Ok(out)
+}
+
+async fn read_group(source: &Source, unit: Unit) -> Result<Vec<u32>> {
+    let meta = &source.metas[unit.shard];
+    let info = &source.shards[unit.shard];
+    let path = source.dir.child(&info.path);
+    let range = meta.group_range(unit.group);
+    if range.end > info.bytes {
+        bail!(
+            "shard {}: row group {} ends at byte {}, past the file's {} bytes",
+            meta.name,
+            unit.group,
+            range.end,
+            info.bytes
+        );
+    }
+    let chunk: Bytes =
+        with_retry(&meta.name, &source.config.retry, || source.dir.store.get_range(&path, range.clone())).await?;
+    let tokens = meta.decode_group(unit.group, chunk, info, source.manifest.vocab_size)?;
+    let expected = unit.sequences as usize * source.manifest.seq_len;
+    ensure!(
+        tokens.len() == expected,
+        "shard {}: row group {} decoded to {} tokens, expected {expected}",
+        meta.name,
+        unit.group,
+        tokens.len()
+    );
+    Ok(tokens)
+}

@@ -1,0 +1,154 @@
+use super::*;
+use crate::testing::S3TestServer;
+use crate::{LoaderState, Reader, ReaderConfig};
+
+const G: usize = 12;
+
+fn config(seed: u64, rank: usize, world: usize, micro: usize) -> ReaderConfig {
+    // Windows of 2 row groups: sequences from different shards and row groups mix.
+    ReaderConfig { shuffle_window: 2, ..ReaderConfig::new(seed, rank, world, G, micro) }
+}
+
+/// `batches` global batches read by `world` ranks in lockstep (rank slices concatenated in rank
+/// order, which is the global order), optionally after restoring `state`; and the state after.
+fn global_order(
+    url: &str,
+    seed: u64,
+    world: usize,
+    micro: usize,
+    batches: usize,
+    state: Option<LoaderState>,
+) -> (Vec<u32>, LoaderState) {
+    let mut readers: Vec<Reader> =
+        (0..world).map(|r| Reader::open(url, config(seed, r, world, micro)).unwrap()).collect();
+    if let Some(state) = state {
+        readers.iter_mut().for_each(|r| r.restore(state).unwrap());
+    }
+    let mut order = Vec::new();
+    for _ in 0..batches {
+        for r in &mut readers {
+            for _ in 0..G / world / micro {
+                let batch = r.next_batch().unwrap();
+                assert_eq!((batch.micro_batch, batch.seq_len, batch.tokens.len()), (micro, 4, micro * 4));
+                order.extend(ids(&batch.tokens, 4));
+            }
+        }
+    }
+    let state = readers[0].state();
+    assert!(readers.iter().all(|r| r.state() == state), "every rank reports the same state");
+    (order, state)
+}
+
+#[test]
+fn every_sequence_exactly_once_per_epoch_on_1_to_4_ranks() {
+    let (_dir, url) = local_dataset(60, 5);
+    let (reference, state) = global_order(&url, 7, 1, 4, 5, None);
+    assert_eq!(state, LoaderState { epoch: 1, consumed: 0, seed: 7 });
+    let mut sorted = reference.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..60).collect::<Vec<u32>>(), "one epoch is the data set, each sequence once");
+    assert_ne!(reference, sorted, "the order is shuffled");
+    for (world, micro) in [(2, 3), (2, 6), (3, 2), (4, 3), (4, 1)] {
+        let (order, _) = global_order(&url, 7, world, micro, 5, None);
+        assert_eq!(order, reference, "world size {world}, micro-batch {micro}: the same global order");
+    }
+    let (two_epochs, _) = global_order(&url, 7, 1, 4, 10, None);
+    assert_eq!(two_epochs[..60], reference[..]);
+    assert_ne!(two_epochs[60..], reference[..], "each epoch has its own order");
+    let mut second = two_epochs[60..].to_vec();
+    second.sort();
+    assert_eq!(second, sorted);
+    assert_ne!(global_order(&url, 8, 1, 4, 5, None).0, reference, "another seed, another order");
+}
+
+#[test]
+fn the_tail_that_does_not_fill_a_global_batch_is_dropped() {
+    let (_dir, url) = local_dataset(65, 1);
+    let reader = Reader::open(&url, config(3, 0, 2, 2)).unwrap();
+    assert_eq!((reader.num_sequences(), reader.batches_per_epoch()), (65, 5));
+    let (order, state) = global_order(&url, 3, 2, 2, 5, None);
+    assert_eq!(state.epoch, 1);
+    let mut sorted = order.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 60, "60 distinct sequences, 5 of the 65 left for other epochs");
+}
+
+#[test]
+fn resume_continues_the_same_order_on_any_world_size() {
+    let (_dir, url) = local_dataset(60, 5);
+    // 9 global batches cross the end of the first epoch (5 batches).
+    let (uninterrupted, _) = global_order(&url, 11, 2, 3, 9, None);
+    for (before, after) in [(2, 2), (2, 1), (1, 4), (3, 2)] {
+        let (first, state) = global_order(&url, 11, before, 1, 3, None);
+        assert_eq!(state, LoaderState { epoch: 0, consumed: 36, seed: 11 });
+        let (rest, _) = global_order(&url, 11, after, 1, 6, Some(state));
+        assert_eq!([first, rest].concat(), uninterrupted, "resumed from {before} ranks on {after}");
+    }
+    // A state saved in the second epoch.
+    let (_, state) = global_order(&url, 11, 4, 3, 7, None);
+    assert_eq!(state, LoaderState { epoch: 1, consumed: 24, seed: 11 });
+    let (rest, _) = global_order(&url, 11, 1, 12, 2, Some(state));
+    assert_eq!(rest, uninterrupted[84..108]);
+}
+
+#[test]
+fn resume_inside_a_global_batch_on_the_same_world_size() {
+    let (_dir, url) = local_dataset(60, 5);
+    let mut a = Reader::open(&url, config(5, 1, 2, 2)).unwrap();
+    let first = a.next_batch().unwrap();
+    let state = a.state();
+    assert_eq!(state.consumed, 4, "two ranks took two sequences each");
+    let mut b = Reader::open(&url, config(5, 1, 2, 2)).unwrap();
+    b.restore(state).unwrap();
+    for _ in 0..40 {
+        assert_eq!(a.next_batch().unwrap(), b.next_batch().unwrap());
+    }
+    assert_ne!(first, b.next_batch().unwrap());
+    // 4 sequences into a global batch cannot be split among 3 ranks.
+    let mut c = Reader::open(&url, config(5, 0, 3, 2)).unwrap();
+    let err = c.restore(state).unwrap_err();
+    assert!(format!("{err:#}").contains("3 ranks"), "{err:#}");
+}
+
+#[test]
+fn validation_is_read_in_stored_order() {
+    let (_dir, url) = local_dataset(60, 9);
+    let mut ranks: Vec<Reader> =
+        (0..2).map(|r| Reader::open(&url, ReaderConfig::validation(r, 2, 4, 1)).unwrap()).collect();
+    assert_eq!(ranks[0].batches_per_epoch(), 2);
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        for r in &mut ranks {
+            for _ in 0..2 {
+                order.extend(ids(&r.next_batch().unwrap().tokens, 4));
+            }
+        }
+    }
+    assert_eq!(order, (60..68).collect::<Vec<u32>>());
+    // Rewinding for the next evaluation.
+    ranks[0].restore(LoaderState { epoch: 0, consumed: 0, seed: 0 }).unwrap();
+    assert_eq!(ids(&ranks[0].next_batch().unwrap().tokens, 4), [60]);
+}
+
+#[test]
+fn streams_from_s3_and_survives_a_server_restart() {
+    let mut server = S3TestServer::start().unwrap();
+    server.create_bucket("data").unwrap();
+    let tokens = numbered(60, 4);
+    write_token_dataset("s3://data/set", server.options(), 4, [&tokens, &[]], 7, 3).unwrap();
+    let (_dir, local) = local_dataset(60, 0);
+    let (reference, _) = global_order(&local, 2, 1, 3, 10, None);
+
+    let mut c = ReaderConfig { prefetch_windows: 1, concurrent_reads: 1, ..config(2, 0, 1, 3) };
+    c.store_options = server.options();
+    let mut reader = Reader::open("s3://data/set/index.json", c).unwrap();
+    let mut order = Vec::new();
+    for step in 0..40 {
+        if step == 6 {
+            server.restart().unwrap();
+        }
+        order.extend(ids(&reader.next_batch().unwrap().tokens, 4));
+    }
+    assert_eq!(order, reference, "the same sequences as from local shards, through the restart");
+}
