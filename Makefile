@@ -18,6 +18,8 @@ build: setup
 	$(CARGO) build -p bd3-launcher
 
 demo: build
+	@# A demo run starts fresh: drop the checkpoints an earlier demo wrote (and nothing else).
+	rm -rf $(DEMO_RUN_DIR)/tiny/checkpoints
 	$(BD3) train --config configs/tiny.toml --set train.steps=$(DEMO_STEPS) --set run.dir=$(DEMO_RUN_DIR)
 	$(BD3) sample --config $(DEMO_RUN_DIR)/tiny/config.toml --weights $(DEMO_RUN_DIR)/tiny/model.safetensors \
 		--tokens $(DEMO_SAMPLE_TOKENS)

@@ -1,10 +1,22 @@
-//! Checkpoint state as named, typed byte buffers (no libtorch).
+//! Checkpoints as sharded safetensors with a manifest (no libtorch).
 //!
-//! The trainer converts its tensors (parameters, EMA, optimizer moments) to [`TensorBuffer`]s and
-//! back; this crate will store them as sharded safetensors with a manifest. For now it defines
-//! the seam: what a buffer is and how its size is checked.
+//! The trainer converts its tensors (parameters, EMA, optimizer moments) to [`TensorBuffer`]s,
+//! says which part of each global tensor this rank holds ([`LocalTensor`]), and hands them to a
+//! [`CheckpointStore`] (or an [`AsyncSaver`]). Every rank writes its own files; rank 0 merges the
+//! ranks' indices into `manifest.json` and writes the commit marker last. Readers ask for any box
+//! of any tensor, so a checkpoint written by N processes loads on M.
 
+pub mod manifest;
+pub mod safetensors;
+pub mod saver;
+pub mod slice;
+pub mod store;
+
+pub use manifest::{CheckpointMeta, Manifest};
+pub use saver::{AsyncSaver, SaveJob};
 use serde::{Deserialize, Serialize};
+pub use slice::Slice;
+pub use store::{CheckpointStore, LocalTensor, ResumePoint, Retention, StepStatus, WriteOptions};
 use thiserror::Error;
 
 /// Element types a checkpoint stores (safetensors names).

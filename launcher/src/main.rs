@@ -1,5 +1,7 @@
 //! `bd3`: the command line. Parsing and dispatch only; the work lives in the library crates.
 
+mod ckpt;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -22,7 +24,15 @@ enum Command {
     Train {
         #[command(flatten)]
         config: ConfigArgs,
+        /// Resume from `auto` (the latest committed checkpoint that verifies), a step number, or
+        /// `none`; the same as --set checkpoint.resume=….
+        #[arg(long)]
+        resume: Option<String>,
     },
+    /// Checkpoints: ls, inspect, verify, export, import.
+    #[command(subcommand)]
+    Ckpt(ckpt::Ckpt),
+    /// Tokenize a text corpus into Parquet shards and an index.json (see dataloader).
     /// Evaluate trained weights.
     #[command(subcommand)]
     Eval(Eval),
@@ -124,8 +134,12 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    trainer::state::set_binary_commit(env!("BD3_GIT_COMMIT"));
     match Cli::parse().command {
-        Command::Train { config } => {
+        Command::Train { mut config, resume } => {
+            if let Some(r) = resume {
+                config.overrides.push(format!("checkpoint.resume={r:?}"));
+            }
             let cfg = config.load()?;
             let outcome = trainer::train::run(&cfg)?;
             if let Some(nelbo) = outcome.final_valid_nelbo {
@@ -136,6 +150,7 @@ fn main() -> Result<()> {
             }
             println!("run directory: {}", outcome.run_dir.display());
         }
+        Command::Ckpt(c) => ckpt::run(c)?,
         Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
             let cfg = config.load()?;
             let (model, _vs, _device) = load_model(&cfg, &weights)?;

@@ -26,6 +26,8 @@ pub struct Config {
     pub train: TrainConfig,
     #[serde(default)]
     pub sample: SampleConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,6 +270,41 @@ impl Default for SampleConfig {
     }
 }
 
+/// Where and how often training state is saved, and what is kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// A local path or object-store URL (`s3://bucket/prefix`, `gs://…`); empty means
+    /// `<run dir>/checkpoints`.
+    pub url: String,
+    /// Save every this many steps (0 = only at the end of the run).
+    pub every: u64,
+    /// Keep the latest this many checkpoints (at least 2) …
+    pub keep_latest: usize,
+    /// … plus every step divisible by this, forever (0 = none).
+    pub keep_every: u64,
+    /// Upload in a background thread while training goes on.
+    pub async_save: bool,
+    /// Resume from `"none"`, `"auto"` (the latest committed step that verifies) or a step number.
+    pub resume: String,
+    /// A rank's state is split into safetensors files of at most this many MiB.
+    pub max_file_mib: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            every: 0,
+            keep_latest: 3,
+            keep_every: 0,
+            async_save: true,
+            resume: "none".into(),
+            max_file_mib: 4096,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, applies `overrides` (`section.field=value`, value in TOML syntax or a bare
     /// string) and validates the result. Errors name the file and the offending field.
@@ -295,6 +332,15 @@ impl Config {
 
     pub fn run_dir(&self) -> PathBuf {
         self.run.dir.join(&self.run.name)
+    }
+
+    /// The checkpoint location: `checkpoint.url`, or `<run dir>/checkpoints`.
+    pub fn checkpoint_url(&self) -> String {
+        if self.checkpoint.url.is_empty() {
+            self.run_dir().join("checkpoints").to_string_lossy().into_owned()
+        } else {
+            self.checkpoint.url.clone()
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -352,6 +398,14 @@ impl Config {
         ensure!(self.sample.steps > 0, "sample.steps must be positive");
         ensure!(self.sample.batch > 0, "sample.batch must be positive");
         ensure!(self.sample.temperature > 0.0, "sample.temperature ({}) must be positive", self.sample.temperature);
+        let c = &self.checkpoint;
+        ensure!(c.keep_latest >= 2, "checkpoint.keep_latest ({}) must be at least 2", c.keep_latest);
+        ensure!(c.max_file_mib > 0, "checkpoint.max_file_mib must be positive");
+        ensure!(
+            c.resume == "none" || c.resume == "auto" || c.resume.parse::<u64>().is_ok(),
+            "checkpoint.resume ({:?}) must be \"none\", \"auto\" or a step number",
+            c.resume
+        );
         if !(t.device == "auto" || t.device == "cpu" || t.device.starts_with("cuda")) {
             bail!("train.device ({:?}) must be \"auto\", \"cpu\" or \"cuda[:N]\"", t.device);
         }

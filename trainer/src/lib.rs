@@ -8,6 +8,7 @@ pub mod model;
 pub mod optim;
 pub mod rng;
 pub mod sample;
+pub mod state;
 pub mod train;
 
 pub use config::Config;

@@ -8,12 +8,14 @@
 //! until converged
 //! ```
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use checkpoint::{AsyncSaver, CheckpointStore, Manifest, Retention, SaveJob, WriteOptions};
 use dataloader::{Gpt2Tokenizer, InMemoryLoader, PackedCorpus, TextCorpus};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
@@ -26,6 +28,7 @@ use crate::model::{num_parameters, Dit};
 use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
 use crate::rng::{stream, NoiseRng};
 use crate::sample::{generate, SampleOptions};
+use crate::state::{self, Progress, TrainState};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -126,15 +129,15 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads as i32);
     }
-    // libtorch's generator drives parameter initialization and dropout; the diffusion noise
-    // comes from `NoiseRng`, a function of (seed, step, micro-batch).
+    // libtorch's generator drives parameter initialization here and dropout in the loop, where
+    // it is re-seeded from (seed, step) every step; the diffusion noise comes from `NoiseRng`, a
+    // function of (seed, step, micro-batch). So the step number is the whole RNG state, and a
+    // resumed run draws exactly what an uninterrupted one would.
     tch::manual_seed(cfg.train.seed as i64);
     let autocast = cfg.train.bf16 && device.is_cuda();
 
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
-    let mut metrics = MetricsLog::create(run_dir.join("metrics.jsonl"))?;
 
     let corpus = load_corpus(cfg)?;
     let (mb, accum, seq_len) = (cfg.train.micro_batch, cfg.train.grad_accum, cfg.model.seq_len);
@@ -142,13 +145,32 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
 
     let vs = nn::VarStore::new(device);
     let model = Dit::new(&vs.root(), &cfg.model)?;
-    let mut params = parameters_in_name_order(&vs);
+    let (names, mut params) = named_parameters_in_name_order(&vs);
     let objective = Objective::new(cfg)?;
     let mut clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
     store_clip_interval(&vs, clip);
     let mut optimizer = AdamW::new(&params, &cfg.optim);
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);
     let schedule = LrSchedule { base: cfg.optim.lr, warmup: cfg.optim.warmup_steps };
+
+    // ---- checkpoints: resume, then save as we go -------------------------------------------------
+    let store = Arc::new(CheckpointStore::open(&cfg.checkpoint_url())?);
+    let resumed = resume_point(cfg, &store)?;
+    let mut first_step = 0;
+    if let Some(manifest) = &resumed {
+        state::check_compatible(cfg, manifest)?;
+        TrainState { vs: &vs, names: &names, optimizer: &mut optimizer, ema: &mut ema }.load(&store, manifest)?;
+        if let Some(p) = state::progress_of(manifest)? {
+            (first_step, optimizer.step, ema.updates, clip) = (p.step, p.optimizer_steps, p.ema_updates, p.clip());
+            loader.restore(p.data);
+        }
+        store_clip_interval(&vs, clip);
+        info!(step = first_step, url = store.url(), "resumed");
+    }
+    // Written only now, so that a refused resume leaves the run's config as it was.
+    std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
+    let mut saver = AsyncSaver::new(Arc::clone(&store));
+    let mut metrics = MetricsLog::open(run_dir.join("metrics.jsonl"), resumed.is_some())?;
     info!(
         parameters = num_parameters(&vs),
         ?device,
@@ -156,6 +178,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         block_size = cfg.diffusion.block_size,
         global_batch = mb * accum,
         run_dir = %run_dir.display(),
+        checkpoints = store.url(),
         "training"
     );
 
@@ -163,7 +186,10 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let mut losses = Vec::with_capacity(cfg.train.steps as usize);
     let mut window_start = Instant::now();
     let mut window_tokens = 0usize;
-    for step in 0..cfg.train.steps {
+    let mut valid_nelbo = None;
+    for step in first_step..cfg.train.steps {
+        saver.poll()?; // a failed background save stops the run here, one step later
+        tch::manual_seed(step_seed(cfg.train.seed, step));
         let lr = schedule.lr(step);
         for p in params.iter_mut() {
             p.zero_grad();
@@ -199,22 +225,50 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
             }))?;
             (window_start, window_tokens) = (Instant::now(), 0);
         }
-        if cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 && !last {
+        // The last step always validates, so a run that ends at step N is in the same state as
+        // one that goes on past N (exact resume relies on it).
+        if (cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 || last) && !corpus.valid.is_empty() {
             let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &corpus.valid, cfg))?;
             clip = report_validation(&mut metrics, &vs, step + 1, &outcome)?.unwrap_or(clip);
+            valid_nelbo = Some(outcome.nelbo.nll);
             // Validation time is not training time.
             (window_start, window_tokens) = (Instant::now(), 0);
         }
+        let every = cfg.checkpoint.every;
+        if last || (every > 0 && (step + 1) % every == 0) {
+            let progress = Progress {
+                step: step + 1,
+                tokens_seen: (step + 1) * (mb * accum * seq_len) as u64,
+                optimizer_steps: optimizer.step,
+                ema_updates: ema.updates,
+                clip_beta: clip.beta,
+                clip_omega: clip.omega,
+                data: loader.state(),
+            };
+            let tensors = TrainState { vs: &vs, names: &names, optimizer: &mut optimizer, ema: &mut ema }.snapshot()?;
+            let job = SaveJob {
+                step: step + 1,
+                rank: 0,
+                world_size: 1,
+                tensors,
+                meta: Some(state::checkpoint_meta(cfg, &progress)?),
+                options: WriteOptions { max_file_bytes: cfg.checkpoint.max_file_mib << 20, ..Default::default() },
+                retention: Some(Retention {
+                    keep_latest: cfg.checkpoint.keep_latest,
+                    keep_every: cfg.checkpoint.keep_every,
+                }),
+            };
+            if cfg.checkpoint.async_save {
+                saver.save(job)?;
+            } else {
+                job.run(&store)?;
+            }
+        }
     }
+    saver.wait()?;
 
-    // ---- end of run: validation NELBO, EMA weights, a sample -------------------------------------
-    let final_valid_nelbo = if corpus.valid.is_empty() {
-        None
-    } else {
-        let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &corpus.valid, cfg))?;
-        report_validation(&mut metrics, &vs, cfg.train.steps, &outcome)?;
-        Some(outcome.nelbo.nll)
-    };
+    // ---- end of run: EMA weights, a sample ------------------------------------------------------
+    let final_valid_nelbo = valid_nelbo;
     let weights = run_dir.join("model.safetensors");
     with_ema(&mut ema, &params, cfg, || Ok(vs.save(&weights)?))?;
     info!(path = %weights.display(), "saved EMA weights");
@@ -322,9 +376,55 @@ fn store_clip_interval(vs: &nn::VarStore, clip: ClipInterval) {
 
 /// Trainable parameters sorted by name: a stable order for the optimizer state and EMA.
 pub fn parameters_in_name_order(vs: &nn::VarStore) -> Vec<Tensor> {
+    named_parameters_in_name_order(vs).1
+}
+
+/// The names and tensors of [`parameters_in_name_order`].
+pub fn named_parameters_in_name_order(vs: &nn::VarStore) -> (Vec<String>, Vec<Tensor>) {
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    named.into_iter().map(|(_, t)| t).collect()
+    named.into_iter().unzip()
+}
+
+/// libtorch's seed for `step` (dropout): a SplitMix64 mix of (seed, step).
+fn step_seed(seed: u64, step: u64) -> i64 {
+    let mut z = seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// The checkpoint to start from, per `checkpoint.resume`. Starting fresh where committed
+/// checkpoints already exist is refused: their steps would be overwritten.
+fn resume_point(cfg: &Config, store: &CheckpointStore) -> Result<Option<Manifest>> {
+    let committed = store.committed_steps()?;
+    match cfg.checkpoint.resume.as_str() {
+        "none" => {
+            if let Some(last) = committed.last() {
+                bail!(
+                    "{} already holds checkpoints up to step {last}: resume with `--resume auto` \
+                     (checkpoint.resume), or choose another run.name or checkpoint.url",
+                    store.url()
+                );
+            }
+            Ok(None)
+        }
+        "auto" => {
+            // Steps a killed writer left half-written are not checkpoints; remove what we wrote.
+            store.clean_partial()?;
+            let point = store.latest_valid()?;
+            if point.manifest.is_none() && !point.skipped.is_empty() {
+                bail!("no checkpoint in {} verifies: {:?}", store.url(), point.skipped);
+            }
+            Ok(point.manifest)
+        }
+        step => {
+            let step: u64 = step.parse().with_context(|| format!("checkpoint.resume {step:?}"))?;
+            let manifest = store.manifest(step)?;
+            store.verify(&manifest)?;
+            Ok(Some(manifest))
+        }
+    }
 }
 
 /// One JSON object per line, flushed as written so a crashed run keeps its metrics.
@@ -333,8 +433,15 @@ struct MetricsLog {
 }
 
 impl MetricsLog {
-    fn create(path: PathBuf) -> Result<Self> {
-        let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    /// A resumed run appends to the log of the run it continues.
+    fn open(path: PathBuf, append: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         Ok(Self { out: BufWriter::new(file) })
     }
 

@@ -1,0 +1,536 @@
+//! A checkpoint location (`file://`, a local path, `s3://…`, …) holding one directory per step:
+//!
+//! ```text
+//! <url>/step-0000000100/rank-00000-000.safetensors   tensors (or slices) rank 0 holds
+//!                       rank-00000.json              what rank 0 wrote, with checksums
+//!                       rank-00001-000.safetensors …
+//!                       manifest.json                merged by rank 0 once every rank is done
+//!                       COMMITTED                    written last; without it the step does not exist
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use tracing::{info, warn};
+
+use crate::manifest::{CheckpointMeta, FileEntry, Manifest, Piece, RankIndex, TensorEntry, FORMAT_VERSION, WRITER};
+use crate::safetensors::{self, TensorView};
+use crate::slice::{copy_region, Slice};
+use crate::TensorBuffer;
+
+const MARKER: &str = "COMMITTED";
+const MANIFEST: &str = "manifest.json";
+
+/// A tensor, or the part of it this rank holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTensor {
+    /// Name, dtype, the shape of the part held here, and its bytes.
+    pub buffer: TensorBuffer,
+    pub global_shape: Vec<usize>,
+    /// Where the part starts in the global tensor.
+    pub offsets: Vec<usize>,
+}
+
+impl LocalTensor {
+    /// A tensor held whole by this rank.
+    pub fn whole(buffer: TensorBuffer) -> Self {
+        Self { global_shape: buffer.shape.clone(), offsets: vec![0; buffer.shape.len()], buffer }
+    }
+
+    pub fn slice(&self) -> Slice {
+        Slice { offsets: self.offsets.clone(), shape: self.buffer.shape.clone() }
+    }
+}
+
+/// Keep the latest `keep_latest` committed steps plus every step divisible by `keep_every`
+/// (0: none) forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_latest: usize,
+    pub keep_every: u64,
+}
+
+/// How a rank writes its part.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
+    /// A rank's tensors are split into files of at most about this many bytes.
+    pub max_file_bytes: u64,
+    /// How long rank 0 waits for the other ranks' parts before giving up on a step.
+    pub commit_timeout: Duration,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self { max_file_bytes: 4 << 30, commit_timeout: Duration::from_secs(1800) }
+    }
+}
+
+/// A step directory and whether it was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepStatus {
+    pub step: u64,
+    pub committed: bool,
+}
+
+/// Where `latest_valid` found a usable checkpoint, and the newer steps it had to skip (with why).
+#[derive(Debug)]
+pub struct ResumePoint {
+    pub manifest: Option<Manifest>,
+    pub skipped: Vec<(u64, String)>,
+}
+
+/// The checkpoints under one URL.
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: String,
+    /// Where the steps live on disk when the URL is local (to remove emptied directories and the
+    /// staging files a killed writer leaves, which the object-store API does not list).
+    local_root: Option<PathBuf>,
+    runtime: Arc<tokio::runtime::Runtime>,
+}
+
+fn step_dir(step: u64) -> String {
+    format!("step-{step:010}")
+}
+
+fn rank_file(rank: usize, part: usize) -> String {
+    format!("rank-{rank:05}-{part:03}.safetensors")
+}
+
+fn rank_index(rank: usize) -> String {
+    format!("rank-{rank:05}.json")
+}
+
+/// Whether a file name is one this crate writes into a step directory (retention and clean-up
+/// delete nothing else). Staging files of an interrupted local write carry a `#…` suffix.
+fn is_ours(name: &str) -> bool {
+    let base = name.split('#').next().unwrap_or(name);
+    base == MARKER
+        || base == MANIFEST
+        || (base.starts_with("rank-") && (base.ends_with(".safetensors") || base.ends_with(".json")))
+}
+
+impl CheckpointStore {
+    /// Opens a checkpoint URL: a local path, `file://`, `s3://bucket/prefix` and the other
+    /// object-store schemes. Credentials and endpoints come from the standard environment.
+    pub fn open(url: &str) -> Result<Self> {
+        Self::open_with_options(url, Vec::new())
+    }
+
+    /// As [`open`](Self::open), with explicit object-store options (endpoint, keys, …).
+    pub fn open_with_options(url: &str, options: Vec<(String, String)>) -> Result<Self> {
+        let opened = dataloader::store::open_with_options(url, options)
+            .with_context(|| format!("opening checkpoint location {url}"))?;
+        let local_root = local_path(url);
+        Self::new(opened.store, opened.prefix, url.to_string(), local_root)
+    }
+
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, url: String, local_root: Option<PathBuf>) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bd3-checkpoint")
+            .enable_all()
+            .build()
+            .context("starting the checkpoint I/O runtime")?;
+        Ok(Self { store, prefix, url, local_root, runtime: Arc::new(runtime) })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, step: u64, file: &str) -> Path {
+        self.prefix.clone().join(step_dir(step)).join(file)
+    }
+
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.runtime.block_on(f)
+    }
+
+    async fn get_bytes(&self, path: &Path) -> Result<Bytes> {
+        let got = self.store.get(path).await.with_context(|| format!("reading {}/{path}", self.url))?;
+        Ok(got.bytes().await.with_context(|| format!("reading {}/{path}", self.url))?)
+    }
+
+    /// Every step directory, committed or not, in increasing order.
+    pub fn steps(&self) -> Result<Vec<StepStatus>> {
+        self.block_on(async {
+            let listing = self
+                .store
+                .list_with_delimiter(Some(&self.prefix))
+                .await
+                .with_context(|| format!("listing {}", self.url))?;
+            let mut steps = Vec::new();
+            for dir in listing.common_prefixes {
+                let Some(step) = dir.filename().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok())
+                else {
+                    continue;
+                };
+                let committed = match self.store.head(&self.path(step, MARKER)).await {
+                    Ok(_) => true,
+                    Err(object_store::Error::NotFound { .. }) => false,
+                    Err(e) => return Err(e).with_context(|| format!("checking step {step} in {}", self.url)),
+                };
+                steps.push(StepStatus { step, committed });
+            }
+            steps.sort_by_key(|s| s.step);
+            Ok(steps)
+        })
+    }
+
+    pub fn committed_steps(&self) -> Result<Vec<u64>> {
+        Ok(self.steps()?.into_iter().filter(|s| s.committed).map(|s| s.step).collect())
+    }
+
+    /// Writes this rank's tensors (or slices) for `step` and its index. Ranks write disjoint
+    /// parts in parallel; nothing here is visible to readers until [`commit`](Self::commit).
+    pub fn write_rank(
+        &self,
+        step: u64,
+        rank: usize,
+        world_size: usize,
+        mut tensors: Vec<LocalTensor>,
+        options: WriteOptions,
+    ) -> Result<RankIndex> {
+        ensure!(rank < world_size, "rank {rank} is not below the world size {world_size}");
+        tensors.sort_by(|a, b| a.buffer.name.cmp(&b.buffer.name));
+        let mut index = RankIndex { step, rank, world_size, tensors: BTreeMap::new(), files: BTreeMap::new() };
+        // Greedy split into files of at most max_file_bytes (a tensor larger than that gets its own).
+        let mut groups: Vec<Vec<LocalTensor>> = vec![];
+        let mut size = 0u64;
+        for t in tensors {
+            ensure!(
+                t.slice().fits(&t.global_shape),
+                "tensor `{}`: part {:?} at {:?} does not fit shape {:?}",
+                t.buffer.name,
+                t.buffer.shape,
+                t.offsets,
+                t.global_shape
+            );
+            let bytes = t.buffer.data.len() as u64;
+            if groups.is_empty() || (size + bytes > options.max_file_bytes && size > 0) {
+                groups.push(vec![]);
+                size = 0;
+            }
+            size += bytes;
+            groups.last_mut().expect("a group").push(t);
+        }
+        self.block_on(async {
+            for (part, group) in groups.into_iter().enumerate() {
+                let file = rank_file(rank, part);
+                let mut views = Vec::with_capacity(group.len());
+                for t in &group {
+                    let entry = index.tensors.entry(t.buffer.name.clone()).or_insert_with(|| TensorEntry {
+                        dtype: t.buffer.dtype,
+                        shape: t.global_shape.clone(),
+                        pieces: vec![],
+                    });
+                    entry.pieces.push(Piece { file: file.clone(), slice: t.slice() });
+                }
+                for t in group {
+                    views.push((t.buffer.name, t.buffer.dtype, t.buffer.shape, Bytes::from(t.buffer.data)));
+                }
+                let views: Vec<TensorView<'_>> = views
+                    .iter()
+                    .map(|(name, dtype, shape, data)| TensorView { name, dtype: *dtype, shape, data: data.clone() })
+                    .collect();
+                let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+                let chunks = safetensors::encode(&views, &meta)?;
+                drop(views);
+                let mut crc = 0u32;
+                let mut bytes = 0u64;
+                for c in &chunks {
+                    crc = crc32c::crc32c_append(crc, c);
+                    bytes += c.len() as u64;
+                }
+                let path = self.path(step, &file);
+                self.store
+                    .put(&path, PutPayload::from_iter(chunks))
+                    .await
+                    .with_context(|| format!("writing {}/{path}", self.url))?;
+                index.files.insert(file, FileEntry { rank, bytes, crc32c: crc });
+            }
+            let path = self.path(step, &rank_index(rank));
+            let json = serde_json::to_vec_pretty(&index)?;
+            self.store.put(&path, json.into()).await.with_context(|| format!("writing {}/{path}", self.url))?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(index)
+    }
+
+    /// Rank 0: waits until every rank's index exists, merges them into `manifest.json`, then
+    /// writes the commit marker. Only after the marker does the step exist for readers.
+    pub fn commit(&self, step: u64, world_size: usize, meta: CheckpointMeta, timeout: Duration) -> Result<Manifest> {
+        let started = Instant::now();
+        let ranks = self.block_on(async {
+            let mut ranks = Vec::with_capacity(world_size);
+            for rank in 0..world_size {
+                let path = self.path(step, &rank_index(rank));
+                loop {
+                    match self.store.get(&path).await {
+                        Ok(got) => {
+                            let bytes = got.bytes().await?;
+                            let index: RankIndex = serde_json::from_slice(&bytes)
+                                .with_context(|| format!("{}/{path}: not a rank index", self.url))?;
+                            ranks.push(index);
+                            break;
+                        }
+                        Err(object_store::Error::NotFound { .. }) if started.elapsed() < timeout => {
+                            tokio::time::sleep(Duration::from_millis(20)).await
+                        }
+                        Err(object_store::Error::NotFound { .. }) => {
+                            bail!("step {step}: rank {rank} did not finish writing within {timeout:?}")
+                        }
+                        Err(e) => return Err(e).with_context(|| format!("reading {}/{path}", self.url)),
+                    }
+                }
+            }
+            Ok(ranks)
+        })?;
+        let manifest = Manifest::merge(step, world_size, ranks, meta)?;
+        let json = serde_json::to_vec_pretty(&manifest)?;
+        let marker = format!("{{\"manifest_crc32c\": {}}}\n", crc32c::crc32c(&json));
+        self.block_on(async {
+            self.store.put(&self.path(step, MANIFEST), json.into()).await?;
+            self.store.put(&self.path(step, MARKER), marker.into_bytes().into()).await?;
+            Ok::<_, object_store::Error>(())
+        })
+        .with_context(|| format!("committing step {step} in {}", self.url))?;
+        info!(step, bytes = manifest.total_bytes(), url = %self.url, "checkpoint committed");
+        Ok(manifest)
+    }
+
+    /// Writes this rank's part and, on rank 0, commits the step.
+    pub fn save(
+        &self,
+        step: u64,
+        rank: usize,
+        world_size: usize,
+        tensors: Vec<LocalTensor>,
+        meta: Option<CheckpointMeta>,
+        options: WriteOptions,
+    ) -> Result<Option<Manifest>> {
+        self.write_rank(step, rank, world_size, tensors, options)?;
+        match meta {
+            Some(meta) if rank == 0 => Ok(Some(self.commit(step, world_size, meta, options.commit_timeout)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The manifest of a committed step.
+    pub fn manifest(&self, step: u64) -> Result<Manifest> {
+        let (marker, json) = self.block_on(async {
+            let marker = self.get_bytes(&self.path(step, MARKER)).await.with_context(|| {
+                format!("step {step} of {} is not committed (no {MARKER} marker): it was never finished", self.url)
+            })?;
+            let json = self.get_bytes(&self.path(step, MANIFEST)).await?;
+            Ok::<_, anyhow::Error>((marker, json))
+        })?;
+        let file = format!("{}/{}/{MANIFEST}", self.url, step_dir(step));
+        let expected: serde_json::Value =
+            serde_json::from_slice(&marker).with_context(|| format!("{}/{}/{MARKER}", self.url, step_dir(step)))?;
+        ensure!(
+            expected["manifest_crc32c"].as_u64() == Some(crc32c::crc32c(&json) as u64),
+            "{file}: checksum does not match the one in {MARKER}"
+        );
+        let manifest: Manifest = serde_json::from_slice(&json).with_context(|| format!("{file}: not a manifest"))?;
+        ensure!(
+            manifest.format_version == FORMAT_VERSION,
+            "{file}: format version {} (this bd3 reads {FORMAT_VERSION})",
+            manifest.format_version
+        );
+        ensure!(manifest.step == step, "{file}: says step {}", manifest.step);
+        Ok(manifest)
+    }
+
+    /// Reads every file of a step and compares sizes and checksums with the manifest; the error
+    /// names the first bad file.
+    pub fn verify(&self, manifest: &Manifest) -> Result<()> {
+        self.block_on(async {
+            for (file, entry) in &manifest.files {
+                let path = self.path(manifest.step, file);
+                let name = format!("{}/{path}", self.url);
+                let bytes = self.get_bytes(&path).await?;
+                ensure!(
+                    bytes.len() as u64 == entry.bytes,
+                    "{name}: {} bytes, the manifest says {}",
+                    bytes.len(),
+                    entry.bytes
+                );
+                let crc = crc32c::crc32c(&bytes);
+                ensure!(
+                    crc == entry.crc32c,
+                    "{name}: checksum {crc:#010x} does not match the manifest's {:#010x} (the shard is corrupt)",
+                    entry.crc32c
+                );
+            }
+            Ok(())
+        })
+    }
+
+    /// The newest committed step whose files all verify. Each newer step that fails is skipped
+    /// with a warning naming the bad file, and listed in the result.
+    pub fn latest_valid(&self) -> Result<ResumePoint> {
+        let mut skipped = vec![];
+        for step in self.committed_steps()?.into_iter().rev() {
+            match self.manifest(step).and_then(|m| self.verify(&m).map(|()| m)) {
+                Ok(m) => return Ok(ResumePoint { manifest: Some(m), skipped }),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    warn!(step, error = %reason, "checkpoint unusable, falling back to an earlier step");
+                    skipped.push((step, reason));
+                }
+            }
+        }
+        Ok(ResumePoint { manifest: None, skipped })
+    }
+
+    /// Reads box `want` of tensor `name` (for a whole tensor, `Slice::whole(&entry.shape)`),
+    /// assembled from whatever pieces the writers held: any number of writers, any number of
+    /// readers.
+    pub fn read(&self, manifest: &Manifest, name: &str, want: &Slice) -> Result<TensorBuffer> {
+        let entry = manifest
+            .tensors
+            .get(name)
+            .with_context(|| format!("step {} of {} has no tensor `{name}`", manifest.step, self.url))?;
+        ensure!(want.fits(&entry.shape), "tensor `{name}`: {want:?} lies outside its shape {:?}", entry.shape);
+        let elem = entry.dtype.size_bytes();
+        let mut out = vec![0u8; want.numel() * elem];
+        self.block_on(async {
+            let mut headers: BTreeMap<&str, safetensors::Header> = BTreeMap::new();
+            for piece in &entry.pieces {
+                let Some(region) = piece.slice.intersect(want) else { continue };
+                if !headers.contains_key(piece.file.as_str()) {
+                    headers.insert(&piece.file, self.read_header(manifest, &piece.file).await?);
+                }
+                let header = &headers[piece.file.as_str()];
+                let file = format!("{}/{}/{}", self.url, step_dir(manifest.step), piece.file);
+                let (range, stored) = match (header.byte_range(name), header.tensors.get(name)) {
+                    (Some(r), Some(e)) => (r, e),
+                    _ => bail!("{file}: has no tensor `{name}` although the manifest says so"),
+                };
+                ensure!(
+                    stored.dtype == entry.dtype && stored.shape == piece.slice.shape,
+                    "{file}: tensor `{name}` is {:?}{:?}, the manifest says {:?}{:?}",
+                    stored.dtype,
+                    stored.shape,
+                    entry.dtype,
+                    piece.slice.shape
+                );
+                let path = self.path(manifest.step, &piece.file);
+                let bytes = self.store.get_range(&path, range).await.with_context(|| format!("reading {file}"))?;
+                copy_region(&piece.slice, &bytes, want, &mut out, &region, elem);
+            }
+            Ok::<_, anyhow::Error>(())
+        })?;
+        Ok(TensorBuffer::new(name, entry.dtype, want.shape.clone(), out)?)
+    }
+
+    async fn read_header(&self, manifest: &Manifest, file: &str) -> Result<safetensors::Header> {
+        let path = self.path(manifest.step, file);
+        let name = format!("{}/{path}", self.url);
+        let size = manifest.files.get(file).with_context(|| format!("{name}: not listed in the manifest"))?.bytes;
+        let first = self.store.get_range(&path, 0..8.min(size)).await.with_context(|| format!("reading {name}"))?;
+        let n = safetensors::header_len(&first, size, &name)?;
+        let json = self.store.get_range(&path, 8..8 + n).await.with_context(|| format!("reading {name}"))?;
+        safetensors::parse_header(&json, size, &name)
+    }
+
+    /// Deletes committed steps that the policy does not keep. Only complete checkpoints written
+    /// by bd3 are touched; the marker goes first, so an interrupted deletion never leaves
+    /// something that looks committed. Returns the deleted steps.
+    pub fn apply_retention(&self, policy: Retention) -> Result<Vec<u64>> {
+        ensure!(policy.keep_latest >= 2, "checkpoint.keep_latest is {}; at least 2 must be kept", policy.keep_latest);
+        let committed = self.committed_steps()?;
+        let cut = committed.len().saturating_sub(policy.keep_latest);
+        let mut deleted = vec![];
+        for &step in &committed[..cut] {
+            if policy.keep_every > 0 && step % policy.keep_every == 0 {
+                continue;
+            }
+            let manifest = match self.manifest(step) {
+                Ok(m) if m.writer == WRITER => m,
+                Ok(_) | Err(_) => {
+                    warn!(step, url = %self.url, "not deleting a checkpoint bd3 cannot vouch for having written");
+                    continue;
+                }
+            };
+            self.delete_committed(&manifest)?;
+            deleted.push(step);
+        }
+        Ok(deleted)
+    }
+
+    fn delete_committed(&self, manifest: &Manifest) -> Result<()> {
+        let step = manifest.step;
+        let mut files = vec![MARKER.to_string(), MANIFEST.to_string()];
+        files.extend(manifest.files.keys().cloned());
+        files.extend((0..manifest.world_size).map(rank_index));
+        self.delete_files(step, &files)?;
+        info!(step, url = %self.url, "deleted checkpoint (retention)");
+        Ok(())
+    }
+
+    fn delete_files(&self, step: u64, files: &[String]) -> Result<()> {
+        self.block_on(async {
+            for file in files {
+                match self.store.delete(&self.path(step, file)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("deleting {}/{}/{file}", self.url, step_dir(step)))
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(root) = &self.local_root {
+            // Staging files of a killed local writer are invisible to the object-store listing.
+            let dir = root.join(step_dir(step));
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    if e.file_name().to_str().is_some_and(is_ours) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&dir); // only succeeds when nothing foreign is left
+        }
+        Ok(())
+    }
+
+    /// Removes step directories that were never committed (a writer died mid-save). Call it only
+    /// when no save is in flight, e.g. when a run starts. Only files bd3 writes are deleted.
+    pub fn clean_partial(&self) -> Result<Vec<u64>> {
+        let mut cleaned = vec![];
+        for s in self.steps()?.into_iter().filter(|s| !s.committed) {
+            let listed: Vec<String> = self.block_on(async {
+                let prefix = self.prefix.clone().join(step_dir(s.step));
+                let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+                Ok::<_, object_store::Error>(
+                    objects.into_iter().filter_map(|o| o.location.filename().map(String::from)).collect(),
+                )
+            })?;
+            let ours: Vec<String> = listed.into_iter().filter(|n| is_ours(n)).collect();
+            warn!(step = s.step, files = ours.len(), url = %self.url, "removing an uncommitted checkpoint");
+            self.delete_files(s.step, &ours)?;
+            cleaned.push(s.step);
+        }
+        Ok(cleaned)
+    }
+}
+
+/// The directory a local checkpoint URL points at.
+fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(rest));
+    }
+    (!url.contains("://")).then(|| PathBuf::from(url))
+}

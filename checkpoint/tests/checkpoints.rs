@@ -1,0 +1,319 @@
+//! Checkpoint store behaviour on the local file system and on a real S3-compatible server:
+//! round trip, resharding across processes, a writer killed mid-save, a corrupt shard, retention,
+//! and the asynchronous saver.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use checkpoint::manifest::CheckpointMeta;
+use checkpoint::store::{LocalTensor, Retention, WriteOptions};
+use checkpoint::{AsyncSaver, CheckpointStore, DType, SaveJob, Slice, TensorBuffer};
+use dataloader::testing::{S3TestServer, TempDir};
+
+/// Deterministic test tensors: global shapes with odd row counts, a scalar, several dtypes.
+fn global_tensors(seed: u8) -> Vec<TensorBuffer> {
+    let specs: [(&str, DType, &[usize]); 5] = [
+        ("model.blocks.0.attn_qkv.weight", DType::F32, &[7, 5]),
+        ("model.vocab_embed.embedding", DType::BF16, &[11, 3]),
+        ("optim.exp_avg.bias", DType::F32, &[5]),
+        ("model.sampling_eps_min", DType::F64, &[]),
+        ("ema.norm.weight", DType::F16, &[2, 3, 4]),
+    ];
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, dtype, shape))| {
+            let n = shape.iter().product::<usize>() * dtype.size_bytes();
+            let data = (0..n).map(|j| (j as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add(i as u8)).collect();
+            TensorBuffer::new(*name, *dtype, shape.to_vec(), data).unwrap()
+        })
+        .collect()
+}
+
+/// Rank `rank` of `world`'s row slices of the tensors.
+fn rank_part(tensors: &[TensorBuffer], rank: usize, world: usize) -> Vec<LocalTensor> {
+    tensors.iter().filter_map(|t| slice_of(t, rank, world)).collect()
+}
+
+fn slice_of(t: &TensorBuffer, rank: usize, world: usize) -> Option<LocalTensor> {
+    let s = Slice::rows_part(&t.shape, rank, world)?;
+    let row_bytes = t.data.len() / t.shape.first().copied().unwrap_or(1).max(1);
+    let (start, len) = match t.shape.first() {
+        Some(_) => (s.offsets[0] * row_bytes, s.shape[0] * row_bytes),
+        None => (0, t.data.len()),
+    };
+    let buffer = TensorBuffer::new(&t.name, t.dtype, s.shape.clone(), t.data[start..start + len].to_vec()).unwrap();
+    Some(LocalTensor { buffer, global_shape: t.shape.clone(), offsets: s.offsets })
+}
+
+fn meta(tokens_seen: u64) -> CheckpointMeta {
+    CheckpointMeta { tokens_seen, config_hash: "test".into(), ..Default::default() }
+}
+
+fn save_whole(store: &CheckpointStore, step: u64, seed: u8) {
+    let tensors = global_tensors(seed).into_iter().map(LocalTensor::whole).collect();
+    store.save(step, 0, 1, tensors, Some(meta(step * 100)), WriteOptions::default()).unwrap();
+}
+
+/// Every tensor read back whole equals what was written.
+fn assert_round_trip(store: &CheckpointStore, step: u64, seed: u8) {
+    let manifest = store.manifest(step).unwrap();
+    store.verify(&manifest).unwrap();
+    for t in global_tensors(seed) {
+        let got = store.read(&manifest, &t.name, &Slice::whole(&t.shape)).unwrap();
+        assert_eq!(got, t, "tensor {}", t.name);
+    }
+}
+
+#[test]
+fn round_trip_on_local_disk_with_small_files() {
+    let dir = TempDir::new("ckpt-rt").unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    let tensors = global_tensors(1).into_iter().map(LocalTensor::whole).collect();
+    // Tiny files force one tensor per file: the manifest must still find each.
+    let opts = WriteOptions { max_file_bytes: 16, ..Default::default() };
+    let manifest = store.save(3, 0, 1, tensors, Some(meta(300)), opts).unwrap().unwrap();
+    assert!(manifest.files.len() >= 4, "{:?}", manifest.files.keys());
+    assert_eq!(manifest.meta.tokens_seen, 300);
+    assert_round_trip(&store, 3, 1);
+    assert_eq!(store.committed_steps().unwrap(), vec![3]);
+    // A sub-box of a tensor.
+    let t = &global_tensors(1)[0];
+    let want = Slice { offsets: vec![2, 1], shape: vec![3, 2] };
+    let got = store.read(&manifest, &t.name, &want).unwrap();
+    let expected: Vec<u8> = (2..5).flat_map(|r| t.data[(r * 5 + 1) * 4..(r * 5 + 3) * 4].to_vec()).collect();
+    assert_eq!(got.data, expected);
+}
+
+/// Entry point of the writer processes the tests below start (re-running this test binary);
+/// without the environment variables it does nothing.
+#[test]
+fn rank_writer_process() {
+    let (Ok(dir), Ok(rank), Ok(world)) =
+        (std::env::var("BD3_TEST_CKPT_DIR"), std::env::var("BD3_TEST_RANK"), std::env::var("BD3_TEST_WORLD"))
+    else {
+        return;
+    };
+    let (rank, world): (usize, usize) = (rank.parse().unwrap(), world.parse().unwrap());
+    let store = match std::env::var("BD3_TEST_S3_OPTIONS") {
+        Ok(opts) => CheckpointStore::open_with_options(&dir, serde_json::from_str(&opts).unwrap()).unwrap(),
+        Err(_) => CheckpointStore::open(&dir).unwrap(),
+    };
+    let step: u64 = std::env::var("BD3_TEST_STEP").unwrap().parse().unwrap();
+    let meta = (rank == 0).then(|| meta(step));
+    store.save(step, rank, world, rank_part(&global_tensors(7), rank, world), meta, WriteOptions::default()).unwrap();
+}
+
+fn writer_process(dir: &str, rank: usize, world: usize, step: u64, s3: Option<&S3TestServer>) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "rank_writer_process", "--nocapture", "--test-threads=1"])
+        .env("BD3_TEST_CKPT_DIR", dir)
+        .env("BD3_TEST_RANK", rank.to_string())
+        .env("BD3_TEST_WORLD", world.to_string())
+        .env("BD3_TEST_STEP", step.to_string());
+    if let Some(s3) = s3 {
+        cmd.env("BD3_TEST_S3_OPTIONS", serde_json::to_string(&s3.options()).unwrap());
+    }
+    cmd
+}
+
+/// Two writer processes, then readers as 1 and as 3 ranks: the same bytes.
+fn reshard(store: &CheckpointStore, url: &str, s3: Option<&S3TestServer>) {
+    let mut children: Vec<_> =
+        (0..2).map(|rank| writer_process(url, rank, 2, 5, s3).spawn().expect("starting a writer process")).collect();
+    for c in &mut children {
+        assert!(c.wait().unwrap().success());
+    }
+    let manifest = store.manifest(5).unwrap();
+    assert_eq!(manifest.world_size, 2);
+    store.verify(&manifest).unwrap();
+    for world in [1usize, 3] {
+        for t in global_tensors(7) {
+            let mut assembled = vec![];
+            for rank in 0..world {
+                if let Some(expected) = slice_of(&t, rank, world) {
+                    let got = store.read(&manifest, &t.name, &expected.slice()).unwrap();
+                    assert_eq!(got, expected.buffer, "{} for rank {rank} of {world}", t.name);
+                    assembled.extend(got.data);
+                }
+            }
+            assert_eq!(assembled, t.data, "{} reassembled from {world} readers", t.name);
+        }
+    }
+}
+
+#[test]
+fn written_by_two_processes_loads_on_one_and_three() {
+    let dir = TempDir::new("ckpt-reshard").unwrap();
+    let url = dir.path().to_str().unwrap().to_string();
+    reshard(&CheckpointStore::open(&url).unwrap(), &url, None);
+}
+
+#[test]
+fn a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable() {
+    let dir = TempDir::new("ckpt-kill").unwrap();
+    let url = dir.path().to_str().unwrap().to_string();
+    let store = CheckpointStore::open(&url).unwrap();
+    save_whole(&store, 1, 1);
+    // Rank 0 of 2 writes its part of step 2, then waits for rank 1, which never comes: kill it there.
+    let mut child = writer_process(&url, 0, 2, 2, None).spawn().unwrap();
+    let index = dir.path().join("step-0000000002/rank-00000.json");
+    let started = Instant::now();
+    while !index.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the writer never wrote its part");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let steps = store.steps().unwrap();
+    assert_eq!(steps.iter().map(|s| (s.step, s.committed)).collect::<Vec<_>>(), vec![(1, true), (2, false)]);
+    assert!(store.manifest(2).unwrap_err().to_string().contains("not committed"));
+    let resume = store.latest_valid().unwrap();
+    assert_eq!(resume.manifest.map(|m| m.step), Some(1));
+    assert_round_trip(&store, 1, 1);
+    // A file that is not ours stays, and so does its directory.
+    std::fs::write(dir.path().join("step-0000000002/notes.txt"), "mine").unwrap();
+    assert_eq!(store.clean_partial().unwrap(), vec![2]);
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("step-0000000002")).unwrap().flatten().collect();
+    assert_eq!(left.len(), 1, "only the foreign file is left");
+    std::fs::remove_file(dir.path().join("step-0000000002/notes.txt")).unwrap();
+    store.clean_partial().unwrap();
+    assert!(!dir.path().join("step-0000000002").exists());
+    assert_eq!(store.committed_steps().unwrap(), vec![1]);
+}
+
+#[test]
+fn a_flipped_byte_is_detected_and_resume_falls_back_naming_the_shard() {
+    let dir = TempDir::new("ckpt-flip").unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    save_whole(&store, 1, 1);
+    save_whole(&store, 2, 2);
+    let shard = dir.path().join("step-0000000002/rank-00000-000.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x10;
+    std::fs::write(&shard, bytes).unwrap();
+
+    let err = store.verify(&store.manifest(2).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("step-0000000002/rank-00000-000.safetensors") && err.contains("checksum"), "{err}");
+    let resume = store.latest_valid().unwrap();
+    assert_eq!(resume.manifest.as_ref().map(|m| m.step), Some(1));
+    assert_eq!(resume.skipped.len(), 1);
+    assert_eq!(resume.skipped[0].0, 2);
+    assert!(resume.skipped[0].1.contains("rank-00000-000.safetensors"), "{:?}", resume.skipped);
+}
+
+#[test]
+fn retention_keeps_the_latest_and_every_nth_and_only_deletes_its_own() {
+    let dir = TempDir::new("ckpt-keep").unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    for step in 1..=6 {
+        save_whole(&store, step, step as u8);
+    }
+    // Step 1 looks like someone else's checkpoint: never deleted.
+    let manifest = dir.path().join("step-0000000001/manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("\"writer\": \"bd3\"", "\"writer\": \"other\"");
+    std::fs::write(&manifest, &text).unwrap();
+    let marker = format!("{{\"manifest_crc32c\": {}}}\n", crc32c::crc32c(text.as_bytes()));
+    std::fs::write(dir.path().join("step-0000000001/COMMITTED"), marker).unwrap();
+    std::fs::write(dir.path().join("step-0000000003/notes.txt"), "mine").unwrap();
+
+    let deleted = store.apply_retention(Retention { keep_latest: 2, keep_every: 4 }).unwrap();
+    assert_eq!(deleted, vec![2, 3]);
+    assert_eq!(store.committed_steps().unwrap(), vec![1, 4, 5, 6]);
+    assert!(dir.path().join("step-0000000003/notes.txt").exists());
+    assert!(!dir.path().join("step-0000000002").exists());
+    assert!(store.apply_retention(Retention { keep_latest: 1, keep_every: 0 }).is_err());
+    for step in [4, 5, 6] {
+        assert_round_trip(&store, step, step as u8);
+    }
+}
+
+#[test]
+fn async_save_errors_surface_later_and_leave_the_previous_checkpoint() {
+    let dir = TempDir::new("ckpt-async").unwrap();
+    let store = std::sync::Arc::new(CheckpointStore::open(dir.path().to_str().unwrap()).unwrap());
+    let mut saver = AsyncSaver::new(store.clone());
+    let job = |step: u64, seed: u8| SaveJob {
+        step,
+        rank: 0,
+        world_size: 1,
+        tensors: global_tensors(seed).into_iter().map(LocalTensor::whole).collect(),
+        meta: Some(meta(step)),
+        options: WriteOptions::default(),
+        retention: Some(Retention { keep_latest: 2, keep_every: 0 }),
+    };
+    saver.save(job(1, 1)).unwrap();
+    assert_eq!(saver.wait().unwrap(), Some(1));
+    // A file where step 2's directory should be makes the upload fail.
+    std::fs::write(dir.path().join("step-0000000002"), "in the way").unwrap();
+    saver.save(job(2, 2)).unwrap();
+    let started = Instant::now();
+    let err = loop {
+        match saver.poll() {
+            Err(e) => break e,
+            Ok(Some(step)) => panic!("step {step} should have failed"),
+            Ok(None) => {
+                assert!(started.elapsed() < Duration::from_secs(60));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    assert!(format!("{err:#}").contains("step 2"), "{err:#}");
+    assert_eq!(store.committed_steps().unwrap(), vec![1]);
+    assert_round_trip(&store, 1, 1);
+    std::fs::remove_file(dir.path().join("step-0000000002")).unwrap();
+    saver.save(job(3, 3)).unwrap();
+    saver.save(job(4, 4)).unwrap(); // waits for 3 first: at most one in flight
+    saver.wait().unwrap();
+    assert_eq!(store.committed_steps().unwrap(), vec![3, 4]);
+}
+
+fn s3_store(server: &S3TestServer, url: &str) -> CheckpointStore {
+    CheckpointStore::open_with_options(url, server.options()).unwrap()
+}
+
+#[test]
+fn the_same_behaviour_on_an_s3_server() {
+    let server = S3TestServer::start().unwrap();
+    server.create_bucket("ckpt").unwrap();
+    let url = "s3://ckpt/runs/a";
+    let store = s3_store(&server, url);
+    for step in 1..=3 {
+        save_whole(&store, step, step as u8);
+    }
+    assert_round_trip(&store, 3, 3);
+    reshard(&store, url, Some(&server));
+
+    // Corrupt step 5's shard of rank 1 in the server's data directory: fallback to step 3.
+    let shard = server.root().join("ckpt/runs/a/step-0000000005/rank-00001-000.safetensors");
+    flip_last_byte(&shard);
+    let resume = store.latest_valid().unwrap();
+    assert_eq!(resume.manifest.map(|m| m.step), Some(3));
+    assert!(resume.skipped[0].1.contains("rank-00001-000.safetensors"), "{:?}", resume.skipped);
+
+    assert_eq!(store.apply_retention(Retention { keep_latest: 2, keep_every: 0 }).unwrap(), vec![1, 2]);
+    assert_eq!(store.committed_steps().unwrap(), vec![3, 5]);
+
+    // An uncommitted step on S3 is ignored, then cleaned.
+    let mut child = writer_process(url, 0, 2, 9, Some(&server)).spawn().unwrap();
+    let index = server.root().join("ckpt/runs/a/step-0000000009/rank-00000.json");
+    let started = Instant::now();
+    while !index.exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the writer never wrote its part");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(store.committed_steps().unwrap(), vec![3, 5]);
+    assert_eq!(store.clean_partial().unwrap(), vec![9]);
+    assert!(store.steps().unwrap().iter().all(|s| s.step != 9));
+}
+
+fn flip_last_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(path, bytes).unwrap();
+}

@@ -1,0 +1,141 @@
+//! Exact resume, export/import and refusals, through the `bd3` binary (built by `make test`),
+//! each run in a new process as after a preemption.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn bd3(args: &[&str]) -> Output {
+    let bin = repo_root().join("target/debug/bd3");
+    assert!(bin.exists(), "{} is missing: `make test` builds it first", bin.display());
+    Command::new(bin).args(args).output().expect("running bd3")
+}
+
+fn ok(out: Output) -> String {
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "bd3 failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    stdout.into_owned()
+}
+
+fn failure(out: Output) -> String {
+    assert!(!out.status.success(), "bd3 should have failed: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `bd3 train` on a small model (dropout on, so libtorch's RNG matters), validating and saving
+/// every 3 steps.
+fn train(run_dir: &Path, name: &str, steps: u64, extra: &[&str]) -> Output {
+    let root = repo_root();
+    let corpus = format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string());
+    let dir = format!("run.dir={:?}", run_dir.display().to_string());
+    let name = format!("run.name={name:?}");
+    let steps = format!("train.steps={steps}");
+    let mut args = vec!["train", "--config", "configs/tiny.toml"];
+    for s in [
+        corpus.as_str(),
+        &dir,
+        &name,
+        &steps,
+        "model.layers=2",
+        "model.seq_len=64",
+        "model.dropout=0.1",
+        "train.micro_batch=4",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "train.eval_batches=2",
+        "train.threads=2",
+        "checkpoint.every=3",
+        "checkpoint.keep_latest=2",
+    ] {
+        args.extend(["--set", s]);
+    }
+    args.extend(extra);
+    let root_str = root.to_str().unwrap().to_string();
+    let bin = root.join("target/debug/bd3");
+    Command::new(bin).current_dir(root_str).args(&args).output().expect("running bd3 train")
+}
+
+/// step → training loss from a run's metrics log.
+fn losses(run: &Path) -> BTreeMap<u64, f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["loss"].is_f64())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn resumed_training_is_bit_exact_and_exports_round_trip() {
+    let tmp = std::env::temp_dir().join(format!("bd3-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    // 6 steps straight; 3 steps, then a new process resumes for 3 more.
+    ok(train(&tmp, "straight", 6, &[]));
+    ok(train(&tmp, "split", 3, &[]));
+    let stderr = String::from_utf8_lossy(&train(&tmp, "split", 6, &["--resume", "auto"]).stderr).into_owned();
+    assert!(stderr.contains("resumed") && stderr.contains("step=3"), "{stderr}");
+
+    let (a, b) = (losses(&tmp.join("straight")), losses(&tmp.join("split")));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "per-step losses must be identical");
+    let read = |run: &str, file: &str| std::fs::read(tmp.join(run).join(file)).unwrap();
+    assert_eq!(read("straight", "model.safetensors"), read("split", "model.safetensors"), "final EMA weights");
+    let shard = "checkpoints/step-0000000006/rank-00000-000.safetensors";
+    assert_eq!(read("straight", shard), read("split", shard), "final weights, EMA and optimizer state");
+    // Retention kept the latest two.
+    let ckpts = tmp.join("split/checkpoints");
+    let ls = ok(bd3(&["ckpt", "ls", ckpts.to_str().unwrap()]));
+    assert!(ls.contains("committed") && !ls.contains("incomplete"), "{ls}");
+    ok(bd3(&["ckpt", "verify", ckpts.to_str().unwrap()]));
+
+    // Starting fresh over existing checkpoints is refused; so is a model of other shapes.
+    let err = failure(train(&tmp, "split", 9, &[]));
+    assert!(err.contains("--resume auto"), "{err}");
+    let err = failure(train(&tmp, "split", 9, &["--resume", "auto", "--set", "model.hidden=64"]));
+    assert!(err.contains("model.hidden"), "{err}");
+
+    // Export → import → export gives the same bytes, under the model's own key names and shapes.
+    let first = tmp.join("first.safetensors");
+    let second = tmp.join("second.safetensors");
+    ok(bd3(&["ckpt", "export", ckpts.to_str().unwrap(), "--out", first.to_str().unwrap()]));
+    let imported = tmp.join("imported");
+    let cfg = tmp.join("split/config.toml");
+    ok(bd3(&[
+        "ckpt",
+        "import",
+        first.to_str().unwrap(),
+        imported.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]));
+    ok(bd3(&["ckpt", "export", imported.to_str().unwrap(), "--out", second.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap());
+    // The export holds exactly the EMA weights the run saved as model.safetensors.
+    let exported: BTreeMap<String, tch::Tensor> = tch::Tensor::read_safetensors(&first).unwrap().into_iter().collect();
+    let saved: BTreeMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(tmp.join("split/model.safetensors")).unwrap().into_iter().collect();
+    assert_eq!(exported.keys().collect::<Vec<_>>(), saved.keys().collect::<Vec<_>>());
+    for (k, t) in &exported {
+        assert_eq!(t.size(), saved[k].size(), "{k}");
+        assert!(t.equal(&saved[k]), "{k}");
+    }
+    // An import checked against a different model names the problem.
+    let err = failure(bd3(&[
+        "ckpt",
+        "import",
+        first.to_str().unwrap(),
+        tmp.join("bad").to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "model.layers=3",
+    ]));
+    assert!(err.contains("blocks.2"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
