@@ -1,6 +1,7 @@
 //! `bd3`: the command line. Parsing and dispatch only; the work lives in the library crates.
 
 mod ckpt;
+mod prepare;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ enum Command {
     #[command(subcommand)]
     Ckpt(ckpt::Ckpt),
     /// Tokenize a text corpus into Parquet shards and an index.json (see dataloader).
+    Prepare(prepare::PrepareArgs),
     /// Evaluate trained weights.
     #[command(subcommand)]
     Eval(Eval),
@@ -151,6 +153,7 @@ fn main() -> Result<()> {
             println!("run directory: {}", outcome.run_dir.display());
         }
         Command::Ckpt(c) => ckpt::run(c)?,
+        Command::Prepare(args) => prepare::run(args)?,
         Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
             let cfg = config.load()?;
             let (model, _vs, _device) = load_model(&cfg, &weights)?;

@@ -1,0 +1,78 @@
+//! `bd3 prepare`: parsing only; the work is `dataloader::prepare`.
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use dataloader::{Framing, PrepareConfig};
+
+#[derive(Args)]
+pub struct PrepareArgs {
+    /// The text corpus: a .txt (one document), .jsonl (one per line) or .parquet (one per row)
+    /// file, or a directory or object-store prefix of them, read in path order.
+    #[arg(long)]
+    input: String,
+    /// Where the shards and index.json go: a path, or an s3://, gs://, az://, file:// URL.
+    #[arg(long)]
+    output: String,
+    /// Tokens per sequence (L).
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Hold out the last N documents as the validation split (OpenWebText: 100000).
+    #[arg(long, default_value_t = 0)]
+    valid_documents: u64,
+    /// The JSONL field or Parquet column with the text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// `wrap`: plain pieces of L tokens; `bos-eos`: BOS, L-2 tokens, EOS.
+    #[arg(long, value_enum, default_value_t = FramingArg::Wrap)]
+    framing: FramingArg,
+    /// Sequences per row group (default: about 1M tokens).
+    #[arg(long)]
+    row_group_sequences: Option<usize>,
+    /// Sequences per shard, a multiple of the row group's (default: 64 row groups).
+    #[arg(long)]
+    shard_sequences: Option<usize>,
+    /// Tokenizer threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FramingArg {
+    Wrap,
+    BosEos,
+}
+
+pub fn run(args: PrepareArgs) -> Result<()> {
+    let mut c = PrepareConfig::new(&args.input, &args.output, args.seq_len);
+    if let Some(n) = args.row_group_sequences {
+        c.row_group_sequences = n;
+        c.shard_sequences = 64 * n;
+    }
+    c.shard_sequences = args.shard_sequences.unwrap_or(c.shard_sequences);
+    c.valid_documents = args.valid_documents;
+    c.text_field = args.text_field;
+    c.framing = match args.framing {
+        FramingArg::Wrap => Framing::Wrap,
+        FramingArg::BosEos => Framing::BosEos,
+    };
+    c.threads = args.threads;
+    // The program's own path varies between machines; the manifest records `bd3` and the args.
+    let words = std::iter::once("bd3".to_string()).chain(std::env::args().skip(1));
+    c.command =
+        words.map(|a| if a.contains(char::is_whitespace) { format!("{a:?}") } else { a }).collect::<Vec<_>>().join(" ");
+    let s = dataloader::prepare(&c)?;
+    let m = &s.manifest;
+    println!(
+        "{}: {} train and {} validation sequences of {} tokens ({} documents held out); {:.1} MB of text in {:.1} s ({:.1} MB/s){}",
+        args.output,
+        m.train.sequences,
+        m.valid.sequences,
+        m.seq_len,
+        m.valid.documents,
+        s.text_bytes as f64 / 1e6,
+        s.seconds,
+        s.text_bytes as f64 / 1e6 / s.seconds.max(1e-9),
+        if s.resumed_shards > 0 { format!("; {} shards kept from an earlier run", s.resumed_shards) } else { String::new() }
+    );
+    Ok(())
+}
