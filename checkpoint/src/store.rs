@@ -9,6 +9,9 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,35 +154,141 @@ impl CheckpointStore {
         self.prefix.clone().join(step_dir(step)).join(file)
     }
 
+    /// `url/step-…/file`, for messages.
+    fn display(&self, step: u64, file: &str) -> String {
+        format!("{}/{}/{file}", self.url, step_dir(step))
+    }
+
     fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         self.runtime.block_on(f)
     }
 
-    async fn get_bytes(&self, path: &Path) -> Result<Bytes> {
-        let got = self.store.get(path).await.with_context(|| format!("reading {}/{path}", self.url))?;
-        Ok(got.bytes().await.with_context(|| format!("reading {}/{path}", self.url))?)
+    // ---- I/O primitives: std::fs for local locations (object_store's local backend moved data
+    // several times slower than plain file I/O), object_store for everything else. ----------------
+
+    /// Writes a file atomically: readers see the whole file or none.
+    async fn put_file(&self, step: u64, file: &str, chunks: Vec<Bytes>) -> Result<()> {
+        let name = self.display(step, file);
+        if let Some(root) = &self.local_root {
+            let dir = root.join(step_dir(step));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            // Staged under a `#` name (never listed as ours-and-complete), then renamed.
+            let staged = dir.join(format!("{file}#{}", std::process::id()));
+            let mut f = std::fs::File::create(&staged).with_context(|| format!("writing {name}"))?;
+            for c in &chunks {
+                f.write_all(c).with_context(|| format!("writing {name}"))?;
+            }
+            drop(f);
+            std::fs::rename(&staged, dir.join(file)).with_context(|| format!("writing {name}"))?;
+            return Ok(());
+        }
+        self.store
+            .put(&self.path(step, file), PutPayload::from_iter(chunks))
+            .await
+            .with_context(|| format!("writing {name}"))?;
+        Ok(())
+    }
+
+    /// A whole file, or `None` if it does not exist.
+    async fn get_file(&self, step: u64, file: &str) -> Result<Option<Bytes>> {
+        let name = self.display(step, file);
+        if let Some(root) = &self.local_root {
+            return match std::fs::read(root.join(step_dir(step)).join(file)) {
+                Ok(b) => Ok(Some(Bytes::from(b))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e).with_context(|| format!("reading {name}")),
+            };
+        }
+        match self.store.get(&self.path(step, file)).await {
+            Ok(got) => Ok(Some(got.bytes().await.with_context(|| format!("reading {name}"))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {name}")),
+        }
+    }
+
+    async fn get_ranges(&self, step: u64, file: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        let name = self.display(step, file);
+        if let Some(root) = &self.local_root {
+            let f =
+                std::fs::File::open(root.join(step_dir(step)).join(file)).with_context(|| format!("reading {name}"))?;
+            return ranges
+                .iter()
+                .map(|r| {
+                    let mut buf = vec![0u8; (r.end - r.start) as usize];
+                    f.read_exact_at(&mut buf, r.start).with_context(|| format!("reading {name} at {r:?}"))?;
+                    Ok(Bytes::from(buf))
+                })
+                .collect();
+        }
+        self.store.get_ranges(&self.path(step, file), ranges).await.with_context(|| format!("reading {name}"))
+    }
+
+    async fn exists(&self, step: u64, file: &str) -> Result<bool> {
+        if let Some(root) = &self.local_root {
+            return Ok(root.join(step_dir(step)).join(file).is_file());
+        }
+        match self.store.head(&self.path(step, file)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("checking {}", self.display(step, file))),
+        }
+    }
+
+    async fn delete_file(&self, step: u64, file: &str) -> Result<()> {
+        let result = match &self.local_root {
+            Some(root) => match std::fs::remove_file(root.join(step_dir(step)).join(file)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::from(e)),
+                _ => Ok(()),
+            },
+            None => match self.store.delete(&self.path(step, file)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            },
+        };
+        result.with_context(|| format!("deleting {}", self.display(step, file)))
+    }
+
+    /// The step numbers of every `step-…` directory.
+    async fn list_steps(&self) -> Result<Vec<u64>> {
+        let parse = |n: &str| n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok());
+        if let Some(root) = &self.local_root {
+            let entries = match std::fs::read_dir(root) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+                Err(e) => return Err(e).with_context(|| format!("listing {}", self.url)),
+            };
+            return Ok(entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().and_then(parse))
+                .collect());
+        }
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&self.prefix))
+            .await
+            .with_context(|| format!("listing {}", self.url))?;
+        Ok(listing.common_prefixes.iter().filter_map(|d| d.filename().and_then(parse)).collect())
+    }
+
+    /// The names of the files in a step directory (staging files of a local writer included).
+    async fn list_files(&self, step: u64) -> Result<Vec<String>> {
+        if let Some(root) = &self.local_root {
+            let entries = std::fs::read_dir(root.join(step_dir(step)))
+                .with_context(|| format!("listing {}", self.display(step, "")))?;
+            return Ok(entries.flatten().filter_map(|e| e.file_name().to_str().map(String::from)).collect());
+        }
+        let prefix = self.prefix.clone().join(step_dir(step));
+        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(objects.into_iter().filter_map(|o| o.location.filename().map(String::from)).collect())
     }
 
     /// Every step directory, committed or not, in increasing order.
     pub fn steps(&self) -> Result<Vec<StepStatus>> {
         self.block_on(async {
-            let listing = self
-                .store
-                .list_with_delimiter(Some(&self.prefix))
-                .await
-                .with_context(|| format!("listing {}", self.url))?;
-            let mut steps = Vec::new();
-            for dir in listing.common_prefixes {
-                let Some(step) = dir.filename().and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse().ok())
-                else {
-                    continue;
-                };
-                let committed = match self.store.head(&self.path(step, MARKER)).await {
-                    Ok(_) => true,
-                    Err(object_store::Error::NotFound { .. }) => false,
-                    Err(e) => return Err(e).with_context(|| format!("checking step {step} in {}", self.url)),
-                };
-                steps.push(StepStatus { step, committed });
+            let mut steps = vec![];
+            for step in self.list_steps().await? {
+                steps.push(StepStatus { step, committed: self.exists(step, MARKER).await? });
             }
             steps.sort_by_key(|s| s.step);
             Ok(steps)
@@ -251,16 +360,11 @@ impl CheckpointStore {
                     crc = crc32c::crc32c_append(crc, c);
                     bytes += c.len() as u64;
                 }
-                let path = self.path(step, &file);
-                self.store
-                    .put(&path, PutPayload::from_iter(chunks))
-                    .await
-                    .with_context(|| format!("writing {}/{path}", self.url))?;
+                self.put_file(step, &file, chunks).await?;
                 index.files.insert(file, FileEntry { rank, bytes, crc32c: crc });
             }
-            let path = self.path(step, &rank_index(rank));
             let json = serde_json::to_vec_pretty(&index)?;
-            self.store.put(&path, json.into()).await.with_context(|| format!("writing {}/{path}", self.url))?;
+            self.put_file(step, &rank_index(rank), vec![json.into()]).await?;
             Ok::<_, anyhow::Error>(())
         })?;
         Ok(index)
@@ -273,24 +377,17 @@ impl CheckpointStore {
         let ranks = self.block_on(async {
             let mut ranks = Vec::with_capacity(world_size);
             for rank in 0..world_size {
-                let path = self.path(step, &rank_index(rank));
                 loop {
-                    match self.store.get(&path).await {
-                        Ok(got) => {
-                            let bytes = got.bytes().await?;
-                            let index: RankIndex = serde_json::from_slice(&bytes)
-                                .with_context(|| format!("{}/{path}: not a rank index", self.url))?;
-                            ranks.push(index);
-                            break;
-                        }
-                        Err(object_store::Error::NotFound { .. }) if started.elapsed() < timeout => {
-                            tokio::time::sleep(Duration::from_millis(20)).await
-                        }
-                        Err(object_store::Error::NotFound { .. }) => {
-                            bail!("step {step}: rank {rank} did not finish writing within {timeout:?}")
-                        }
-                        Err(e) => return Err(e).with_context(|| format!("reading {}/{path}", self.url)),
+                    if let Some(bytes) = self.get_file(step, &rank_index(rank)).await? {
+                        let index: RankIndex = serde_json::from_slice(&bytes)
+                            .with_context(|| format!("{}: not a rank index", self.display(step, &rank_index(rank))))?;
+                        ranks.push(index);
+                        break;
                     }
+                    if started.elapsed() >= timeout {
+                        bail!("step {step}: rank {rank} did not finish writing within {timeout:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
             Ok(ranks)
@@ -299,9 +396,8 @@ impl CheckpointStore {
         let json = serde_json::to_vec_pretty(&manifest)?;
         let marker = format!("{{\"manifest_crc32c\": {}}}\n", crc32c::crc32c(&json));
         self.block_on(async {
-            self.store.put(&self.path(step, MANIFEST), json.into()).await?;
-            self.store.put(&self.path(step, MARKER), marker.into_bytes().into()).await?;
-            Ok::<_, object_store::Error>(())
+            self.put_file(step, MANIFEST, vec![json.into()]).await?;
+            self.put_file(step, MARKER, vec![marker.into_bytes().into()]).await
         })
         .with_context(|| format!("committing step {step} in {}", self.url))?;
         info!(step, bytes = manifest.total_bytes(), url = %self.url, "checkpoint committed");
@@ -328,10 +424,13 @@ impl CheckpointStore {
     /// The manifest of a committed step.
     pub fn manifest(&self, step: u64) -> Result<Manifest> {
         let (marker, json) = self.block_on(async {
-            let marker = self.get_bytes(&self.path(step, MARKER)).await.with_context(|| {
+            let marker = self.get_file(step, MARKER).await?.with_context(|| {
                 format!("step {step} of {} is not committed (no {MARKER} marker): it was never finished", self.url)
             })?;
-            let json = self.get_bytes(&self.path(step, MANIFEST)).await?;
+            let json = self
+                .get_file(step, MANIFEST)
+                .await?
+                .with_context(|| format!("{} is missing", self.display(step, MANIFEST)))?;
             Ok::<_, anyhow::Error>((marker, json))
         })?;
         let file = format!("{}/{}/{MANIFEST}", self.url, step_dir(step));
@@ -356,9 +455,8 @@ impl CheckpointStore {
     pub fn verify(&self, manifest: &Manifest) -> Result<()> {
         self.block_on(async {
             for (file, entry) in &manifest.files {
-                let path = self.path(manifest.step, file);
-                let name = format!("{}/{path}", self.url);
-                let bytes = self.get_bytes(&path).await?;
+                let name = self.display(manifest.step, file);
+                let bytes = self.get_file(manifest.step, file).await?.with_context(|| format!("{name} is missing"))?;
                 ensure!(
                     bytes.len() as u64 == entry.bytes,
                     "{name}: {} bytes, the manifest says {}",
@@ -397,51 +495,85 @@ impl CheckpointStore {
     /// assembled from whatever pieces the writers held: any number of writers, any number of
     /// readers.
     pub fn read(&self, manifest: &Manifest, name: &str, want: &Slice) -> Result<TensorBuffer> {
-        let entry = manifest
-            .tensors
-            .get(name)
-            .with_context(|| format!("step {} of {} has no tensor `{name}`", manifest.step, self.url))?;
-        ensure!(want.fits(&entry.shape), "tensor `{name}`: {want:?} lies outside its shape {:?}", entry.shape);
-        let elem = entry.dtype.size_bytes();
-        let mut out = vec![0u8; want.numel() * elem];
-        self.block_on(async {
-            let mut headers: BTreeMap<&str, safetensors::Header> = BTreeMap::new();
+        let mut out = self.read_many(manifest, &[(name.to_string(), want.clone())])?;
+        Ok(out.pop().expect("one request, one buffer"))
+    }
+
+    /// Reads several boxes at once: each file's header is read once and all the byte ranges
+    /// needed from a file are fetched in one request (a rank's whole state loads this way).
+    pub fn read_many(&self, manifest: &Manifest, requests: &[(String, Slice)]) -> Result<Vec<TensorBuffer>> {
+        let step_url = format!("{}/{}", self.url, step_dir(manifest.step));
+        // Which piece of which file each request needs: (request, piece).
+        let mut by_file: BTreeMap<&str, Vec<(usize, &Piece)>> = BTreeMap::new();
+        let mut outs = Vec::with_capacity(requests.len());
+        for (i, (name, want)) in requests.iter().enumerate() {
+            let entry = manifest
+                .tensors
+                .get(name)
+                .with_context(|| format!("step {} of {} has no tensor `{name}`", manifest.step, self.url))?;
+            ensure!(want.fits(&entry.shape), "tensor `{name}`: {want:?} lies outside its shape {:?}", entry.shape);
             for piece in &entry.pieces {
-                let Some(region) = piece.slice.intersect(want) else { continue };
-                if !headers.contains_key(piece.file.as_str()) {
-                    headers.insert(&piece.file, self.read_header(manifest, &piece.file).await?);
+                if piece.slice.intersect(want).is_some() {
+                    by_file.entry(piece.file.as_str()).or_default().push((i, piece));
                 }
-                let header = &headers[piece.file.as_str()];
-                let file = format!("{}/{}/{}", self.url, step_dir(manifest.step), piece.file);
-                let (range, stored) = match (header.byte_range(name), header.tensors.get(name)) {
-                    (Some(r), Some(e)) => (r, e),
-                    _ => bail!("{file}: has no tensor `{name}` although the manifest says so"),
-                };
-                ensure!(
-                    stored.dtype == entry.dtype && stored.shape == piece.slice.shape,
-                    "{file}: tensor `{name}` is {:?}{:?}, the manifest says {:?}{:?}",
-                    stored.dtype,
-                    stored.shape,
-                    entry.dtype,
-                    piece.slice.shape
-                );
-                let path = self.path(manifest.step, &piece.file);
-                let bytes = self.store.get_range(&path, range).await.with_context(|| format!("reading {file}"))?;
-                copy_region(&piece.slice, &bytes, want, &mut out, &region, elem);
+            }
+            outs.push(None::<Vec<u8>>);
+        }
+        self.block_on(async {
+            for (file, needs) in by_file {
+                let header = self.read_header(manifest, file).await?;
+                let name_of = |i: usize| requests[i].0.as_str();
+                let mut ranges = Vec::with_capacity(needs.len());
+                for &(i, piece) in &needs {
+                    let (name, entry) = (name_of(i), &manifest.tensors[name_of(i)]);
+                    let (range, stored) = match (header.byte_range(name), header.tensors.get(name)) {
+                        (Some(r), Some(e)) => (r, e),
+                        _ => bail!("{step_url}/{file}: has no tensor `{name}` although the manifest says so"),
+                    };
+                    ensure!(
+                        stored.dtype == entry.dtype && stored.shape == piece.slice.shape,
+                        "{step_url}/{file}: tensor `{name}` is {:?}{:?}, the manifest says {:?}{:?}",
+                        stored.dtype,
+                        stored.shape,
+                        entry.dtype,
+                        piece.slice.shape
+                    );
+                    ranges.push(range);
+                }
+                let chunks = self.get_ranges(manifest.step, file, &ranges).await?;
+                for ((i, piece), bytes) in needs.into_iter().zip(chunks) {
+                    let want = &requests[i].1;
+                    if piece.slice == *want {
+                        // The common case (same process layout as the writer): no copy.
+                        outs[i] = Some(Vec::from(bytes));
+                        continue;
+                    }
+                    let region = piece.slice.intersect(want).expect("selected for overlapping");
+                    let elem = manifest.tensors[name_of(i)].dtype.size_bytes();
+                    let out = outs[i].get_or_insert_with(|| vec![0u8; want.numel() * elem]);
+                    copy_region(&piece.slice, &bytes, want, out, &region, elem);
+                }
             }
             Ok::<_, anyhow::Error>(())
         })?;
-        Ok(TensorBuffer::new(name, entry.dtype, want.shape.clone(), out)?)
+        requests
+            .iter()
+            .zip(outs)
+            .map(|((name, want), data)| {
+                let dtype = manifest.tensors[name].dtype;
+                let data = data.unwrap_or_else(|| vec![0u8; want.numel() * dtype.size_bytes()]);
+                Ok(TensorBuffer::new(name.as_str(), dtype, want.shape.clone(), data)?)
+            })
+            .collect()
     }
 
     async fn read_header(&self, manifest: &Manifest, file: &str) -> Result<safetensors::Header> {
-        let path = self.path(manifest.step, file);
-        let name = format!("{}/{path}", self.url);
+        let name = self.display(manifest.step, file);
         let size = manifest.files.get(file).with_context(|| format!("{name}: not listed in the manifest"))?.bytes;
-        let first = self.store.get_range(&path, 0..8.min(size)).await.with_context(|| format!("reading {name}"))?;
-        let n = safetensors::header_len(&first, size, &name)?;
-        let json = self.store.get_range(&path, 8..8 + n).await.with_context(|| format!("reading {name}"))?;
-        safetensors::parse_header(&json, size, &name)
+        let first = self.get_ranges(manifest.step, file, &[0..8.min(size)]).await?;
+        let n = safetensors::header_len(&first[0], size, &name)?;
+        let json = self.get_ranges(manifest.step, file, &[8..8 + n]).await?;
+        safetensors::parse_header(&json[0], size, &name)
     }
 
     /// Deletes committed steps that the policy does not keep. Only complete checkpoints written
@@ -482,26 +614,12 @@ impl CheckpointStore {
     fn delete_files(&self, step: u64, files: &[String]) -> Result<()> {
         self.block_on(async {
             for file in files {
-                match self.store.delete(&self.path(step, file)).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("deleting {}/{}/{file}", self.url, step_dir(step)))
-                    }
-                }
+                self.delete_file(step, file).await?;
             }
-            Ok(())
+            Ok::<_, anyhow::Error>(())
         })?;
         if let Some(root) = &self.local_root {
-            // Staging files of a killed local writer are invisible to the object-store listing.
-            let dir = root.join(step_dir(step));
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for e in entries.flatten() {
-                    if e.file_name().to_str().is_some_and(is_ours) {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-            }
-            let _ = std::fs::remove_dir(&dir); // only succeeds when nothing foreign is left
+            let _ = std::fs::remove_dir(root.join(step_dir(step))); // only succeeds when nothing foreign is left
         }
         Ok(())
     }
@@ -511,13 +629,7 @@ impl CheckpointStore {
     pub fn clean_partial(&self) -> Result<Vec<u64>> {
         let mut cleaned = vec![];
         for s in self.steps()?.into_iter().filter(|s| !s.committed) {
-            let listed: Vec<String> = self.block_on(async {
-                let prefix = self.prefix.clone().join(step_dir(s.step));
-                let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
-                Ok::<_, object_store::Error>(
-                    objects.into_iter().filter_map(|o| o.location.filename().map(String::from)).collect(),
-                )
-            })?;
+            let listed = self.block_on(self.list_files(s.step))?;
             let ours: Vec<String> = listed.into_iter().filter(|n| is_ours(n)).collect();
             warn!(step = s.step, files = ours.len(), url = %self.url, "removing an uncommitted checkpoint");
             self.delete_files(s.step, &ours)?;

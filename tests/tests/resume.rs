@@ -29,6 +29,10 @@ fn failure(out: Output) -> String {
 /// `bd3 train` on a small model (dropout on, so libtorch's RNG matters), validating and saving
 /// every 3 steps.
 fn train(run_dir: &Path, name: &str, steps: u64, extra: &[&str]) -> Output {
+    train_with_env(run_dir, name, steps, extra, &[])
+}
+
+fn train_with_env(run_dir: &Path, name: &str, steps: u64, extra: &[&str], env: &[(String, String)]) -> Output {
     let root = repo_root();
     let corpus = format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string());
     let dir = format!("run.dir={:?}", run_dir.display().to_string());
@@ -56,7 +60,7 @@ fn train(run_dir: &Path, name: &str, steps: u64, extra: &[&str]) -> Output {
     args.extend(extra);
     let root_str = root.to_str().unwrap().to_string();
     let bin = root.join("target/debug/bd3");
-    Command::new(bin).current_dir(root_str).args(&args).output().expect("running bd3 train")
+    Command::new(bin).current_dir(root_str).args(&args).envs(env.iter().cloned()).output().expect("running bd3 train")
 }
 
 /// step → training loss from a run's metrics log.
@@ -137,5 +141,26 @@ fn resumed_training_is_bit_exact_and_exports_round_trip() {
         "model.layers=3",
     ]));
     assert!(err.contains("blocks.2"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn training_resumes_exactly_from_an_s3_server() {
+    let server = dataloader::testing::S3TestServer::start().unwrap();
+    server.create_bucket("runs").unwrap();
+    // Credentials and endpoint reach bd3 the standard way: AWS_* environment variables.
+    let env: Vec<(String, String)> = server.options().into_iter().map(|(k, v)| (k.to_uppercase(), v)).collect();
+    let tmp = std::env::temp_dir().join(format!("bd3-resume-s3-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let s3 = ["--set", "checkpoint.url=s3://runs/split/checkpoints"];
+    ok(train(&tmp, "straight", 6, &[]));
+    ok(train_with_env(&tmp, "split", 3, &s3, &env));
+    ok(train_with_env(&tmp, "split", 6, &[&s3[..], &["--resume", "auto"]].concat(), &env));
+    assert_eq!(losses(&tmp.join("straight")), losses(&tmp.join("split")));
+    let read = |run: &str| std::fs::read(tmp.join(run).join("model.safetensors")).unwrap();
+    assert_eq!(read("straight"), read("split"));
+    // The checkpoints live on the server (its data directory), not on local disk.
+    assert!(server.root().join("runs/split/checkpoints/step-0000000006/COMMITTED").is_file());
+    assert!(!tmp.join("split/checkpoints").exists());
     std::fs::remove_dir_all(&tmp).unwrap();
 }

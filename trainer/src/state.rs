@@ -146,22 +146,32 @@ impl TrainState<'_> {
     /// Loads every tensor of the checkpoint into place. A checkpoint without optimizer state
     /// (imported weights) leaves the optimizer fresh; without EMA, the EMA starts from the weights.
     pub fn load(&mut self, store: &CheckpointStore, manifest: &Manifest) -> Result<()> {
-        let read = |name: &str, t: &Tensor| -> Result<bool> {
-            let Some(entry) = manifest.tensors.get(name) else { return Ok(false) };
-            let buffer = store.read(manifest, name, &Slice::whole(&entry.shape))?;
-            load_into(t, &buffer).with_context(|| format!("loading step {} from {}", manifest.step, store.url()))?;
-            Ok(true)
-        };
+        let mut targets: Vec<(String, Tensor)> = vec![];
         for (name, t) in self.vs.variables() {
-            ensure!(read(&format!("model.{name}"), &t)?, "step {} has no tensor `model.{name}`", manifest.step);
+            ensure!(
+                manifest.tensors.contains_key(&format!("model.{name}")),
+                "step {} has no tensor `model.{name}`",
+                manifest.step
+            );
+            targets.push((format!("model.{name}"), t));
         }
         for (i, name) in self.names.iter().enumerate() {
-            if !read(&format!("ema.{name}"), &self.ema.shadow[i])? {
+            let ema = format!("ema.{name}");
+            if !manifest.tensors.contains_key(&ema) {
                 let live = self.vs.variables()[name].detach().copy();
                 tch::no_grad(|| self.ema.shadow[i].copy_(&live));
             }
-            read(&format!("optim.exp_avg.{name}"), &self.optimizer.exp_avg[i])?;
-            read(&format!("optim.exp_avg_sq.{name}"), &self.optimizer.exp_avg_sq[i])?;
+            targets.push((ema, self.ema.shadow[i].shallow_clone()));
+            targets.push((format!("optim.exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
+            targets.push((format!("optim.exp_avg_sq.{name}"), self.optimizer.exp_avg_sq[i].shallow_clone()));
+        }
+        targets.retain(|(key, _)| manifest.tensors.contains_key(key));
+        let requests: Vec<(String, Slice)> =
+            targets.iter().map(|(key, _)| (key.clone(), Slice::whole(&manifest.tensors[key].shape))).collect();
+        let buffers = store.read_many(manifest, &requests)?;
+        for ((_, target), buffer) in targets.iter().zip(&buffers) {
+            load_into(target, buffer)
+                .with_context(|| format!("loading step {} from {}", manifest.step, store.url()))?;
         }
         Ok(())
     }
