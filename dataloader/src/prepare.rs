@@ -76,6 +76,7 @@ pub struct PrepareConfig {
 
 impl PrepareConfig {
     pub fn new(input: &str, output: &str, seq_len: usize) -> Self {
+        let row_group_sequences = ((1 << 20) / seq_len.max(1)).max(1);
         Self {
             input: input.to_string(),
             output: output.to_string(),
@@ -83,9 +84,10 @@ impl PrepareConfig {
             valid_documents: 0,
             text_field: "text".to_string(),
             framing: Framing::Wrap,
-            // About 64M tokens (≈ 100 MB) per shard and 1M tokens (≈ 1.5 MB) per row group.
-            shard_sequences: (1 << 26) / seq_len.max(1),
-            row_group_sequences: ((1 << 20) / seq_len.max(1)).max(1),
+            // About 1M tokens (≈ 1.5 MB) per row group and 16 row groups (≈ 25 MB) per shard:
+            // prepare holds two shards of u32 tokens in memory (one filling, one being written).
+            shard_sequences: 16 * row_group_sequences,
+            row_group_sequences,
             threads: 0,
             command: String::new(),
             store_options: Vec::new(),
@@ -577,9 +579,7 @@ fn documents(file: &InputFile, bytes: Bytes, field: &str) -> Result<Vec<String>>
 /// Cuts the token stream into sequences and shards, and records each shard in the journal.
 struct Packer<'a> {
     config: &'a PrepareConfig,
-    rt: &'a Runtime,
-    out: &'a StoreUrl,
-    journal: Journal,
+    writer: ShardWriter,
     train_docs: u64,
     /// The split of the documents being packed.
     split: SplitName,
@@ -596,14 +596,12 @@ struct Packer<'a> {
 }
 
 impl<'a> Packer<'a> {
-    fn new(config: &'a PrepareConfig, rt: &'a Runtime, out: &'a StoreUrl, journal: Journal, train_docs: u64) -> Self {
+    fn new(config: &'a PrepareConfig, rt: &Runtime, out: &StoreUrl, journal: Journal, train_docs: u64) -> Self {
         let position = journal.position;
         let split = if position.doc < train_docs { SplitName::Train } else { SplitName::Valid };
         Self {
             config,
-            rt,
-            out,
-            journal,
+            writer: ShardWriter::start(config, rt, out, journal),
             train_docs,
             split,
             position,
@@ -689,39 +687,14 @@ impl<'a> Packer<'a> {
         };
     }
 
-    /// Writes the sequences gathered so far as the next shard of the current split.
+    /// Hands the sequences gathered so far to the writer as the next shard of the current split.
     fn write_shard(&mut self) -> Result<()> {
         if self.sequences.is_empty() {
             return Ok(());
         }
-        let (list, prefix) = match self.split {
-            SplitName::Train => (&self.journal.train, "train"),
-            SplitName::Valid => (&self.journal.valid, "valid"),
-        };
-        let name = format!("{prefix}-{:05}.parquet", list.len());
-        let (bytes, info) =
-            shard::encode_with_info(&self.sequences, self.config.seq_len, self.config.row_group_sequences, &name)?;
-        self.sequences.clear();
-        let out = self.out;
-        self.rt.block_on(async {
-            // One put: the shard appears whole or not at all (a local file is renamed into place).
-            out.store
-                .put(&out.child(&name), bytes.into())
-                .await
-                .with_context(|| format!("writing shard {}", out.display(&name)))
-        })?;
-        match self.split {
-            SplitName::Train => self.journal.train.push(info),
-            SplitName::Valid => self.journal.valid.push(info),
-        }
-        self.journal.position = self.position;
-        self.rt.block_on(write_journal(self.out, &self.journal))?;
-        tracing::debug!(shard = %name, "wrote");
-        let written = self.journal.train.len() + self.journal.valid.len();
-        if self.config.fail_after_shards.is_some_and(|n| written >= n) {
-            bail!("stopping after {written} shards as asked (fail_after_shards)");
-        }
-        Ok(())
+        let capacity = self.sequences.capacity();
+        let sequences = std::mem::replace(&mut self.sequences, Vec::with_capacity(capacity));
+        self.writer.write(self.split, sequences, self.position)
     }
 
     /// Ends the training split before document `train_docs`: the tokens that do not fill a
@@ -743,7 +716,87 @@ impl<'a> Packer<'a> {
         self.docs.clear();
         self.position = Position { doc: self.train_docs + self.config.valid_documents, offset: 0 };
         self.write_shard()?;
-        Ok(self.journal)
+        self.writer.finish()
+    }
+}
+
+struct ShardJob {
+    split: SplitName,
+    name: String,
+    sequences: Vec<u32>,
+    /// The input position after these sequences, for the journal.
+    position: Position,
+}
+
+/// Encodes and writes shards on a thread of its own, in order, so that packing and tokenizing
+/// go on meanwhile, and records each written shard in the journal.
+struct ShardWriter {
+    tx: Option<std::sync::mpsc::SyncSender<ShardJob>>,
+    thread: Option<std::thread::JoinHandle<Result<Journal>>>,
+    /// Shards of each split handed over so far (train, valid).
+    counts: [usize; 2],
+}
+
+impl ShardWriter {
+    fn start(config: &PrepareConfig, rt: &Runtime, out: &StoreUrl, journal: Journal) -> Self {
+        // A rendezvous channel: one shard being written, one being filled, no more in memory.
+        let (tx, rx) = sync_channel::<ShardJob>(0);
+        let counts = [journal.train.len(), journal.valid.len()];
+        let (seq_len, group, fail_after) = (config.seq_len, config.row_group_sequences, config.fail_after_shards);
+        let (rt, out) = (rt.handle().clone(), out.clone());
+        let thread = std::thread::spawn(move || -> Result<Journal> {
+            let mut journal = journal;
+            for job in rx {
+                let (bytes, info) = shard::encode_with_info(&job.sequences, seq_len, group, &job.name)?;
+                drop(job.sequences);
+                rt.block_on(async {
+                    // One put: the shard appears whole or not at all (a local file is renamed into place).
+                    let path = out.child(&job.name);
+                    out.store
+                        .put(&path, bytes.into())
+                        .await
+                        .with_context(|| format!("writing shard {}", out.display(&job.name)))
+                })?;
+                match job.split {
+                    SplitName::Train => journal.train.push(info),
+                    SplitName::Valid => journal.valid.push(info),
+                }
+                journal.position = job.position;
+                rt.block_on(write_journal(&out, &journal))?;
+                tracing::debug!(shard = %job.name, "wrote");
+                let written = journal.train.len() + journal.valid.len();
+                if fail_after.is_some_and(|n| written >= n) {
+                    bail!("stopping after {written} shards as asked (fail_after_shards)");
+                }
+            }
+            Ok(journal)
+        });
+        Self { tx: Some(tx), thread: Some(thread), counts }
+    }
+
+    fn write(&mut self, split: SplitName, sequences: Vec<u32>, position: Position) -> Result<()> {
+        let (count, prefix) = match split {
+            SplitName::Train => (&mut self.counts[0], "train"),
+            SplitName::Valid => (&mut self.counts[1], "valid"),
+        };
+        let name = format!("{prefix}-{:05}.parquet", *count);
+        *count += 1;
+        let job = ShardJob { split, name, sequences, position };
+        match self.tx.as_ref().map(|tx| tx.send(job)) {
+            Some(Ok(())) => Ok(()),
+            // The writer stopped: its error says why.
+            _ => self.finish().map(|_| ()),
+        }
+    }
+
+    /// Waits for the last shard and returns the journal.
+    fn finish(&mut self) -> Result<Journal> {
+        drop(self.tx.take());
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => bail!("the shard writer thread panicked"),
+            None => bail!("the shard writer has already stopped"),
+        }
     }
 }
 

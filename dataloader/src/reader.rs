@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use arrow_array::UInt32Array;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
@@ -479,13 +480,14 @@ async fn read_window(source: &Arc<Source>, units: &[Unit], picks: impl Iterator<
     while let Some(joined) = reads.next().await {
         let (tokens, rows) = joined.context("a row-group read task failed")??;
         for (row, slot) in rows {
-            out[slot * seq_len..(slot + 1) * seq_len].copy_from_slice(&tokens[row * seq_len..(row + 1) * seq_len]);
+            out[slot * seq_len..(slot + 1) * seq_len]
+                .copy_from_slice(&tokens.values()[row * seq_len..(row + 1) * seq_len]);
         }
     }
     Ok(out)
 }
 
-async fn read_group(source: &Source, unit: Unit) -> Result<Vec<u32>> {
+async fn read_group(source: &Source, unit: Unit) -> Result<UInt32Array> {
     let meta = &source.metas[unit.shard];
     let info = &source.shards[unit.shard];
     let path = source.dir.child(&info.path);
@@ -501,14 +503,6 @@ async fn read_group(source: &Source, unit: Unit) -> Result<Vec<u32>> {
     }
     let chunk: Bytes =
         with_retry(&meta.name, &source.config.retry, || source.dir.store.get_range(&path, range.clone())).await?;
-    let tokens = meta.decode_group(unit.group, chunk, info, source.manifest.vocab_size)?;
-    let expected = unit.sequences as usize * source.manifest.seq_len;
-    ensure!(
-        tokens.len() == expected,
-        "shard {}: row group {} decoded to {} tokens, expected {expected}",
-        meta.name,
-        unit.group,
-        tokens.len()
-    );
-    Ok(tokens)
+    // decode_group checks the row count against the footer, which was checked against the manifest.
+    meta.decode_group(unit.group, chunk, info, source.manifest.vocab_size)
 }

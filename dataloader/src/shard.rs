@@ -141,7 +141,7 @@ impl ShardMeta {
 
     /// Decodes row group `g` from its column bytes (`chunk`, read from `group_range(g)`), checking
     /// every id against `vocab_size`.
-    pub fn decode_group(&self, g: usize, chunk: Bytes, info: &ShardInfo, vocab_size: u32) -> Result<Vec<u32>> {
+    pub fn decode_group(&self, g: usize, chunk: Bytes, info: &ShardInfo, vocab_size: u32) -> Result<UInt32Array> {
         let crc = crc32fast::hash(&chunk);
         ensure!(
             crc == info.row_group_crc32[g],
@@ -149,32 +149,40 @@ impl ShardMeta {
             self.name,
             info.row_group_crc32[g]
         );
-        let file_len = info.bytes;
         let range = self.group_range(g);
-        let file = SparseFile { len: file_len, offset: range.start, data: chunk };
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
+        let file = SparseFile { len: info.bytes, offset: range.start, data: chunk };
+        let rows = self.metadata.metadata().row_group(g).num_rows() as usize;
+        // One batch of the whole group: the decoded array is handed on without another copy.
+        let mut reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
             .with_row_groups(vec![g])
-            .with_batch_size(self.group_sequences[g] * 1024 * 64)
+            .with_batch_size(rows)
             .build()
             .with_context(|| format!("shard {}: decoding row group {g}", self.name))?;
-        let mut tokens = Vec::new();
-        for batch in reader {
-            let batch = batch.with_context(|| format!("shard {}: decoding row group {g}", self.name))?;
-            let column =
-                batch.column(0).as_any().downcast_ref::<UInt32Array>().context("token column is not uint32")?;
-            ensure!(column.null_count() == 0, "shard {}: row group {g} has null tokens", self.name);
-            let values = column.values();
-            if let Some(pos) = values.iter().position(|&t| t >= vocab_size) {
-                bail!(
-                    "shard {}: row group {g}, row {}: token id {} is not below the vocabulary size {vocab_size}",
-                    self.name,
-                    tokens.len() + pos,
-                    values[pos]
-                );
-            }
-            tokens.extend_from_slice(values);
+        let batch = reader
+            .next()
+            .transpose()
+            .with_context(|| format!("shard {}: decoding row group {g}", self.name))?
+            .with_context(|| format!("shard {}: row group {g} decoded to nothing", self.name))?;
+        let column =
+            batch.column(0).as_any().downcast_ref::<UInt32Array>().context("token column is not uint32")?.clone();
+        ensure!(
+            column.len() == rows && column.null_count() == 0,
+            "shard {}: row group {g} decoded to {} tokens ({} null), expected {rows}",
+            self.name,
+            column.len(),
+            column.null_count()
+        );
+        let values = column.values();
+        // A max over the group vectorizes; the position is looked for only when it is bad.
+        if values.iter().fold(0, |m, &t| m.max(t)) >= vocab_size {
+            let pos = values.iter().position(|&t| t >= vocab_size).expect("the max is out of range");
+            bail!(
+                "shard {}: row group {g}, row {pos}: token id {} is not below the vocabulary size {vocab_size}",
+                self.name,
+                values[pos]
+            );
         }
-        Ok(tokens)
+        Ok(column)
     }
 }
 

@@ -34,8 +34,9 @@ impl Drop for TempDir {
     }
 }
 
-const ACCESS_KEY: &str = "bd3-test-access";
-const SECRET_KEY: &str = "bd3-test-secret-key";
+/// The test server's fixed credentials (for clients other than object_store, such as a benchmark's pyarrow).
+pub const ACCESS_KEY: &str = "bd3-test-access";
+pub const SECRET_KEY: &str = "bd3-test-secret-key";
 const REGION: &str = "us-east-1";
 
 /// An `s3s-fs` process serving a temporary directory on 127.0.0.1; killed on drop.

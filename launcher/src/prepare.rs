@@ -28,7 +28,7 @@ pub struct PrepareArgs {
     /// Sequences per row group (default: about 1M tokens).
     #[arg(long)]
     row_group_sequences: Option<usize>,
-    /// Sequences per shard, a multiple of the row group's (default: 64 row groups).
+    /// Sequences per shard, a multiple of the row group's (default: 16 row groups).
     #[arg(long)]
     shard_sequences: Option<usize>,
     /// Tokenizer threads (0 = all cores).
@@ -46,7 +46,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     let mut c = PrepareConfig::new(&args.input, &args.output, args.seq_len);
     if let Some(n) = args.row_group_sequences {
         c.row_group_sequences = n;
-        c.shard_sequences = 64 * n;
+        c.shard_sequences = 16 * n;
     }
     c.shard_sequences = args.shard_sequences.unwrap_or(c.shard_sequences);
     c.valid_documents = args.valid_documents;
