@@ -8,6 +8,8 @@ BD3 := target/debug/bd3
 DEMO_STEPS ?= 200
 DEMO_RUN_DIR ?= runs
 DEMO_SAMPLE_TOKENS ?= 96
+# The embedded corpus, tokenized into Parquet shards by `bd3 prepare` (seconds; kept between runs).
+DEMO_DATA ?= data/shakespeare-gpt2-128
 
 .PHONY: setup build demo test lint bench clean
 
@@ -20,7 +22,9 @@ build: setup
 demo: build
 	@# A demo run starts fresh: drop the checkpoints an earlier demo wrote (and nothing else).
 	rm -rf $(DEMO_RUN_DIR)/tiny/checkpoints
-	$(BD3) train --config configs/tiny.toml --set train.steps=$(DEMO_STEPS) --set run.dir=$(DEMO_RUN_DIR)
+	$(BD3) prepare --input data/shakespeare --output $(DEMO_DATA) --seq-len 128 --valid-documents 2
+	$(BD3) train --config configs/tiny.toml --set train.steps=$(DEMO_STEPS) --set run.dir=$(DEMO_RUN_DIR) \
+		--set data.dataset=$(DEMO_DATA)
 	$(BD3) sample --config $(DEMO_RUN_DIR)/tiny/config.toml --weights $(DEMO_RUN_DIR)/tiny/model.safetensors \
 		--tokens $(DEMO_SAMPLE_TOKENS)
 

@@ -157,11 +157,13 @@ fn main() -> Result<()> {
         Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
             let cfg = config.load()?;
             let (model, _vs, _device) = load_model(&cfg, &weights)?;
-            let corpus = trainer::train::load_corpus(&cfg)?;
-            let sequences = match split {
-                Split::Train => &corpus.train,
-                Split::Valid => &corpus.valid,
+            let split = match split {
+                Split::Train => dataloader::SplitName::Train,
+                Split::Valid => dataloader::SplitName::Valid,
             };
+            let max_sequences = (batches > 0).then_some(batches * cfg.train.micro_batch);
+            let tokens = trainer::train::split_tokens(&cfg, split, max_sequences)?;
+            let sequences = &tokens;
             let objective = trainer::train::Objective::new(&cfg)?;
             let batches = trainer::eval::EvalBatches {
                 seq_len: cfg.model.seq_len,

@@ -147,15 +147,19 @@ impl Default for DiffusionConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// Directory of `.txt` documents (the demo corpus is installed by scripts/setup.sh).
+    /// A tokenized data set written by `bd3 prepare`: the URL of its directory or `index.json`
+    /// (local path, `s3://…`, …). Empty: tokenize `corpus` in memory instead.
+    pub dataset: String,
+    /// Directory of `.txt` documents, tokenized in memory when no `dataset` is given (the demo
+    /// corpus is installed by scripts/setup.sh).
     pub corpus: PathBuf,
-    /// The last documents (by file name) held out for validation.
+    /// With `corpus`: the last documents (by file name) held out for validation.
     pub valid_documents: usize,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { corpus: "data/shakespeare".into(), valid_documents: 2 }
+        Self { dataset: String::new(), corpus: "data/shakespeare".into(), valid_documents: 2 }
     }
 }
 

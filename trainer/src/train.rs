@@ -14,9 +14,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use checkpoint::{AsyncSaver, CheckpointStore, Manifest, Retention, SaveJob, WriteOptions};
-use dataloader::{Gpt2Tokenizer, InMemoryLoader, PackedCorpus, TextCorpus};
+use dataloader::{
+    Batch, Gpt2Tokenizer, InMemoryLoader, LoaderState, PackedCorpus, Reader, ReaderConfig, SplitName, TextCorpus,
+};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
@@ -100,6 +102,99 @@ pub fn select_device(spec: &str) -> Result<Device> {
     })
 }
 
+/// Where training batches come from: prepared Parquet shards (`bd3 prepare`) streamed from a
+/// local path or an object store, or a text corpus tokenized in memory (the demo's).
+pub enum TrainData {
+    Shards(Box<Reader>),
+    Memory(InMemoryLoader),
+}
+
+impl TrainData {
+    /// The training batches and the validation tokens of `cfg.data`.
+    pub fn open(cfg: &Config) -> Result<(Self, Vec<u32>)> {
+        let (mb, seq_len) = (cfg.train.micro_batch, cfg.model.seq_len);
+        if cfg.data.dataset.is_empty() {
+            let corpus = load_corpus(cfg)?;
+            let loader = InMemoryLoader::new(corpus.train, seq_len, mb, cfg.train.seed, true)?;
+            return Ok((Self::Memory(loader), corpus.valid));
+        }
+        let url = &cfg.data.dataset;
+        let global_batch = mb * cfg.train.grad_accum;
+        let reader = Reader::open(url, ReaderConfig::new(cfg.train.seed, 0, 1, global_batch, mb))
+            .with_context(|| format!("data.dataset {url}"))?;
+        ensure!(
+            reader.seq_len() == seq_len,
+            "data.dataset {url} holds sequences of {} tokens, but model.seq_len is {seq_len}",
+            reader.seq_len()
+        );
+        // Validation reads only what evaluation and the clip search use (all of it with
+        // train.eval_batches = 0), in the split's stored order.
+        let wanted = match cfg.train.eval_batches {
+            0 => None,
+            n => Some(n.max(cfg.diffusion.clip_search_batches) * mb),
+        };
+        let valid = match reader.manifest().valid.sequences {
+            0 => vec![],
+            _ => split_tokens(cfg, SplitName::Valid, wanted)?,
+        };
+        info!(
+            dataset = %url,
+            train_sequences = reader.num_sequences(),
+            valid_sequences = valid.len() / seq_len,
+            "data set opened"
+        );
+        Ok((Self::Shards(Box::new(reader)), valid))
+    }
+
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        match self {
+            Self::Shards(r) => r.next_batch(),
+            Self::Memory(m) => Ok(m.next_batch()),
+        }
+    }
+
+    pub fn state(&self) -> LoaderState {
+        match self {
+            Self::Shards(r) => r.state(),
+            Self::Memory(m) => m.state(),
+        }
+    }
+
+    pub fn restore(&mut self, state: LoaderState) -> Result<()> {
+        match self {
+            Self::Shards(r) => r.restore(state),
+            Self::Memory(m) => {
+                m.restore(state);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The tokens of a split of `cfg.data` in stored order, at most `max_sequences` sequences (from
+/// a prepared data set: whole micro-batches only).
+pub fn split_tokens(cfg: &Config, split: SplitName, max_sequences: Option<usize>) -> Result<Vec<u32>> {
+    let (mb, seq_len) = (cfg.train.micro_batch, cfg.model.seq_len);
+    let cap = |n: usize| max_sequences.map_or(n, |m| m.min(n)) / mb * mb;
+    if cfg.data.dataset.is_empty() {
+        let corpus = load_corpus(cfg)?;
+        let mut tokens = if split == SplitName::Train { corpus.train } else { corpus.valid };
+        if let Some(m) = max_sequences {
+            tokens.truncate(m * seq_len);
+        }
+        return Ok(tokens);
+    }
+    let url = &cfg.data.dataset;
+    let config = ReaderConfig { split, ..ReaderConfig::validation(0, 1, mb, mb) };
+    let mut reader = Reader::open(url, config).with_context(|| format!("data.dataset {url}: {split} split"))?;
+    let wanted = cap(reader.num_sequences() as usize);
+    let mut tokens = Vec::with_capacity(wanted * seq_len);
+    while tokens.len() < wanted * seq_len {
+        tokens.extend(reader.next_batch()?.tokens);
+    }
+    Ok(tokens)
+}
+
 /// Loads the corpus of `cfg.data`, tokenizes and packs it into `model.seq_len` sequences.
 pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
     let started = Instant::now();
@@ -139,9 +234,8 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let run_dir = cfg.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
 
-    let corpus = load_corpus(cfg)?;
     let (mb, accum, seq_len) = (cfg.train.micro_batch, cfg.train.grad_accum, cfg.model.seq_len);
-    let mut loader = InMemoryLoader::new(corpus.train, seq_len, mb, cfg.train.seed, true)?;
+    let (mut loader, valid) = TrainData::open(cfg)?;
 
     let vs = nn::VarStore::new(device);
     let model = Dit::new(&vs.root(), &cfg.model)?;
@@ -162,7 +256,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         TrainState { vs: &vs, names: &names, optimizer: &mut optimizer, ema: &mut ema }.load(&store, manifest)?;
         if let Some(p) = state::progress_of(manifest)? {
             (first_step, optimizer.step, ema.updates, clip) = (p.step, p.optimizer_steps, p.ema_updates, p.clip());
-            loader.restore(p.data);
+            loader.restore(p.data)?;
         }
         store_clip_interval(&vs, clip);
         info!(step = first_step, url = store.url(), "resumed");
@@ -196,7 +290,7 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         }
         let mut step_loss = 0.0;
         for micro in 0..accum {
-            let batch = loader.next_batch();
+            let batch = loader.next_batch()?;
             let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
             let loss =
                 tch::autocast(autocast, || objective.token_losses(&model, &batch.tokens, mb, clip, &mut rng, true))?
@@ -227,8 +321,8 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         }
         // The last step always validates, so a run that ends at step N is in the same state as
         // one that goes on past N (exact resume relies on it).
-        if (cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 || last) && !corpus.valid.is_empty() {
-            let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &corpus.valid, cfg))?;
+        if (cfg.train.eval_every > 0 && (step + 1) % cfg.train.eval_every == 0 || last) && !valid.is_empty() {
+            let outcome = with_ema(&mut ema, &params, cfg, || validation(&model, &objective, &valid, cfg))?;
             clip = report_validation(&mut metrics, &vs, step + 1, &outcome)?.unwrap_or(clip);
             valid_nelbo = Some(outcome.nelbo.nll);
             // Validation time is not training time.
