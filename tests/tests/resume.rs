@@ -164,3 +164,36 @@ fn training_resumes_exactly_from_an_s3_server() {
     assert!(!tmp.join("split/checkpoints").exists());
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn training_from_prepared_shards_resumes_exactly() {
+    let tmp = std::env::temp_dir().join(format!("bd3-resume-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let data = tmp.join("data");
+    let corpus = repo_root().join("data/shakespeare");
+    ok(bd3(&[
+        "prepare",
+        "--input",
+        corpus.to_str().unwrap(),
+        "--output",
+        data.to_str().unwrap(),
+        "--seq-len",
+        "64",
+        "--valid-documents",
+        "2",
+        "--row-group-sequences",
+        "512",
+    ]));
+    let dataset = format!("data.dataset={:?}", data.display().to_string());
+    let set = ["--set", dataset.as_str()];
+    ok(train(&tmp, "straight", 6, &set));
+    ok(train(&tmp, "split", 3, &set));
+    ok(train(&tmp, "split", 6, &[&set[..], &["--resume", "auto"]].concat()));
+    assert_eq!(losses(&tmp.join("straight")), losses(&tmp.join("split")));
+    let read = |run: &str| std::fs::read(tmp.join(run).join("model.safetensors")).unwrap();
+    assert_eq!(read("straight"), read("split"));
+    // The reader's position is part of the checkpoint.
+    let inspect = ok(bd3(&["ckpt", "inspect", tmp.join("split/checkpoints").to_str().unwrap()]));
+    assert!(inspect.contains("\"consumed\":24"), "{inspect}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
