@@ -1,7 +1,7 @@
 """Python baselines for the data-loader benchmark (data_throughput.rs runs this with .venv/bin/python).
 
   baseline.py tiktoken JSONL R50K_FILE THREADS   GPT-2 BPE (r50k_base) of every document's text
-  baseline.py read DIR [S3_ENDPOINT KEY SECRET]  every row group of every shard in index.json
+  baseline.py read EPOCHS DIR [S3_ENDPOINT KEY SECRET]  every row group of every shard, EPOCHS times
 
 Each prints one JSON line. tiktoken's r50k_base is built from the BPE file that tiktoken-rs
 embeds (the machine cannot download tiktoken's own copy), with the split pattern of tiktoken's own r50k_base (the one tiktoken-rs uses too).
@@ -34,7 +34,7 @@ def tiktoken_bench(path, r50k, threads):
     print(json.dumps({"text_bytes": text_bytes, "tokens": tokens, "seconds": seconds, "first": ids[0][:8]}))
 
 
-def read_bench(directory, endpoint=None, key=None, secret=None):
+def read_bench(epochs, directory, endpoint=None, key=None, secret=None):
     import pyarrow.parquet as pq
 
     if endpoint:
@@ -56,12 +56,13 @@ def read_bench(directory, endpoint=None, key=None, secret=None):
             manifest = json.load(f)
     tokens = 0
     checksum = 0
-    for shard in manifest["train"]["shards"]:
-        pf = pq.ParquetFile(prefix + "/" + shard["path"], filesystem=filesystem)
-        for g in range(pf.num_row_groups):
-            array = pf.read_row_group(g, columns=["tokens"]).column(0).to_numpy()
-            tokens += len(array)
-            checksum ^= int(array[0])
+    for _ in range(int(epochs)):
+        for shard in manifest["train"]["shards"]:
+            pf = pq.ParquetFile(prefix + "/" + shard["path"], filesystem=filesystem)
+            for g in range(pf.num_row_groups):
+                array = pf.read_row_group(g, columns=["tokens"]).column(0).to_numpy()
+                tokens += len(array)
+                checksum ^= int(array[0])
     seconds = time.perf_counter() - start
     print(json.dumps({"tokens": tokens, "seconds": seconds, "checksum": checksum}))
 

@@ -11,10 +11,15 @@
 //! A background task on a small tokio runtime reads ahead window by window: for each window it
 //! works out which of its sequences this rank needs, reads each row group holding some of them
 //! once (a ranged read of the token column; retried with back-off on transient errors), decodes
-//! it, keeps only those sequences and hands the window's sequences over a bounded channel, so
-//! memory stays at about `prefetch_windows + 1` windows of this rank's share.
+//! it and hands the decoded row groups over a bounded channel; `next_batch` copies its sequences
+//! straight out of them. Memory stays at `prefetch_windows + 2` windows of decoded row groups
+//! (queued, being consumed, being read): with the defaults about 4 × 8 × 4 MB.
+//!
+//! Each rank reads every row group that holds one of its sequences, which with shuffling is
+//! nearly every row group: all ranks together read the data set `W` times per epoch. At ≈1.5
+//! bytes per token that is little next to the compute per token, and it keeps the order free of
+//! any dependence on `W`.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,7 +147,10 @@ struct Chunk {
     epoch: u64,
     /// This rank's index (within the epoch) of the first sequence.
     first: u64,
-    tokens: Vec<u32>,
+    /// The decoded row groups the sequences come from; `next_batch` copies straight out of them.
+    groups: Vec<UInt32Array>,
+    /// Each sequence in order: (index into `groups`, sequence within that row group).
+    slots: Vec<(u32, u32)>,
 }
 
 pub struct Reader {
@@ -207,7 +215,7 @@ impl Reader {
         let (micro, seq_len) = (self.source.config.micro_batch, self.seq_len());
         let mut tokens = Vec::with_capacity(micro * seq_len);
         while tokens.len() < micro * seq_len {
-            if self.chunk.as_ref().is_none_or(|(c, used)| *used == c.tokens.len()) {
+            if self.chunk.as_ref().is_none_or(|(c, used)| *used == c.slots.len()) {
                 let next = self.rt.block_on(self.rx.recv()).context("the reader's read-ahead task stopped")??;
                 let at = self.local + (tokens.len() / seq_len) as u64;
                 ensure!(
@@ -220,8 +228,11 @@ impl Reader {
                 self.chunk = Some((next, 0));
             }
             let (chunk, used) = self.chunk.as_mut().expect("set above");
-            let take = (micro * seq_len - tokens.len()).min(chunk.tokens.len() - *used);
-            tokens.extend_from_slice(&chunk.tokens[*used..*used + take]);
+            let take = (micro - tokens.len() / seq_len).min(chunk.slots.len() - *used);
+            for &(group, row) in &chunk.slots[*used..*used + take] {
+                let start = row as usize * seq_len;
+                tokens.extend_from_slice(&chunk.groups[group as usize].values()[start..start + seq_len]);
+            }
             *used += take;
         }
         self.local += micro as u64;
@@ -442,8 +453,8 @@ async fn read_ahead(
                     );
                 }
                 let count = wanted.len() as u64;
-                let tokens = read_window(source, units, wanted.iter().map(|&p| order[p as usize])).await?;
-                if tx.send(Ok(Chunk { epoch, first: local, tokens })).await.is_err() {
+                let (groups, slots) = read_window(source, units, wanted.iter().map(|&p| order[p as usize])).await?;
+                if tx.send(Ok(Chunk { epoch, first: local, groups, slots })).await.is_err() {
                     return Ok(()); // the reader is gone
                 }
                 local += count;
@@ -458,33 +469,38 @@ async fn read_ahead(
     }
 }
 
-/// The sequences at `picks` (indices into the window's concatenated row groups), in that order.
-async fn read_window(source: &Arc<Source>, units: &[Unit], picks: impl Iterator<Item = u64>) -> Result<Vec<u32>> {
-    let seq_len = source.manifest.seq_len;
+/// The row groups holding the sequences at `picks` (indices into the window's concatenated row
+/// groups), and where each of those sequences lies in them, in the order of `picks`.
+async fn read_window(
+    source: &Arc<Source>,
+    units: &[Unit],
+    picks: impl Iterator<Item = u64>,
+) -> Result<(Vec<UInt32Array>, Vec<(u32, u32)>)> {
     let starts: Vec<u64> = units.iter().scan(0, |acc, u| Some(std::mem::replace(acc, *acc + u.sequences))).collect();
-    // unit → [(row in unit, output slot)]
-    let mut by_unit: BTreeMap<usize, Vec<(usize, usize)>> = BTreeMap::new();
-    let mut slots = 0;
-    for (slot, pick) in picks.enumerate() {
-        let u = starts.partition_point(|&s| s <= pick) - 1;
-        by_unit.entry(u).or_default().push(((pick - starts[u]) as usize, slot));
-        slots = slot + 1;
-    }
-    let mut out = vec![0u32; slots * seq_len];
-    let mut reads = futures::stream::iter(by_unit)
-        .map(|(u, rows)| {
+    // (unit, sequence in unit) of each pick, and the units needed.
+    let located: Vec<(usize, u32)> = picks
+        .map(|pick| {
+            let u = starts.partition_point(|&s| s <= pick) - 1;
+            (u, (pick - starts[u]) as u32)
+        })
+        .collect();
+    let mut needed: Vec<usize> = located.iter().map(|&(u, _)| u).collect();
+    needed.sort_unstable();
+    needed.dedup();
+    let mut reads = futures::stream::iter(needed)
+        .map(|u| {
             let (source, unit) = (source.clone(), units[u]);
-            tokio::spawn(async move { read_group(&source, unit).await.map(|t| (t, rows)) })
+            tokio::spawn(async move { read_group(&source, unit).await.map(|t| (u, t)) })
         })
         .buffer_unordered(source.config.concurrent_reads.max(1));
+    let mut index = vec![u32::MAX; units.len()];
+    let mut groups = Vec::new();
     while let Some(joined) = reads.next().await {
-        let (tokens, rows) = joined.context("a row-group read task failed")??;
-        for (row, slot) in rows {
-            out[slot * seq_len..(slot + 1) * seq_len]
-                .copy_from_slice(&tokens.values()[row * seq_len..(row + 1) * seq_len]);
-        }
+        let (u, tokens) = joined.context("a row-group read task failed")??;
+        index[u] = groups.len() as u32;
+        groups.push(tokens);
     }
-    Ok(out)
+    Ok((groups, located.into_iter().map(|(u, row)| (index[u], row)).collect()))
 }
 
 async fn read_group(source: &Source, unit: Unit) -> Result<UInt32Array> {
