@@ -310,6 +310,11 @@ impl CheckpointStore {
         options: WriteOptions,
     ) -> Result<RankIndex> {
         ensure!(rank < world_size, "rank {rank} is not below the world size {world_size}");
+        if rank == 0 {
+            // Rewriting a step (a run resumed from an earlier one): it stops existing for readers
+            // before any of its files change.
+            self.uncommit(step)?;
+        }
         tensors.sort_by(|a, b| a.buffer.name.cmp(&b.buffer.name));
         let mut index = RankIndex { step, rank, world_size, tensors: BTreeMap::new(), files: BTreeMap::new() };
         // Greedy split into files of at most max_file_bytes (a tensor larger than that gets its own).
@@ -402,6 +407,12 @@ impl CheckpointStore {
         .with_context(|| format!("committing step {step} in {}", self.url))?;
         info!(step, bytes = manifest.total_bytes(), url = %self.url, "checkpoint committed");
         Ok(manifest)
+    }
+
+    /// Removes a step's commit marker (its files stay until overwritten or cleaned): the step no
+    /// longer exists for readers.
+    pub fn uncommit(&self, step: u64) -> Result<()> {
+        self.block_on(self.delete_file(step, MARKER))
     }
 
     /// Writes this rank's part and, on rank 0, commits the step.

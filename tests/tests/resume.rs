@@ -98,6 +98,19 @@ fn resumed_training_is_bit_exact_and_exports_round_trip() {
     assert!(ls.contains("committed") && !ls.contains("incomplete"), "{ls}");
     ok(bd3(&["ckpt", "verify", ckpts.to_str().unwrap()]));
 
+    // A corrupt shard in the newest step: resume falls back to step 3, naming the file, and the
+    // replayed steps are the same as before.
+    let newest = tmp.join("split").join(shard);
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&newest, bytes).unwrap();
+    let out = train(&tmp, "split", 6, &["--resume", "auto"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("step-0000000006/rank-00000-000.safetensors") && stderr.contains("step=3"), "{stderr}");
+    assert_eq!(losses(&tmp.join("split")), a);
+
     // Starting fresh over existing checkpoints is refused; so is a model of other shapes.
     let err = failure(train(&tmp, "split", 9, &[]));
     assert!(err.contains("--resume auto"), "{err}");
