@@ -1,0 +1,104 @@
+//! The analytic tile classification against the element-wise mask.
+
+use kernels::{BlockLayout, TileKind};
+use tch::Device;
+
+fn layouts() -> Vec<BlockLayout> {
+    let mut out = Vec::new();
+    for (n, blocks) in [(8usize, vec![1usize, 2, 4, 8]), (12, vec![1, 3, 4, 12]), (16, vec![1, 4, 16])] {
+        for b in blocks {
+            out.push(BlockLayout::two_stream(n, b).unwrap());
+            out.push(BlockLayout::block_causal(n, b).unwrap());
+        }
+        out.push(BlockLayout::Causal { seq_len: n });
+    }
+    out.push(BlockLayout::Decode { prefix_len: 0, block_len: 4, position: 0 });
+    out.push(BlockLayout::Decode { prefix_len: 9, block_len: 3, position: 20 });
+    out
+}
+
+fn dense(layout: &BlockLayout) -> Vec<Vec<bool>> {
+    let mask = layout.dense_mask(Device::Cpu);
+    (0..layout.query_len() as i64).map(|r| Vec::<bool>::try_from(mask.get(r)).unwrap()).collect()
+}
+
+#[test]
+fn visible_matches_the_dense_mask() {
+    for layout in layouts() {
+        let mask = dense(&layout);
+        for (q, row) in mask.iter().enumerate() {
+            for (k, &allowed) in row.iter().enumerate() {
+                assert_eq!(layout.visible(q, k), allowed, "{layout:?} q={q} k={k}");
+            }
+        }
+    }
+}
+
+/// Every rectangle of every small layout: the classification is exactly what counting its
+/// visible elements says.
+#[test]
+fn classification_matches_element_counts() {
+    for layout in layouts() {
+        let mask = dense(&layout);
+        let (nq, nk) = (layout.query_len(), layout.key_len());
+        for q0 in 0..nq {
+            for q1 in q0 + 1..=nq {
+                for k0 in 0..nk {
+                    for k1 in k0 + 1..=nk {
+                        let seen =
+                            (q0..q1).flat_map(|q| (k0..k1).map(move |k| (q, k))).filter(|&(q, k)| mask[q][k]).count();
+                        let expected = match seen {
+                            0 => TileKind::Empty,
+                            s if s == (q1 - q0) * (k1 - k0) => TileKind::Full,
+                            _ => TileKind::Partial,
+                        };
+                        assert_eq!(layout.classify(q0..q1, k0..k1), expected, "{layout:?} q {q0}..{q1} k {k0}..{k1}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn key_segments_cover_exactly_the_visible_keys() {
+    for layout in layouts() {
+        let mask = dense(&layout);
+        for tile in [1usize, 2, 3, 4, 5, 8, 64] {
+            for rows in BlockLayout::tiles_of(&layout.query_streams(), tile) {
+                let segments = layout.key_segments(&rows, tile);
+                for w in segments.windows(2) {
+                    assert!(w[0].0.end <= w[1].0.start, "segments out of order: {segments:?}");
+                }
+                for k in 0..layout.key_len() {
+                    let segment = segments.iter().find(|(r, _)| r.contains(&k));
+                    let any = rows.clone().any(|q| mask[q][k]);
+                    let all = rows.clone().all(|q| mask[q][k]);
+                    match segment {
+                        None => assert!(!any, "{layout:?} rows {rows:?}: key {k} visible but skipped"),
+                        Some((_, TileKind::Full)) => assert!(all, "{layout:?} rows {rows:?}: key {k} in a full tile"),
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The two-stream layout of the paper's shape: about a quarter of the tiles are non-empty, and
+/// only diagonal tiles are partial.
+#[test]
+fn two_stream_tiles_are_mostly_empty_or_full() {
+    let layout = BlockLayout::two_stream(1024, 16).unwrap();
+    let tiles = BlockLayout::tiles_of(&layout.query_streams(), 128);
+    let mut count = [0usize; 3];
+    for q in &tiles {
+        for k in &tiles {
+            count[layout.classify(q.clone(), k.clone()) as usize] += 1;
+        }
+    }
+    let [empty, full, partial] = count;
+    assert_eq!(empty + full + partial, 256);
+    assert_eq!(partial, 8 + 8 + 8, "x_t diagonal, x_t→x_0 diagonal, x_0 diagonal");
+    assert_eq!(full, 28 + 28);
+}
