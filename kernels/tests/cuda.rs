@@ -1,0 +1,80 @@
+//! The parts of the CUDA path that run without a GPU (feature `cuda`): the tile classification
+//! compiled into the kernels agrees with `tiles.rs`, and errors from the C++ autograd Function come
+//! back as `Err` instead of crossing the FFI boundary. On a GPU machine the same tests also run
+//! the fused kernels against the dense reference (the bf16/fp16 parity lives in the
+//! `cuda_check` example that `kernels/gpu-check.sh` runs).
+#![cfg(feature = "cuda")]
+
+use kernels::cuda::{flash_attention, supports, KernelLayout};
+use kernels::BlockLayout;
+use tch::{Device, Kind, Tensor};
+
+fn layouts() -> Vec<BlockLayout> {
+    let mut out = Vec::new();
+    for (n, blocks) in [(8usize, vec![1usize, 2, 4, 8]), (12, vec![1, 3, 12]), (48, vec![1, 4, 16, 48])] {
+        for b in blocks {
+            out.push(BlockLayout::two_stream(n, b).unwrap());
+            out.push(BlockLayout::block_causal(n, b).unwrap());
+        }
+        out.push(BlockLayout::Causal { seq_len: n });
+    }
+    out.push(BlockLayout::Decode { prefix_len: 0, block_len: 4, position: 0 });
+    out.push(BlockLayout::Decode { prefix_len: 37, block_len: 5, position: 50 });
+    out
+}
+
+#[test]
+fn kernel_layout_agrees_with_tiles_rs() {
+    for layout in layouts() {
+        let twin = KernelLayout::new(&layout).unwrap();
+        let (nq, nk) = (layout.query_len(), layout.key_len());
+        for q in 0..nq {
+            for k in 0..nk {
+                assert_eq!(twin.visible(q, k), layout.visible(q, k), "{layout:?} q={q} k={k}");
+            }
+        }
+        // Every tile of every size the kernels could use, at every offset of a small grid.
+        for tile in [1usize, 2, 3, 5, 8, 32] {
+            for q0 in (0..nq).step_by(tile.min(3)) {
+                for k0 in (0..nk).step_by(tile.min(3)) {
+                    let (q1, k1) = ((q0 + tile).min(nq), (k0 + tile).min(nk));
+                    assert_eq!(
+                        twin.classify(q0..q1, k0..k1),
+                        layout.classify(q0..q1, k0..k1),
+                        "{layout:?} q {q0}..{q1} k {k0}..{k1}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_inputs_are_errors_not_crashes() {
+    let layout = BlockLayout::two_stream(8, 2).unwrap();
+    let cpu = Tensor::zeros([1, 2, 16, 64], (Kind::BFloat16, Device::Cpu));
+    assert!(!supports(&cpu, &cpu, &cpu));
+    let err = flash_attention(&cpu, &cpu, &cpu, &layout).unwrap_err().to_string();
+    assert!(err.contains("CUDA tensors"), "{err}");
+}
+
+/// Runs only where libtorch sees a GPU: output and gradients against the dense reference.
+#[test]
+fn fused_kernels_match_the_reference_on_a_gpu() {
+    if !tch::Cuda::is_available() {
+        eprintln!("no CUDA device: skipped");
+        return;
+    }
+    let device = Device::Cuda(0);
+    for layout in
+        [BlockLayout::two_stream(128, 16).unwrap(), BlockLayout::Decode { prefix_len: 64, block_len: 16, position: 64 }]
+    {
+        let shape = |len: usize| [3i64, 5, len as i64, 64];
+        let make = |len| Tensor::randn(shape(len), (Kind::BFloat16, device)).set_requires_grad(true);
+        let (q, k, v) = (make(layout.query_len()), make(layout.key_len()), make(layout.key_len()));
+        let out = flash_attention(&q, &k, &v, &layout).unwrap();
+        let reference = kernels::dense_attention(&q, &k, &v, &layout).unwrap();
+        let diff = (out.to_kind(Kind::Float) - reference.to_kind(Kind::Float)).abs().max().double_value(&[]);
+        assert!(diff < 2e-2, "{layout:?}: output differs by {diff}");
+    }
+}
