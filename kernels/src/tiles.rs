@@ -163,20 +163,13 @@ impl BlockLayout {
         streams.iter().flat_map(|s| (s.start..s.end).step_by(tile).map(move |a| a..(a + tile).min(s.end))).collect()
     }
 
-    /// The non-empty key segments a query tile needs, in key order: runs of full key tiles are
-    /// merged, partial tiles are kept as they are.
-    pub fn key_segments(&self, queries: &Range<usize>, key_tile: usize) -> Vec<(Range<usize>, TileKind)> {
-        let mut segments: Vec<(Range<usize>, TileKind)> = Vec::new();
-        for keys in Self::tiles_of(&self.key_streams(), key_tile) {
-            let kind = self.classify(queries.clone(), keys.clone());
-            if kind == TileKind::Empty {
-                continue;
-            }
-            match segments.last_mut() {
-                Some((last, TileKind::Full)) if kind == TileKind::Full && last.end == keys.start => last.end = keys.end,
-                _ => segments.push((keys, kind)),
-            }
-        }
-        segments
+    /// The key tiles a query tile needs: the index in `key_tiles` and kind of every non-empty one.
+    pub fn visible_tiles(&self, queries: &Range<usize>, key_tiles: &[Range<usize>]) -> Vec<(usize, TileKind)> {
+        key_tiles
+            .iter()
+            .enumerate()
+            .map(|(i, keys)| (i, self.classify(queries.clone(), keys.clone())))
+            .filter(|(_, kind)| *kind != TileKind::Empty)
+            .collect()
     }
 }
