@@ -115,18 +115,19 @@ impl BlockLayout {
     /// Boundaries of the query streams (x_t and x_0 for the two-stream layout): query tiles
     /// never straddle them, so every tile of a stream starts at a block boundary.
     pub fn query_streams(&self) -> Vec<Range<usize>> {
-        match *self {
-            Self::TwoStream { seq_len: n, .. } => vec![0..n, n..2 * n],
-            _ => vec![0..self.query_len()],
-        }
+        self.streams(|quad| quad.queries)
     }
 
     /// Boundaries of the key streams, as [`Self::query_streams`] for keys.
     pub fn key_streams(&self) -> Vec<Range<usize>> {
-        match *self {
-            Self::TwoStream { seq_len: n, .. } => vec![0..n, n..2 * n],
-            _ => vec![0..self.key_len()],
-        }
+        self.streams(|quad| quad.keys)
+    }
+
+    fn streams(&self, side: fn(Quadrant) -> Range<usize>) -> Vec<Range<usize>> {
+        let mut streams: Vec<Range<usize>> = self.quadrants().into_iter().map(side).collect();
+        streams.sort_by_key(|r| r.start);
+        streams.dedup();
+        streams
     }
 
     /// Whether query `q` may attend to key `k` (both in range; out-of-range pairs are hidden).
