@@ -147,22 +147,36 @@ __global__ void __launch_bounds__(THREADS)
     }
 }
 
+// Everything the backward kernels read and write, moved to one (batch, head) by `at_head`.
+template <typename T>
+struct Backward {
+    const T *q, *k, *v, *dout;
+    const float *lse, *delta;
+    T *dq, *dk, *dv;
+
+    __device__ void at_head(size_t bh, const Bd3Layout& l, int d) {
+        const size_t queries = bh * l.sq * d, keys = bh * l.sk * d;
+        q += queries;
+        dout += queries;
+        dq += queries;
+        k += keys;
+        v += keys;
+        dk += keys;
+        dv += keys;
+        lse += bh * l.sq;
+        delta += bh * l.sq;
+    }
+};
+
 // dQ_i = scale · Σ_j P_ij (dP_ij − delta_i) K_j with P recomputed from the log-sum-exp.
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS)
-    grad_q_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                  const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                  T* __restrict__ dq, Bd3Layout l, float scale) {
+__global__ void __launch_bounds__(THREADS) grad_q_kernel(Backward<T> a, Bd3Layout l, float scale) {
     __shared__ float ks[COLS][D];
     __shared__ float vs[COLS][D];
-    const size_t bh = blockIdx.y;
-    q += bh * l.sq * D;
-    dout += bh * l.sq * D;
-    dq += bh * l.sq * D;
-    k += bh * l.sk * D;
-    v += bh * l.sk * D;
-    lse += bh * l.sq;
-    delta += bh * l.sq;
+    a.at_head(blockIdx.y, l, D);
+    const T *q = a.q, *k = a.k, *v = a.v, *dout = a.dout;
+    const float *lse = a.lse, *delta = a.delta;
+    T* dq = a.dq;
     const int q0 = blockIdx.x * ROWS, q1 = min(q0 + ROWS, l.sq);
     const int row = q0 + threadIdx.x / LANES, lane = threadIdx.x % LANES;
 
@@ -194,23 +208,15 @@ __global__ void __launch_bounds__(THREADS)
 
 // dV_j = Σ_i P_ij dO_i and dK_j = scale · Σ_i P_ij (dP_ij − delta_i) Q_i, one block per key tile.
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS)
-    grad_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                   const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                   T* __restrict__ dk, T* __restrict__ dv, Bd3Layout l, float scale) {
+__global__ void __launch_bounds__(THREADS) grad_kv_kernel(Backward<T> a, Bd3Layout l, float scale) {
     __shared__ float qs[COLS][D];
     __shared__ float dos[COLS][D];
     __shared__ float lses[COLS];
     __shared__ float deltas[COLS];
-    const size_t bh = blockIdx.y;
-    q += bh * l.sq * D;
-    dout += bh * l.sq * D;
-    k += bh * l.sk * D;
-    v += bh * l.sk * D;
-    dk += bh * l.sk * D;
-    dv += bh * l.sk * D;
-    lse += bh * l.sq;
-    delta += bh * l.sq;
+    a.at_head(blockIdx.y, l, D);
+    const T *q = a.q, *k = a.k, *v = a.v, *dout = a.dout;
+    const float *lse = a.lse, *delta = a.delta;
+    T *dk = a.dk, *dv = a.dv;
     const int k0 = blockIdx.x * ROWS, k1 = min(k0 + ROWS, l.sk);
     const int key = k0 + threadIdx.x / LANES, lane = threadIdx.x % LANES;
 
@@ -286,15 +292,14 @@ extern "C" int bd3_flash_backward(int dtype, int head_dim, const void* q, const 
     return dispatch(dtype, head_dim, batch_heads, layout, [&](auto config) {
         using T = typename decltype(config)::type;
         constexpr int D = decltype(config)::dim;
+        const Backward<T> args{(const T*)q, (const T*)k,  (const T*)v,  (const T*)grad_out, lse, delta,
+                               (T*)grad_q,  (T*)grad_k, (T*)grad_v};
         const dim3 q_grid((layout.sq + ROWS - 1) / ROWS, batch_heads);
-        grad_q_kernel<T, D><<<q_grid, THREADS, 0, (cudaStream_t)stream>>>(
-            (const T*)q, (const T*)k, (const T*)v, (const T*)grad_out, lse, delta, (T*)grad_q, layout, scale);
+        grad_q_kernel<T, D><<<q_grid, THREADS, 0, (cudaStream_t)stream>>>(args, layout, scale);
         const int err = (int)cudaGetLastError();
         if (err != 0) return err;
         const dim3 kv_grid((layout.sk + ROWS - 1) / ROWS, batch_heads);
-        grad_kv_kernel<T, D><<<kv_grid, THREADS, 0, (cudaStream_t)stream>>>(
-            (const T*)q, (const T*)k, (const T*)v, (const T*)grad_out, lse, delta, (T*)grad_k, (T*)grad_v, layout,
-            scale);
+        grad_kv_kernel<T, D><<<kv_grid, THREADS, 0, (cudaStream_t)stream>>>(args, layout, scale);
         return (int)cudaGetLastError();
     });
 }

@@ -9,18 +9,10 @@ use kernels::cuda::{flash_attention, supports, KernelLayout};
 use kernels::BlockLayout;
 use tch::{Device, Kind, Tensor};
 
+mod common;
+
 fn layouts() -> Vec<BlockLayout> {
-    let mut out = Vec::new();
-    for (n, blocks) in [(8usize, vec![1usize, 2, 4, 8]), (12, vec![1, 3, 12]), (48, vec![1, 4, 16, 48])] {
-        for b in blocks {
-            out.push(BlockLayout::two_stream(n, b).unwrap());
-            out.push(BlockLayout::block_causal(n, b).unwrap());
-        }
-        out.push(BlockLayout::Causal { seq_len: n });
-    }
-    out.push(BlockLayout::Decode { prefix_len: 0, block_len: 4, position: 0 });
-    out.push(BlockLayout::Decode { prefix_len: 37, block_len: 5, position: 50 });
-    out
+    common::small_layouts(&[(8, &[1, 2, 4, 8]), (12, &[1, 3, 12]), (48, &[1, 4, 16, 48])])
 }
 
 #[test]

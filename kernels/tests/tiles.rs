@@ -3,18 +3,10 @@
 use kernels::{BlockLayout, TileKind};
 use tch::Device;
 
+mod common;
+
 fn layouts() -> Vec<BlockLayout> {
-    let mut out = Vec::new();
-    for (n, blocks) in [(8usize, vec![1usize, 2, 4, 8]), (12, vec![1, 3, 4, 12]), (16, vec![1, 4, 16])] {
-        for b in blocks {
-            out.push(BlockLayout::two_stream(n, b).unwrap());
-            out.push(BlockLayout::block_causal(n, b).unwrap());
-        }
-        out.push(BlockLayout::Causal { seq_len: n });
-    }
-    out.push(BlockLayout::Decode { prefix_len: 0, block_len: 4, position: 0 });
-    out.push(BlockLayout::Decode { prefix_len: 9, block_len: 3, position: 20 });
-    out
+    common::small_layouts(&[(8, &[1, 2, 4, 8]), (12, &[1, 3, 4, 12]), (16, &[1, 4, 16])])
 }
 
 fn dense(layout: &BlockLayout) -> Vec<Vec<bool>> {
