@@ -13,7 +13,14 @@ mod cuda {
     use std::path::{Path, PathBuf};
 
     pub fn build() {
-        for f in ["csrc/flash.cu", "csrc/flash.h", "csrc/layout.cuh", "csrc/autograd.cpp"] {
+        for f in [
+            "csrc/flash.cu",
+            "csrc/flash.h",
+            "csrc/layout.cuh",
+            "csrc/kernels.cuh",
+            "csrc/autograd.cpp",
+            "csrc/emulate.cpp",
+        ] {
             println!("cargo:rerun-if-changed={f}");
         }
         println!("cargo:rerun-if-env-changed=NVCC");
@@ -61,6 +68,17 @@ mod cuda {
             .flag_if_supported("-Wno-unused-parameter")
             .pic(true)
             .compile("bd3autograd");
+
+        // The same kernels run on CPU threads, for the tests (no GPU needed); std::barrier is C++20.
+        cc::Build::new()
+            .cpp(true)
+            .file("csrc/emulate.cpp")
+            .include("csrc")
+            .flag("-std=c++20")
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .opt_level(2)
+            .pic(true)
+            .compile("bd3emulate");
 
         // Propagated to every binary that links this crate (unlike link-arg).
         println!("cargo:rustc-link-search=native={}", cuda_lib.display());

@@ -39,6 +39,32 @@ extern "C" {
     fn bd3_free_message(message: *mut c_char);
     fn bd3_layout_classify(layout: KernelLayout, q0: i32, q1: i32, k0: i32, k1: i32) -> i32;
     fn bd3_layout_visible(layout: KernelLayout, q: i32, k: i32) -> i32;
+    fn bd3_emulate_forward(
+        head_dim: i32,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        out: *mut f32,
+        lse: *mut f32,
+        batch_heads: i32,
+        layout: KernelLayout,
+        scale: f32,
+    ) -> i32;
+    fn bd3_emulate_backward(
+        head_dim: i32,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        grad_out: *const f32,
+        lse: *const f32,
+        delta: *const f32,
+        grad_q: *mut f32,
+        grad_k: *mut f32,
+        grad_v: *mut f32,
+        batch_heads: i32,
+        layout: KernelLayout,
+        scale: f32,
+    ) -> i32;
 }
 
 impl KernelLayout {
@@ -99,4 +125,76 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout)
     ensure!(!out.is_null(), "fused CUDA attention returned no tensor");
     // SAFETY: `out` is a heap at::Tensor we now own; tch deletes it on drop.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// The CUDA kernels' code run on CPU threads (`csrc/emulate.cpp`), fp32: lets tests check the
+/// kernels' arithmetic without a GPU. Slow; small problems only.
+pub mod emulation {
+    use super::*;
+
+    fn f32_ptr(t: &Tensor) -> *mut f32 {
+        t.data_ptr() as *mut f32
+    }
+
+    fn prepare(ts: [&Tensor; 3], layout: &BlockLayout) -> Result<([Tensor; 3], KernelLayout, i32, f32)> {
+        let [q, k, v] = ts.map(|t| t.to_kind(Kind::Float).contiguous());
+        ensure!(q.device() == tch::Device::Cpu && q.dim() == 4, "emulation takes CPU [batch, heads, len, dim] tensors");
+        let size = q.size();
+        ensure!(matches!(size[3], 64 | 128), "the kernels have head dims 64 and 128, not {}", size[3]);
+        let batch_heads = i32::try_from(size[0] * size[1])?;
+        Ok(([q, k, v], KernelLayout::new(layout)?, batch_heads, 1.0 / (size[3] as f32).sqrt()))
+    }
+
+    /// Output and row log-sum-exp `[batch, heads, query_len]` of the forward kernel.
+    pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<(Tensor, Tensor)> {
+        let ([q, k, v], desc, bh, scale) = prepare([q, k, v], layout)?;
+        let out = q.empty_like();
+        let lse = Tensor::empty(&q.size()[..3], (Kind::Float, tch::Device::Cpu));
+        let d = q.size()[3] as i32;
+        // SAFETY: contiguous fp32 CPU tensors of the shapes the kernels index, alive for the call.
+        let rc = unsafe {
+            bd3_emulate_forward(d, f32_ptr(&q), f32_ptr(&k), f32_ptr(&v), f32_ptr(&out), f32_ptr(&lse), bh, desc, scale)
+        };
+        ensure!(rc == 0, "emulated forward failed");
+        Ok((out, lse))
+    }
+
+    /// dq, dk, dv of the backward kernels, given the forward's output and log-sum-exp.
+    pub fn backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        grad_out: &Tensor,
+        layout: &BlockLayout,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let ([q, k, v], desc, bh, scale) = prepare([q, k, v], layout)?;
+        let grad_out = grad_out.to_kind(Kind::Float).contiguous();
+        let lse = lse.contiguous();
+        // delta_i = Σ_d dO_id O_id, as autograd.cpp computes it.
+        let delta = (&grad_out * out).sum_dim_intlist(-1, false, Kind::Float).contiguous();
+        let (dq, dk, dv) = (q.zeros_like(), k.zeros_like(), v.zeros_like());
+        let d = q.size()[3] as i32;
+        // SAFETY: as in `forward`.
+        let rc = unsafe {
+            bd3_emulate_backward(
+                d,
+                f32_ptr(&q),
+                f32_ptr(&k),
+                f32_ptr(&v),
+                f32_ptr(&grad_out),
+                f32_ptr(&lse),
+                f32_ptr(&delta),
+                f32_ptr(&dq),
+                f32_ptr(&dk),
+                f32_ptr(&dv),
+                bh,
+                desc,
+                scale,
+            )
+        };
+        ensure!(rc == 0, "emulated backward failed");
+        Ok((dq, dk, dv))
+    }
 }
