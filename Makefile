@@ -23,7 +23,8 @@ demo: build
 		--tokens $(DEMO_SAMPLE_TOKENS)
 
 # The CUDA kernels (bd3-kernels feature `cuda`) compile here with nvcc from PyPI though no GPU runs
-# them: their GPU-free tests (layout twin, C++ error boundary) run and the GPU check binary builds.
+# them: their GPU-free tests (layout twin, kernel code on CPU threads, C++ error boundary) run and
+# the GPU check binary builds.
 test: setup
 	$(CARGO) build -p bd3-launcher
 	$(CARGO) nextest run --workspace --no-fail-fast
