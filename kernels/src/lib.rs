@@ -1,13 +1,24 @@
 //! Block-diffusion attention.
 //!
 //! The model never builds attention masks itself: it describes *which* attention it needs with a
-//! [`BlockLayout`] and calls [`block_diffusion_attention`]. The first implementation behind the
-//! entry point is the dense-mask reference (scaled dot-product attention with a boolean mask
-//! generated from the layout). Faster implementations (block-sparse CPU, fused CUDA) replace the
-//! inside and are tested against [`dense_attention`].
+//! [`BlockLayout`] and calls [`block_diffusion_attention`]. Behind the entry point:
+//! * [`sparse_attention`] (module `sparse`), the default: block-sparse attention that computes
+//!   only the non-empty (query tile, key tile) pairs the layout classifies analytically (`tiles`);
+//! * with the cargo feature `cuda`, fused FlashAttention-style CUDA kernels (module `cuda`) for
+//!   bf16/fp16 CUDA tensors with head dim 64 or 128;
+//! * [`dense_attention`], the reference every path is tested against: scaled dot-product attention
+//!   with the full boolean mask generated from the layout.
 
 use anyhow::{bail, ensure, Result};
 use tch::{Device, Kind, Tensor};
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod sparse;
+pub mod tiles;
+
+pub use sparse::{sparse_attention, sparse_attention_with_tile};
+pub use tiles::{Rule, TileKind};
 
 /// Which attention pattern a forward pass needs. Everything about the mask follows from the
 /// sequence length `L` and the block size `L′` (§2.2 of the BD3-LM reference).
@@ -122,9 +133,18 @@ fn check_blocks(seq_len: usize, block_size: usize) -> Result<()> {
 
 /// The attention entry point: `q`, `k`, `v` are `[batch, heads, len, head_dim]` (post-RoPE);
 /// returns `[batch, heads, query_len, head_dim]`. Scale 1/√head_dim, no dropout.
+///
+/// CUDA tensors go to the fused kernels when the crate is built with `cuda` and the kernels
+/// support the dtype and head dim ([`cuda::supports`]); other CUDA tensors take the dense
+/// reference (libtorch's fused SDPA kernels with the mask). CPU tensors take the block-sparse path.
 pub fn block_diffusion_attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<Tensor> {
     check_shapes(q, k, v, layout)?;
-    dense_attention(q, k, v, layout)
+    match q.device() {
+        Device::Cpu => sparse_attention(q, k, v, layout),
+        #[cfg(feature = "cuda")]
+        _ if cuda::supports(q, k, v) => cuda::flash_attention(q, k, v, layout),
+        _ => dense_attention(q, k, v, layout),
+    }
 }
 
 /// Dense-mask reference: SDPA with the full boolean mask of the layout.
@@ -141,8 +161,21 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Res
         bail!("attention expects [batch, heads, len, head_dim] tensors, got q {qs:?}, k {ks:?}, v {vs:?}");
     }
     ensure!(
-        qs[2] as usize == layout.query_len() && ks[2] as usize == layout.key_len() && ks == vs,
+        qs[2] as usize == layout.query_len()
+            && ks[2] as usize == layout.key_len()
+            && ks == vs
+            && (qs[0], qs[1], qs[3]) == (ks[0], ks[1], ks[3]),
         "attention shapes q {qs:?}, k {ks:?}, v {vs:?} do not match layout {layout:?}"
+    );
+    ensure!(
+        q.device() == k.device() && k.device() == v.device() && q.kind() == k.kind() && k.kind() == v.kind(),
+        "q, k and v must share device and dtype (q {:?} {:?}, k {:?} {:?}, v {:?} {:?})",
+        q.device(),
+        q.kind(),
+        k.device(),
+        k.kind(),
+        v.device(),
+        v.kind()
     );
     Ok(())
 }

@@ -1,0 +1,145 @@
+//! Block-sparse CPU attention against the dense-mask reference: outputs and the gradients of
+//! q, k and v, in fp32, over the shapes of the issue (L ∈ {16, 128, 1024, 48, 200}, every valid
+//! L′ ∈ {1, 4, 16, 64, L}, odd batch and head counts) and every layout.
+
+use kernels::{block_diffusion_attention, dense_attention, sparse_attention_with_tile, BlockLayout};
+use tch::{Device, Kind, Tensor};
+
+struct Grads {
+    out: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+}
+
+type Attention<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor;
+
+fn run(f: Attention, q: &Tensor, k: &Tensor, v: &Tensor, upstream: &Tensor) -> Grads {
+    let (q, k, v) =
+        (q.copy().set_requires_grad(true), k.copy().set_requires_grad(true), v.copy().set_requires_grad(true));
+    let out = f(&q, &k, &v);
+    (&out * upstream).sum(Kind::Float).backward();
+    Grads { out: out.detach(), dq: q.grad(), dk: k.grad(), dv: v.grad() }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Checks one (layout, shape) case for the entry point and, when given, extra row tiles.
+fn check(layout: BlockLayout, batch: i64, heads: i64, dim: i64, tiles: &[usize]) {
+    let (sq, sk) = (layout.query_len() as i64, layout.key_len() as i64);
+    let opts = (Kind::Float, Device::Cpu);
+    let q = Tensor::randn([batch, heads, sq, dim], opts);
+    let k = Tensor::randn([batch, heads, sk, dim], opts);
+    let v = Tensor::randn([batch, heads, sk, dim], opts);
+    let upstream = Tensor::randn([batch, heads, sq, dim], opts);
+    let reference = run(&|q, k, v| dense_attention(q, k, v, &layout).unwrap(), &q, &k, &v, &upstream);
+    let mut candidates: Vec<(String, Grads)> = vec![(
+        "entry point".into(),
+        run(&|q, k, v| block_diffusion_attention(q, k, v, &layout).unwrap(), &q, &k, &v, &upstream),
+    )];
+    for &t in tiles {
+        let f = move |q: &Tensor, k: &Tensor, v: &Tensor| sparse_attention_with_tile(q, k, v, &layout, t).unwrap();
+        candidates.push((format!("row tile {t}"), run(&f, &q, &k, &v, &upstream)));
+    }
+    for (name, got) in candidates {
+        for (what, a, b) in [
+            ("out", &got.out, &reference.out),
+            ("dq", &got.dq, &reference.dq),
+            ("dk", &got.dk, &reference.dk),
+            ("dv", &got.dv, &reference.dv),
+        ] {
+            assert_eq!(a.size(), b.size());
+            let d = max_diff(a, b);
+            let tol = 1e-5 * (1.0 + b.abs().max().double_value(&[]));
+            assert!(d <= tol, "{layout:?} B={batch} H={heads} D={dim} {name}: {what} differs by {d} (tol {tol})");
+        }
+    }
+}
+
+fn block_sizes(n: usize) -> Vec<usize> {
+    [1, 4, 16, 64, n]
+        .into_iter()
+        .filter(|&b| b <= n && n % b == 0)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn two_stream_small_lengths() {
+    tch::manual_seed(1);
+    for n in [16usize, 48, 128] {
+        for b in block_sizes(n) {
+            check(BlockLayout::two_stream(n, b).unwrap(), 3, 3, 16, &[8, 32]);
+        }
+    }
+}
+
+#[test]
+fn two_stream_length_not_a_tile_multiple() {
+    tch::manual_seed(2);
+    // 200 = 128 + 72 with the default row tile; 8 | 200.
+    for b in [1usize, 8, 40, 200] {
+        check(BlockLayout::two_stream(200, b).unwrap(), 1, 3, 8, &[24]);
+    }
+}
+
+#[test]
+fn two_stream_l1024() {
+    tch::manual_seed(3);
+    for b in block_sizes(1024) {
+        check(BlockLayout::two_stream(1024, b).unwrap(), 1, 1, 8, &[]);
+    }
+}
+
+#[test]
+fn block_causal_and_causal() {
+    tch::manual_seed(4);
+    for n in [16usize, 48, 128] {
+        for b in block_sizes(n) {
+            check(BlockLayout::block_causal(n, b).unwrap(), 3, 1, 16, &[8]);
+        }
+        check(BlockLayout::Causal { seq_len: n }, 1, 5, 16, &[8]);
+    }
+    for b in block_sizes(1024) {
+        check(BlockLayout::block_causal(1024, b).unwrap(), 1, 1, 8, &[]);
+    }
+    check(BlockLayout::Causal { seq_len: 1024 }, 1, 1, 8, &[]);
+    check(BlockLayout::Causal { seq_len: 200 }, 3, 1, 8, &[]);
+}
+
+#[test]
+fn decode_against_a_cache() {
+    tch::manual_seed(5);
+    for (prefix_len, block_len) in [(0usize, 4usize), (12, 4), (64, 16), (1008, 16), (300, 1)] {
+        check(BlockLayout::Decode { prefix_len, block_len, position: prefix_len + 7 }, 3, 3, 16, &[2]);
+    }
+}
+
+/// The model feeds non-contiguous q/k/v (transposed heads); the result must not depend on it.
+#[test]
+fn non_contiguous_inputs() {
+    tch::manual_seed(6);
+    let layout = BlockLayout::two_stream(32, 4).unwrap();
+    let x = Tensor::randn([2, 64, 3, 8], (Kind::Float, Device::Cpu));
+    let q = x.transpose(1, 2);
+    assert!(!q.is_contiguous());
+    let got = block_diffusion_attention(&q, &q, &q, &layout).unwrap();
+    let want = dense_attention(&q.contiguous(), &q.contiguous(), &q.contiguous(), &layout).unwrap();
+    assert!(max_diff(&got, &want) < 1e-5);
+}
+
+#[test]
+fn mismatched_inputs_are_errors() {
+    let layout = BlockLayout::two_stream(8, 2).unwrap();
+    let t = |s: &[i64], kind| Tensor::zeros(s, (kind, Device::Cpu));
+    let q = t(&[1, 2, 16, 4], Kind::Float);
+    assert!(block_diffusion_attention(&q, &t(&[1, 2, 16, 8], Kind::Float), &t(&[1, 2, 16, 8], Kind::Float), &layout)
+        .is_err());
+    assert!(block_diffusion_attention(&q, &t(&[1, 3, 16, 4], Kind::Float), &t(&[1, 3, 16, 4], Kind::Float), &layout)
+        .is_err());
+    assert!(block_diffusion_attention(&q, &q, &t(&[1, 2, 16, 4], Kind::Double), &layout).is_err());
+    assert!(block_diffusion_attention(&q, &q, &q, &layout).is_ok());
+}
