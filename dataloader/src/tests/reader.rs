@@ -132,8 +132,8 @@ fn validation_is_read_in_stored_order() {
 }
 
 #[test]
-fn streams_from_s3_and_survives_a_server_restart() {
-    let mut server = S3TestServer::start().unwrap();
+fn streams_from_s3_and_survives_a_server_restart_and_an_outage() {
+    let server = S3TestServer::start().unwrap();
     server.create_bucket("data").unwrap();
     let tokens = numbered(60, 4);
     write_token_dataset("s3://data/set", server.options(), 4, [&tokens, &[]], 7, 3).unwrap();
@@ -144,11 +144,24 @@ fn streams_from_s3_and_survives_a_server_restart() {
     c.store_options = server.options();
     let mut reader = Reader::open("s3://data/set/index.json", c).unwrap();
     let mut order = Vec::new();
+    let mut server = Some(server);
+    let mut outage = None;
     for step in 0..40 {
         if step == 6 {
-            server.restart().unwrap();
+            server.as_mut().expect("running").restart().unwrap();
+        }
+        if step == 20 {
+            // Down for a while: reads fail with refused connections until it is back.
+            let mut down = server.take().expect("running");
+            down.kill();
+            outage = Some(std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                down.restart().unwrap();
+                down
+            }));
         }
         order.extend(ids(&reader.next_batch().unwrap().tokens, 4));
     }
-    assert_eq!(order, reference, "the same sequences as from local shards, through the restart");
+    drop(outage.map(|t| t.join().unwrap()));
+    assert_eq!(order, reference, "the same sequences as from local shards, through restart and outage");
 }
