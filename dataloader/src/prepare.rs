@@ -248,7 +248,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
     tracing::info!(
         train_sequences = manifest.train.sequences,
         valid_sequences = manifest.valid.sequences,
-        mb_per_s = text_bytes as f64 / 1e6 / seconds.max(1e-9),
+        mb_per_s = format!("{:.1}", text_bytes as f64 / 1e6 / seconds.max(1e-9)),
         "prepared {}",
         out.display(MANIFEST_NAME)
     );

@@ -62,17 +62,20 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         words.map(|a| if a.contains(char::is_whitespace) { format!("{a:?}") } else { a }).collect::<Vec<_>>().join(" ");
     let s = dataloader::prepare(&c)?;
     let m = &s.manifest;
-    println!(
-        "{}: {} train and {} validation sequences of {} tokens ({} documents held out); {:.1} MB of text in {:.1} s ({:.1} MB/s){}",
-        args.output,
-        m.train.sequences,
-        m.valid.sequences,
-        m.seq_len,
-        m.valid.documents,
-        s.text_bytes as f64 / 1e6,
-        s.seconds,
-        s.text_bytes as f64 / 1e6 / s.seconds.max(1e-9),
-        if s.resumed_shards > 0 { format!("; {} shards kept from an earlier run", s.resumed_shards) } else { String::new() }
+    let split = format!(
+        "{}: {} train and {} validation sequences of {} tokens ({} documents held out)",
+        args.output, m.train.sequences, m.valid.sequences, m.seq_len, m.valid.documents
     );
+    if s.text_bytes == 0 {
+        println!("{split}; already prepared, nothing to do");
+    } else {
+        let mb = s.text_bytes as f64 / 1e6;
+        let kept = if s.resumed_shards > 0 {
+            format!("; {} shards kept from an earlier run", s.resumed_shards)
+        } else {
+            String::new()
+        };
+        println!("{split}; {mb:.1} MB of text in {:.1} s ({:.1} MB/s){kept}", s.seconds, mb / s.seconds.max(1e-9));
+    }
     Ok(())
 }
