@@ -223,6 +223,11 @@ impl CheckpointStore {
         self.store.get_ranges(&self.path(step, file), ranges).await.with_context(|| format!("reading {name}"))
     }
 
+    async fn get_range(&self, step: u64, file: &str, range: Range<u64>) -> Result<Bytes> {
+        let mut one = self.get_ranges(step, file, std::slice::from_ref(&range)).await?;
+        Ok(one.pop().expect("one range, one buffer"))
+    }
+
     async fn exists(&self, step: u64, file: &str) -> Result<bool> {
         if let Some(root) = &self.local_root {
             return Ok(root.join(step_dir(step)).join(file).is_file());
@@ -581,10 +586,10 @@ impl CheckpointStore {
     async fn read_header(&self, manifest: &Manifest, file: &str) -> Result<safetensors::Header> {
         let name = self.display(manifest.step, file);
         let size = manifest.files.get(file).with_context(|| format!("{name}: not listed in the manifest"))?.bytes;
-        let first = self.get_ranges(manifest.step, file, &[0..8.min(size)]).await?;
-        let n = safetensors::header_len(&first[0], size, &name)?;
-        let json = self.get_ranges(manifest.step, file, &[8..8 + n]).await?;
-        safetensors::parse_header(&json[0], size, &name)
+        let first = self.get_range(manifest.step, file, 0..8.min(size)).await?;
+        let n = safetensors::header_len(&first, size, &name)?;
+        let json = self.get_range(manifest.step, file, 8..8 + n).await?;
+        safetensors::parse_header(&json, size, &name)
     }
 
     /// Deletes committed steps that the policy does not keep. Only complete checkpoints written
