@@ -157,15 +157,7 @@ fn a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable() {
     let store = CheckpointStore::open(&url).unwrap();
     save_whole(&store, 1, 1);
     // Rank 0 of 2 writes its part of step 2, then waits for rank 1, which never comes: kill it there.
-    let mut child = writer_process(&url, 0, 2, 2, None).spawn().unwrap();
-    let index = dir.path().join("step-0000000002/rank-00000.json");
-    let started = Instant::now();
-    while !index.exists() {
-        assert!(started.elapsed() < Duration::from_secs(60), "the writer never wrote its part");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_once_written(writer_process(&url, 0, 2, 2, None), &dir.path().join("step-0000000002/rank-00000.json"));
 
     let steps = store.steps().unwrap();
     assert_eq!(steps.iter().map(|s| (s.step, s.committed)).collect::<Vec<_>>(), vec![(1, true), (2, false)]);
@@ -298,8 +290,17 @@ fn the_same_behaviour_on_an_s3_server() {
     assert_eq!(store.committed_steps().unwrap(), vec![3, 5]);
 
     // An uncommitted step on S3 is ignored, then cleaned.
-    let mut child = writer_process(url, 0, 2, 9, Some(&server)).spawn().unwrap();
     let index = server.root().join("ckpt/runs/a/step-0000000009/rank-00000.json");
+    kill_once_written(writer_process(url, 0, 2, 9, Some(&server)), &index);
+    assert_eq!(store.committed_steps().unwrap(), vec![3, 5]);
+    assert_eq!(store.clean_partial().unwrap(), vec![9]);
+    assert!(store.steps().unwrap().iter().all(|s| s.step != 9));
+}
+
+/// Starts a rank-0 writer of a 2-rank save and kills it once its part (`index`) exists: it is
+/// then waiting for rank 1, mid-save.
+fn kill_once_written(mut writer: Command, index: &Path) {
+    let mut child = writer.spawn().expect("starting a writer process");
     let started = Instant::now();
     while !index.exists() {
         assert!(started.elapsed() < Duration::from_secs(60), "the writer never wrote its part");
@@ -307,9 +308,6 @@ fn the_same_behaviour_on_an_s3_server() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_eq!(store.committed_steps().unwrap(), vec![3, 5]);
-    assert_eq!(store.clean_partial().unwrap(), vec![9]);
-    assert!(store.steps().unwrap().iter().all(|s| s.step != 9));
 }
 
 fn flip_last_byte(path: &Path) {
