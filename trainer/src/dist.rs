@@ -133,10 +133,7 @@ impl Dist {
     /// their next collective until the timeout. A no-op for a single process.
     pub fn abort_job(&self, error: &anyhow::Error) {
         if self.placement.world_size > 1 {
-            eprintln!(
-                "bd3 rank {}/{}: {error:#}; aborting the job",
-                self.placement.rank, self.placement.world_size
-            );
+            eprintln!("bd3 rank {}/{}: {error:#}; aborting the job", self.placement.rank, self.placement.world_size);
             // SAFETY: MPI is initialized (world_size > 1 means an MpiComm exists) and not finalized.
             unsafe {
                 mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 1);
@@ -400,7 +397,12 @@ impl Communicator for MpiComm {
 /// Sums or averages `tensors` over all ranks, packed into flat buffers of at most `bucket_bytes`
 /// (one collective per bucket instead of one per tensor; a tensor larger than a bucket goes alone).
 /// Consecutive tensors of one type share a bucket, so every rank packs the same buckets.
-pub fn all_reduce_bucketed(comm: &dyn Communicator, tensors: &[Tensor], op: ReduceOp, bucket_bytes: usize) -> Result<()> {
+pub fn all_reduce_bucketed(
+    comm: &dyn Communicator,
+    tensors: &[Tensor],
+    op: ReduceOp,
+    bucket_bytes: usize,
+) -> Result<()> {
     if comm.world_size() == 1 {
         return Ok(()); // the identity, without the copies
     }
@@ -480,11 +482,13 @@ impl Watchdog {
                     if state.epoch.elapsed().saturating_sub(since) > timeout {
                         let op = *state.op.lock().unwrap_or_else(|e| e.into_inner());
                         let count = state.count.load(Ordering::SeqCst);
-                        eprintln!(
+                        // One write of the whole line: the launcher merges every rank's stderr.
+                        let line = format!(
                             "bd3 rank {rank}/{world}: collective #{count} ({op}) did not complete within {:.1} s \
-                             (dist.timeout_s): a peer rank has died or stopped; exiting",
+                             (dist.timeout_s): a peer rank has died or stopped; exiting\n",
                             timeout.as_secs_f64()
                         );
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                         // _exit: no MPI_Finalize or destructors, which could wait on the dead peer.
                         // SAFETY: _exit ends the process immediately; no Rust state is used after.
                         unsafe { libc::_exit(TIMEOUT_EXIT_CODE) };

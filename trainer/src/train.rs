@@ -23,8 +23,8 @@ use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::{Arch, Config};
-use crate::dist::{self, all_reduce_bucketed, Communicator, ReduceOp};
 use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval};
+use crate::dist::{self, all_reduce_bucketed, Communicator, ReduceOp};
 use crate::eval::{self, EvalBatches, NelboReport};
 use crate::model::{num_parameters, Dit};
 use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
@@ -245,7 +245,7 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
     let mut valid_nelbo = None;
     for step in first_step..cfg.train.steps {
         saver.poll()?; // a failed background save stops the run here, one step later
-        // Ranks other than 0 draw other dropout masks (rank 0's are those of a single process).
+                       // Ranks other than 0 draw other dropout masks (rank 0's are those of a single process).
         tch::manual_seed(step_seed(cfg.train.seed, step) ^ ((rank as i64) << 40));
         let lr = schedule.lr(step);
         for p in params.iter_mut() {
@@ -256,7 +256,15 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
             let batch = loader.next_batch();
             let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
             let loss = tch::autocast(autocast, || {
-                objective.token_losses_of_rows(&model, &batch.tokens, mb * world, own_rows.clone(), clip, &mut rng, true)
+                objective.token_losses_of_rows(
+                    &model,
+                    &batch.tokens,
+                    mb * world,
+                    own_rows.clone(),
+                    clip,
+                    &mut rng,
+                    true,
+                )
             })?
             .mean(Kind::Float);
             (&loss / accum as f64).backward();
