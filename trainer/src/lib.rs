@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod diffusion;
+pub mod dist;
 pub mod eval;
 pub mod model;
 pub mod optim;

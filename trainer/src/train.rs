@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,6 +26,7 @@ use tracing::info;
 
 use crate::config::{Arch, Config};
 use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval};
+use crate::dist::{self, all_reduce_bucketed, Communicator, ReduceOp};
 use crate::eval::{self, EvalBatches, NelboReport};
 use crate::model::{num_parameters, Dit};
 use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
@@ -69,16 +71,35 @@ impl Objective {
         rng: &mut NoiseRng,
         train: bool,
     ) -> Result<Tensor> {
+        self.token_losses_of_rows(model, tokens, batch, 0..batch, clip, rng, train)
+    }
+
+    /// [`Objective::token_losses`] of rows `rows` of the batch only, with the noise still drawn
+    /// for the whole batch: a data-parallel rank takes its rows of the global batch, and a row's
+    /// noise is the same whatever the number of ranks sharing the batch (each rank draws the
+    /// whole batch's noise on the host, a small cost next to the model).
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_losses_of_rows(
+        &self,
+        model: &Dit,
+        tokens: &[u32],
+        batch: usize,
+        rows: Range<usize>,
+        clip: ClipInterval,
+        rng: &mut NoiseRng,
+        train: bool,
+    ) -> Result<Tensor> {
         let device = model.device();
+        let len = tokens.len() / batch;
+        let own = &tokens[rows.start * len..rows.end * len];
         match self {
             Self::Diffusion(obj) => {
-                let x0 = tokens_tensor(tokens, batch, obj.seq_len, device);
-                let noise = obj.sample_noise(tokens, batch, clip, rng)?;
+                let x0 = tokens_tensor(own, rows.len(), obj.seq_len, device);
+                let noise = obj.sample_noise(tokens, batch, clip, rng)?.rows(rows);
                 obj.token_losses(model, &x0, &noise, train)
             }
             Self::Autoregressive { mask_id } => {
-                let len = tokens.len() / batch;
-                ar_token_losses(model, &tokens_tensor(tokens, batch, len, device), *mask_id, train)
+                ar_token_losses(model, &tokens_tensor(own, rows.len(), len, device), *mask_id, train)
             }
         }
     }
@@ -110,17 +131,19 @@ pub enum TrainData {
 }
 
 impl TrainData {
-    /// The training batches and the validation tokens of `cfg.data`.
-    pub fn open(cfg: &Config) -> Result<(Self, Vec<u32>)> {
+    /// The training batches and the validation tokens of `cfg.data`. Batches hold the rows of
+    /// all `world` ranks (each rank keeps its own), so the order and the saved position do not
+    /// depend on the number of ranks.
+    pub fn open(cfg: &Config, world: usize) -> Result<(Self, Vec<u32>)> {
         let (mb, seq_len) = (cfg.train.micro_batch, cfg.model.seq_len);
         if cfg.data.dataset.is_empty() {
             let corpus = load_corpus(cfg)?;
-            let loader = InMemoryLoader::new(corpus.train, seq_len, mb, cfg.train.seed, true)?;
+            let loader = InMemoryLoader::new(corpus.train, seq_len, mb * world, cfg.train.seed, true)?;
             return Ok((Self::Memory(loader), corpus.valid));
         }
         let url = &cfg.data.dataset;
-        let global_batch = mb * cfg.train.grad_accum;
-        let reader = Reader::open(url, ReaderConfig::new(cfg.train.seed, 0, 1, global_batch, mb))
+        let global_batch = mb * world * cfg.train.grad_accum;
+        let reader = Reader::open(url, ReaderConfig::new(cfg.train.seed, 0, 1, global_batch, mb * world))
             .with_context(|| format!("data.dataset {url}"))?;
         ensure!(
             reader.seq_len() == seq_len,
@@ -214,10 +237,28 @@ pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
     Ok(packed)
 }
 
+/// Trains as one rank of the job this process was started in (trainer::dist): a plain process
+/// trains alone; under mpirun or srun, ranks split each global batch between them, average their
+/// gradients, and only rank 0 writes the run directory and checkpoints.
 pub fn run(cfg: &Config) -> Result<TrainOutcome> {
-    // ---- set-up: device, seeds, run directory, data, model, optimizer -------------------------
     cfg.validate()?;
+    let dist = dist::init(cfg.dist.options())?;
+    dist::catch_stop_signals()?;
+    let result = run_in(cfg, dist.comm());
+    if let Err(e) = &result {
+        dist.abort_job(e); // peers would otherwise wait for this rank until the timeout
+    }
+    result
+}
+
+fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
+    // ---- set-up: device, seeds, run directory, data, model, optimizer -------------------------
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0; // the rank that writes
     let device = select_device(&cfg.train.device)?;
+    if world > 1 && device.is_cuda() {
+        bail!("training on {world} processes needs CPU tensors (train.device = \"cpu\"): NCCL is not wired yet");
+    }
     if device == Device::Cpu {
         keep_freed_memory_for_reuse(true);
     }
@@ -235,7 +276,9 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
 
     let (mb, accum, seq_len) = (cfg.train.micro_batch, cfg.train.grad_accum, cfg.model.seq_len);
-    let (mut loader, valid) = TrainData::open(cfg)?;
+    // Every rank reads the global batch of each micro-step and keeps its rows of it.
+    let (mut loader, valid) = TrainData::open(cfg, world)?;
+    let own_rows = rank * mb..(rank + 1) * mb;
 
     let vs = nn::VarStore::new(device);
     let model = Dit::new(&vs.root(), &cfg.model)?;
@@ -249,7 +292,15 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
 
     // ---- checkpoints: resume, then save as we go -------------------------------------------------
     let store = Arc::new(CheckpointStore::open(&cfg.checkpoint_url())?);
-    let resumed = resume_point(cfg, &store)?;
+    // Rank 0 first: with `auto` it removes half-written steps, which the others must not read.
+    let resumed = if lead {
+        let point = resume_point(cfg, &store);
+        comm.barrier()?;
+        point?
+    } else {
+        comm.barrier()?;
+        resume_point(cfg, &store)?
+    };
     let mut first_step = 0;
     if let Some(manifest) = &resumed {
         state::check_compatible(cfg, manifest)?;
@@ -261,16 +312,23 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         store_clip_interval(&vs, clip);
         info!(step = first_step, url = store.url(), "resumed");
     }
+    for p in &params {
+        comm.broadcast(p, 0)?; // every rank starts from rank 0's weights
+    }
     // Written only now, so that a refused resume leaves the run's config as it was.
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
+    if lead {
+        std::fs::write(run_dir.join("config.toml"), cfg.to_toml()?)?;
+    }
     let mut saver = AsyncSaver::new(Arc::clone(&store));
-    let mut metrics = MetricsLog::open(run_dir.join("metrics.jsonl"), resumed.is_some())?;
+    let mut metrics = MetricsLog::open(run_dir.join("metrics.jsonl"), resumed.is_some(), lead)?;
     info!(
         parameters = num_parameters(&vs),
         ?device,
         arch = ?cfg.model.arch,
         block_size = cfg.diffusion.block_size,
-        global_batch = mb * accum,
+        global_batch = mb * accum * world,
+        rank,
+        world,
         run_dir = %run_dir.display(),
         checkpoints = store.url(),
         "training"
@@ -283,7 +341,8 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     let mut valid_nelbo = None;
     for step in first_step..cfg.train.steps {
         saver.poll()?; // a failed background save stops the run here, one step later
-        tch::manual_seed(step_seed(cfg.train.seed, step));
+                       // Ranks other than 0 draw other dropout masks (rank 0's are those of a single process).
+        tch::manual_seed(step_seed(cfg.train.seed, step) ^ ((rank as i64) << 40));
         let lr = schedule.lr(step);
         for p in params.iter_mut() {
             p.zero_grad();
@@ -292,11 +351,28 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
         for micro in 0..accum {
             let batch = loader.next_batch()?;
             let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
-            let loss =
-                tch::autocast(autocast, || objective.token_losses(&model, &batch.tokens, mb, clip, &mut rng, true))?
-                    .mean(Kind::Float);
+            let loss = tch::autocast(autocast, || {
+                objective.token_losses_of_rows(
+                    &model,
+                    &batch.tokens,
+                    mb * world,
+                    own_rows.clone(),
+                    clip,
+                    &mut rng,
+                    true,
+                )
+            })?
+            .mean(Kind::Float);
             (&loss / accum as f64).backward();
             step_loss += loss.double_value(&[]) / accum as f64;
+        }
+        if world > 1 {
+            // Every rank's loss is a mean over its rows: the global batch's is their mean.
+            let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+            all_reduce_bucketed(comm, &grads, ReduceOp::Avg, cfg.dist.bucket_bytes())?;
+            let loss = Tensor::from_slice(&[step_loss]);
+            comm.all_reduce(&loss, ReduceOp::Avg)?;
+            step_loss = loss.double_value(&[0]);
         }
         if !step_loss.is_finite() {
             bail!("step {step}: loss is {step_loss}; stopping before the weights are corrupted");
@@ -307,15 +383,18 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
             ema.update(&params);
         }
         losses.push(step_loss);
-        window_tokens += mb * accum * seq_len;
+        window_tokens += mb * accum * world * seq_len;
 
-        let last = step + 1 == cfg.train.steps;
+        // SIGTERM or SIGUSR1 on any rank: every rank ends the run after this step, as at its
+        // last step (validation, checkpoint, weights), and exits 0 for the scheduler's requeue.
+        let stop = dist::stop_requested(comm)?;
+        let last = step + 1 == cfg.train.steps || stop;
         if (step + 1) % cfg.train.log_every == 0 || last {
             let tokens_per_s = window_tokens as f64 / window_start.elapsed().as_secs_f64();
             info!(step = step + 1, loss = step_loss, lr, grad_norm, tokens_per_s = tokens_per_s.round(), "train");
             metrics.write(json!({
                 "step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "tokens_seen": (step + 1) as usize * mb * accum * seq_len,
+                "tokens_per_s": tokens_per_s, "tokens_seen": (step + 1) as usize * mb * accum * world * seq_len,
             }))?;
             (window_start, window_tokens) = (Instant::now(), 0);
         }
@@ -329,10 +408,10 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
             (window_start, window_tokens) = (Instant::now(), 0);
         }
         let every = cfg.checkpoint.every;
-        if last || (every > 0 && (step + 1) % every == 0) {
+        if lead && (last || (every > 0 && (step + 1) % every == 0)) {
             let progress = Progress {
                 step: step + 1,
-                tokens_seen: (step + 1) * (mb * accum * seq_len) as u64,
+                tokens_seen: (step + 1) * (mb * accum * world * seq_len) as u64,
                 optimizer_steps: optimizer.step,
                 ema_updates: ema.updates,
                 clip_beta: clip.beta,
@@ -358,11 +437,18 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
                 job.run(&store)?;
             }
         }
+        if stop {
+            info!(step = step + 1, "stopping on request (SIGTERM or SIGUSR1)");
+            break;
+        }
     }
     saver.wait()?;
 
     // ---- end of run: EMA weights, a sample ------------------------------------------------------
     let final_valid_nelbo = valid_nelbo;
+    if !lead {
+        return Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample: None });
+    }
     let weights = run_dir.join("model.safetensors");
     with_ema(&mut ema, &params, cfg, || Ok(vs.save(&weights)?))?;
     info!(path = %weights.display(), "saved EMA weights");
@@ -527,12 +613,16 @@ fn resume_point(cfg: &Config, store: &CheckpointStore) -> Result<Option<Manifest
 
 /// One JSON object per line, flushed as written so a crashed run keeps its metrics.
 struct MetricsLog {
-    out: BufWriter<File>,
+    /// None on ranks other than 0, which write nothing.
+    out: Option<BufWriter<File>>,
 }
 
 impl MetricsLog {
     /// A resumed run appends to the log of the run it continues.
-    fn open(path: PathBuf, append: bool) -> Result<Self> {
+    fn open(path: PathBuf, append: bool, enabled: bool) -> Result<Self> {
+        if !enabled {
+            return Ok(Self { out: None });
+        }
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -540,13 +630,14 @@ impl MetricsLog {
             .truncate(!append)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Self { out: BufWriter::new(file) })
+        Ok(Self { out: Some(BufWriter::new(file)) })
     }
 
     fn write(&mut self, value: serde_json::Value) -> Result<()> {
-        serde_json::to_writer(&mut self.out, &value)?;
-        self.out.write_all(b"\n")?;
-        self.out.flush()?;
+        let Some(out) = &mut self.out else { return Ok(()) };
+        serde_json::to_writer(&mut *out, &value)?;
+        out.write_all(b"\n")?;
+        out.flush()?;
         Ok(())
     }
 }

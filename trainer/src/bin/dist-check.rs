@@ -1,0 +1,152 @@
+//! What the multi-process tests (`trainer/tests/dist.rs`) start under mpirun:
+//!
+//! * `dist-check collectives`: every collective, on odd sizes and every supported type, checked
+//!   against a serial reference that each rank computes from all ranks' inputs;
+//! * `dist-check hang TIMEOUT_S`: the last rank stops taking part, the others wait in a barrier
+//!   until the watchdog ends them;
+//! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::run`, printing the
+//!   per-step losses of this run on every rank.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use tch::{Kind, Tensor};
+use trainer::dist::{self, all_reduce_bucketed, Communicator, DistOptions, ReduceOp};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("dist-check: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("collectives") => {
+            let dist = dist::init(DistOptions { timeout: Duration::from_secs(120) })?;
+            let checks = collectives(dist.comm())?;
+            println!("rank {}/{}: {checks} checks passed", dist.comm().rank(), dist.comm().world_size());
+            Ok(())
+        }
+        Some("hang") => {
+            let timeout: f64 = args.get(1).context("hang TIMEOUT_S")?.parse()?;
+            let dist = dist::init(DistOptions { timeout: Duration::from_secs_f64(timeout) })?;
+            let comm = dist.comm();
+            comm.barrier()?;
+            if comm.rank() + 1 == comm.world_size() {
+                // A peer that stopped calling collectives (stuck, or in a step the others left).
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+            comm.barrier()?;
+            bail!("rank {}: the barrier completed without its last rank", comm.rank())
+        }
+        Some("train") => {
+            let path = args.get(1).context("train CONFIG [OVERRIDES]")?;
+            let cfg = trainer::Config::load(path.as_ref(), &args[2..])?;
+            let rank = dist::Placement::from_env()?.unwrap_or(dist::Placement::SINGLE).rank;
+            let out = trainer::train::run(&cfg)?;
+            println!("rank {rank} LOSSES {}", serde_json::to_string(&out.losses)?);
+            Ok(())
+        }
+        _ => bail!("usage: dist-check collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES]"),
+    }
+}
+
+/// Rank `rank`'s input of `n` elements: distinct per rank and element, of mixed sign and scale.
+fn input(rank: usize, n: usize, kind: Kind) -> Tensor {
+    let values: Vec<f64> = (0..n).map(|i| ((rank * 7919 + i) as f64 * 0.618).sin() * (1.0 + (i % 13) as f64)).collect();
+    Tensor::from_slice(&values).to_kind(kind)
+}
+
+/// The serial reference of a sum over ranks: in f64, rounded once to `kind` (the MPI sum of f32
+/// or widened bf16 rounds at each partial sum, hence the tolerances below).
+fn serial_sum(world: usize, n: usize, kind: Kind) -> Tensor {
+    let mut sum = Tensor::zeros([n as i64], (Kind::Double, tch::Device::Cpu));
+    for r in 0..world {
+        sum += input(r, n, kind).to_kind(Kind::Double);
+    }
+    sum
+}
+
+fn check_close(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    ensure!(got.size() == want.size(), "{what}: shape {:?}, expected {:?}", got.size(), want.size());
+    // Relative to the magnitude of the values: one rounding of the type, a few times over.
+    let tol = match got.kind() {
+        Kind::Double => 1e-12,
+        Kind::Float => 1e-5,
+        _ => 2.0f64.powi(-6),
+    };
+    let (g, w) = (got.to_kind(Kind::Double), want.to_kind(Kind::Double));
+    let err = (&g - &w).abs().max().double_value(&[]);
+    let scale = w.abs().max().double_value(&[]).max(1.0);
+    ensure!(err <= tol * scale, "{what}: max abs error {err} exceeds {tol} × {scale}");
+    Ok(())
+}
+
+fn check_equal(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    ensure!(got.kind() == want.kind() && got.size() == want.size(), "{what}: kind or shape differ");
+    ensure!(got.equal(want), "{what}: not bit-identical to the reference");
+    Ok(())
+}
+
+fn collectives(comm: &dyn Communicator) -> Result<usize> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut checks = 0;
+    for kind in [Kind::Float, Kind::Double, Kind::BFloat16] {
+        for n in [1usize, 7, 1023, 100_003] {
+            let what = |op: &str| format!("{op} of {n} × {kind:?} on rank {rank}/{world}");
+            let sum = serial_sum(world, n, kind);
+
+            let t = input(rank, n, kind);
+            comm.all_reduce(&t, ReduceOp::Sum)?;
+            check_close(&what("all_reduce(sum)"), &t, &sum)?;
+            let t = input(rank, n, kind);
+            comm.all_reduce(&t, ReduceOp::Avg)?;
+            check_close(&what("all_reduce(avg)"), &t, &(&sum / world as f64))?;
+
+            // reduce_scatter: every rank contributes world × n elements and keeps its n.
+            let full = |r: usize| input(r, n * world, kind);
+            let mut full_sum = Tensor::zeros([(n * world) as i64], (Kind::Double, tch::Device::Cpu));
+            for r in 0..world {
+                full_sum += full(r).to_kind(Kind::Double);
+            }
+            let part = full_sum.narrow(0, (rank * n) as i64, n as i64);
+            let got = comm.reduce_scatter(&full(rank), ReduceOp::Sum)?;
+            check_close(&what("reduce_scatter(sum)"), &got, &part)?;
+            let got = comm.reduce_scatter(&full(rank).view([world as i64, n as i64]), ReduceOp::Avg)?;
+            check_close(&what("reduce_scatter(avg)"), &got, &(&part / world as f64))?;
+
+            let gathered = comm.all_gather(&input(rank, n, kind))?;
+            let want = Tensor::cat(&(0..world).map(|r| input(r, n, kind)).collect::<Vec<_>>(), 0);
+            check_equal(&what("all_gather"), &gathered, &want)?;
+
+            let root = world - 1;
+            let t = input(rank, n, kind);
+            comm.broadcast(&t, root)?;
+            check_equal(&what("broadcast"), &t, &input(root, n, kind))?;
+            checks += 7;
+        }
+    }
+
+    // Buckets: tensors of mixed sizes and types, with a bucket smaller than some tensors.
+    let specs = [(5, Kind::Float), (300, Kind::Float), (2, Kind::Float), (9, Kind::Double), (1000, Kind::Float)];
+    let tensors: Vec<Tensor> =
+        specs.iter().enumerate().map(|(i, &(n, kind))| input(rank + 10 * i, n, kind).view([-1, 1])).collect();
+    all_reduce_bucketed(comm, &tensors, ReduceOp::Avg, 1024)?;
+    for (i, &(n, kind)) in specs.iter().enumerate() {
+        let mut sum = Tensor::zeros([n as i64], (Kind::Double, tch::Device::Cpu));
+        for r in 0..world {
+            sum += input(r + 10 * i, n, kind).to_kind(Kind::Double);
+        }
+        check_close(&format!("bucketed all_reduce of tensor {i}"), &tensors[i].view([-1]), &(sum / world as f64))?;
+        checks += 1;
+    }
+
+    // Arguments every rank gets wrong alike are refused before any communication.
+    ensure!(comm.reduce_scatter(&input(rank, world * 3 + 1, Kind::Float), ReduceOp::Sum).is_err());
+    ensure!(comm.broadcast(&input(rank, 3, Kind::Float), world).is_err());
+    ensure!(comm.all_reduce(&Tensor::from_slice(&[1u8, 2]), ReduceOp::Sum).is_err());
+    comm.barrier()?;
+    Ok(checks + 3)
+}

@@ -1,0 +1,168 @@
+//! Multi-process tests with real Open MPI: `mpirun` starts the `dist-check` binary (src/bin) on 2
+//! or 3 ranks (oversubscribed on small machines) and the test checks what every rank reported.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tch::Tensor;
+use trainer::dist::mpirun_command;
+
+const CHECK: &str = env!("CARGO_BIN_EXE_dist-check");
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn output(mut cmd: Command) -> (Output, String, String) {
+    let out = cmd.output().expect("starting mpirun (installed by scripts/setup.sh)");
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    (out, stdout, stderr)
+}
+
+fn mpirun(np: usize, args: &[&str]) -> (Output, String, String) {
+    let mut cmd = mpirun_command(np);
+    cmd.arg(CHECK).args(args);
+    output(cmd)
+}
+
+#[test]
+fn every_collective_matches_a_serial_reference_on_2_and_3_ranks() {
+    for np in [2, 3] {
+        let (out, stdout, stderr) = mpirun(np, &["collectives"]);
+        assert!(out.status.success(), "{np} ranks: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+        for rank in 0..np {
+            let line = format!("rank {rank}/{np}: ");
+            assert!(
+                stdout.lines().any(|l| l.starts_with(&line) && l.ends_with("checks passed")),
+                "no report from rank {rank} of {np}:\n{stdout}\n{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_peer_that_stops_makes_the_others_exit_with_an_error() {
+    // The last of 3 ranks never reaches the second barrier; the watchdog of the two others ends
+    // them after 2 s, and mpirun then ends the job with a failure.
+    let (out, stdout, stderr) = mpirun(3, &["hang", "2"]);
+    assert!(!out.status.success(), "the job succeeded:\n{stdout}\n{stderr}");
+    assert!(stderr.contains("(barrier) did not complete within 2.0 s"), "{stderr}");
+    assert!(!stderr.contains("the barrier completed"), "{stderr}");
+}
+
+/// A small data-parallel acceptance config: the tiny model shrunk, no dropout (its masks depend
+/// on the batch shape), no clip search (it would run on differently sized validation batches).
+fn train_args(run_dir: &Path, name: &str, micro_batch: usize) -> Vec<String> {
+    let root = repo_root();
+    vec![
+        "train".into(),
+        root.join("configs/tiny.toml").display().to_string(),
+        format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string()),
+        format!("run.dir={:?}", run_dir.display().to_string()),
+        format!("run.name={name:?}"),
+        "model.seq_len=64".into(),
+        "model.layers=2".into(),
+        "model.dropout=0.0".into(),
+        "diffusion.clip_search=false".into(),
+        format!("train.micro_batch={micro_batch}"),
+        "train.grad_accum=2".into(),
+        "train.steps=6".into(),
+        "train.log_every=1".into(),
+        "train.eval_every=0".into(),
+        "train.eval_batches=1".into(),
+        "train.sample_tokens=0".into(),
+        "train.threads=1".into(),
+        "optim.warmup_steps=2".into(),
+        "optim.lr=1e-3".into(),
+        "dist.bucket_mib=0.5".into(),
+    ]
+}
+
+/// The losses `rank` reported.
+fn losses(stdout: &str, rank: usize) -> Vec<f64> {
+    let prefix = format!("rank {rank} LOSSES ");
+    let line =
+        stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no losses of rank {rank}"));
+    serde_json::from_str(line).unwrap()
+}
+
+#[test]
+fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
+    let run_dir = std::env::temp_dir().join(format!("bd3-dist-{}", std::process::id()));
+    // One plain process (no mpirun): micro-batch 4.
+    let mut single = Command::new(CHECK);
+    single.args(train_args(&run_dir, "one", 4));
+    let (out, stdout, stderr) = output(single);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let one = losses(&stdout, 0);
+    // Two ranks: micro-batch 2 each.
+    let args = train_args(&run_dir, "two", 2);
+    let (out, stdout, stderr) = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let two = losses(&stdout, 0);
+    assert_eq!(losses(&stdout, 1), two, "rank 1 logs the same averaged losses");
+
+    assert_eq!(one.len(), 6);
+    assert_eq!(two.len(), 6);
+    for (step, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "step {}: 1 rank {a}, 2 ranks {b}", step + 1);
+    }
+    // Only rank 0 writes: one metrics line per step, and the weights.
+    let metrics = std::fs::read_to_string(run_dir.join("two/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"loss\"")).count(), 6);
+    let read = |name: &str| Tensor::read_safetensors(run_dir.join(name).join("model.safetensors")).unwrap();
+    let (mut w1, mut w2) = (read("one"), read("two"));
+    w1.sort_by(|a, b| a.0.cmp(&b.0));
+    w2.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(w1.len(), w2.len());
+    for ((n1, t1), (n2, t2)) in w1.iter().zip(&w2) {
+        assert_eq!(n1, n2);
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{n1}: weights differ by {diff}");
+    }
+    // And it did train.
+    assert!(one[5] < one[0], "{one:?}");
+    std::fs::remove_dir_all(&run_dir).unwrap();
+}
+
+/// The processes mpirun started (its children, whichever of its threads forked them).
+fn children(pid: u32) -> Vec<i32> {
+    let mut out = vec![];
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(list.split_whitespace().map(|p| p.parse::<i32>().unwrap()));
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
+    let run_dir = std::env::temp_dir().join(format!("bd3-dist-stop-{}", std::process::id()));
+    let mut args = train_args(&run_dir, "stop", 2);
+    args.retain(|a| !a.starts_with("train.steps="));
+    args.push("train.steps=100000".into());
+    let mut cmd = mpirun_command(2);
+    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut job = cmd.spawn().expect("starting mpirun");
+    // Wait until rank 0 has logged two steps: both ranks are inside the training loop.
+    let metrics = run_dir.join("stop/metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ranks = children(job.id());
+    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    // SAFETY: kill only sends a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(ranks[1], libc::SIGTERM) }, 0);
+    let out = job.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    let (first, second) = (losses(&stdout, 0), losses(&stdout, 1));
+    assert_eq!(first.len(), second.len(), "the ranks stopped after different steps");
+    assert!(first.len() >= 2 && first.len() < 100_000, "stopped after {} steps", first.len());
+    let store = checkpoint::CheckpointStore::open(&run_dir.join("stop/checkpoints").display().to_string()).unwrap();
+    assert_eq!(store.committed_steps().unwrap().last(), Some(&(first.len() as u64)), "a checkpoint of the last step");
+    std::fs::remove_dir_all(&run_dir).unwrap();
+}
