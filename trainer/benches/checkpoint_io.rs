@@ -74,7 +74,7 @@ fn main() -> Result<()> {
     let step_s = train_steps(steps, &mut adamw, &mut ema)?;
 
     let snapshot =
-        |adamw: &mut AdamW, ema: &mut Ema| TrainState { vs: &vs, names: &names, optimizer: adamw, ema }.snapshot();
+        |adamw: &mut AdamW, ema: &mut Ema| TrainState { vs: &vs, names: &names, optimizer: adamw, ema }.snapshot(0, 1);
     let started = Instant::now();
     let tensors = snapshot(&mut adamw, &mut ema)?;
     let stall_s = started.elapsed().as_secs_f64();

@@ -127,20 +127,32 @@ pub fn check_compatible(cfg: &Config, manifest: &Manifest) -> Result<()> {
 }
 
 impl TrainState<'_> {
-    /// Host copies of every tensor, held whole (one process).
-    pub fn snapshot(&self) -> Result<Vec<LocalTensor>> {
-        let mut out = vec![];
+    /// Host copies of this rank's part of every tensor: rows split evenly across the `world`
+    /// ranks (data-parallel ranks hold the same replicated state, so each writes a disjoint
+    /// part and together they write it once).
+    pub fn snapshot(&self, rank: usize, world: usize) -> Result<Vec<LocalTensor>> {
+        let mut named: Vec<(String, Tensor)> = vec![];
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, t) in &vars {
-            out.push(to_buffer(&format!("model.{name}"), t)?);
+        for (name, t) in vars {
+            named.push((format!("model.{name}"), t));
         }
         for (i, name) in self.names.iter().enumerate() {
-            out.push(to_buffer(&format!("ema.{name}"), &self.ema.shadow[i])?);
-            out.push(to_buffer(&format!("optim.exp_avg.{name}"), &self.optimizer.exp_avg[i])?);
-            out.push(to_buffer(&format!("optim.exp_avg_sq.{name}"), &self.optimizer.exp_avg_sq[i])?);
+            named.push((format!("ema.{name}"), self.ema.shadow[i].shallow_clone()));
+            named.push((format!("optim.exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
+            named.push((format!("optim.exp_avg_sq.{name}"), self.optimizer.exp_avg_sq[i].shallow_clone()));
         }
-        Ok(out.into_iter().map(LocalTensor::whole).collect())
+        let mut out = vec![];
+        for (name, t) in named {
+            let global: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+            let Some(part) = Slice::rows_part(&global, rank, world) else { continue };
+            let local = match global.first() {
+                Some(_) => t.narrow(0, part.offsets[0] as i64, part.shape[0] as i64),
+                None => t,
+            };
+            out.push(LocalTensor { buffer: to_buffer(&name, &local)?, global_shape: global, offsets: part.offsets });
+        }
+        Ok(out)
     }
 
     /// Loads every tensor of the checkpoint into place. A checkpoint without optimizer state

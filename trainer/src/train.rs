@@ -408,7 +408,8 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
             (window_start, window_tokens) = (Instant::now(), 0);
         }
         let every = cfg.checkpoint.every;
-        if lead && (last || (every > 0 && (step + 1) % every == 0)) {
+        // Every rank writes its part of the state; rank 0 commits and applies retention.
+        if last || (every > 0 && (step + 1) % every == 0) {
             let progress = Progress {
                 step: step + 1,
                 tokens_seen: (step + 1) * (mb * accum * world * seq_len) as u64,
@@ -418,15 +419,15 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
                 clip_omega: clip.omega,
                 data: loader.state(),
             };
-            let tensors = TrainState { vs: &vs, names: &names, optimizer: &mut optimizer, ema: &mut ema }.snapshot()?;
+            let train_state = TrainState { vs: &vs, names: &names, optimizer: &mut optimizer, ema: &mut ema };
             let job = SaveJob {
                 step: step + 1,
-                rank: 0,
-                world_size: 1,
-                tensors,
-                meta: Some(state::checkpoint_meta(cfg, &progress)?),
+                rank,
+                world_size: world,
+                tensors: train_state.snapshot(rank, world)?,
+                meta: lead.then(|| state::checkpoint_meta(cfg, &progress)).transpose()?,
                 options: WriteOptions { max_file_bytes: cfg.checkpoint.max_file_mib << 20, ..Default::default() },
-                retention: Some(Retention {
+                retention: lead.then_some(Retention {
                     keep_latest: cfg.checkpoint.keep_latest,
                     keep_every: cfg.checkpoint.keep_every,
                 }),

@@ -121,6 +121,20 @@ fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
         let diff = (t1 - t2).abs().max().double_value(&[]);
         assert!(diff <= 1e-5, "{n1}: weights differ by {diff}");
     }
+    // Both ranks wrote disjoint parts of the final checkpoint; assembled, its EMA weights are
+    // exactly the weights rank 0 saved.
+    let store = checkpoint::CheckpointStore::open(&run_dir.join("two/checkpoints").display().to_string()).unwrap();
+    let manifest = store.manifest(6).unwrap();
+    assert_eq!(manifest.world_size, 2);
+    assert!(manifest.files.values().any(|f| f.rank == 1), "{:?}", manifest.files);
+    let exported = run_dir.join("two-export.safetensors");
+    trainer::state::export_weights(&store, &manifest, false, &exported).unwrap();
+    let mut w3 = Tensor::read_safetensors(&exported).unwrap();
+    w3.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((n2, t2), (n3, t3)) in w2.iter().zip(&w3) {
+        assert_eq!(n2, n3);
+        assert!(t2.equal(t3), "{n2}: the checkpoint's EMA weights differ from model.safetensors");
+    }
     // And it did train.
     assert!(one[5] < one[0], "{one:?}");
     std::fs::remove_dir_all(&run_dir).unwrap();
