@@ -597,9 +597,14 @@ fn resume_point(cfg: &Config, store: &CheckpointStore) -> Result<Option<Manifest
             if point.manifest.is_none() && !point.skipped.is_empty() {
                 bail!("no checkpoint in {} verifies: {:?}", store.url(), point.skipped);
             }
-            // The run goes on from an earlier step and will write these steps again.
+            // The run goes on from an earlier step and will write these steps again: they stop
+            // existing, and their files go (all written by bd3, none usable), so that no stale
+            // rank index can be mistaken for a new one.
             for (step, _) in &point.skipped {
                 store.uncommit(*step)?;
+            }
+            if !point.skipped.is_empty() {
+                store.clean_partial()?;
             }
             Ok(point.manifest)
         }
