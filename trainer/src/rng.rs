@@ -47,6 +47,8 @@ pub mod stream {
     pub const VALID_NOISE: u64 = 2;
     pub const SAMPLE: u64 = 3;
     pub const CLIP_SEARCH: u64 = 4;
+    /// libtorch's generator (dropout) is re-seeded from this stream every training step.
+    pub const TORCH_SEED: u64 = 5;
 }
 
 #[cfg(test)]

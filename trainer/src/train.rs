@@ -567,12 +567,9 @@ pub fn named_parameters_in_name_order(vs: &nn::VarStore) -> (Vec<String>, Vec<Te
     named.into_iter().unzip()
 }
 
-/// libtorch's seed for `step` (dropout): a SplitMix64 mix of (seed, step).
+/// libtorch's seed for `step` (dropout), from the counter-based generator's own stream.
 fn step_seed(seed: u64, step: u64) -> i64 {
-    let mut z = seed ^ step.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
+    (NoiseRng::new(seed, stream::TORCH_SEED, step, 0).next_u64() >> 1) as i64
 }
 
 /// The checkpoint to start from, per `checkpoint.resume`. Starting fresh where committed
