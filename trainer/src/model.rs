@@ -201,7 +201,7 @@ impl Dit {
     /// (in the two-stream layout only the x_t half's predictions are used, §2.4).
     pub fn logits(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool) -> Result<Tensor> {
         let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
-        Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), trunk.cond.as_ref()))
+        Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), trunk.cond.as_ref(), None))
     }
 
     /// Logits `[rows, vocab]` at selected positions only: `rows` holds flat indices into the
@@ -209,15 +209,37 @@ impl Dit {
     /// largest single cost of a small model, and the loss needs it only where x_t is masked.
     pub fn logits_at(&self, tokens: &Tensor, layout: &BlockLayout, rows: &Tensor, train: bool) -> Result<Tensor> {
         let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
-        self.head_at(&trunk, rows)
+        self.head_at(&trunk, rows, None)
+    }
+
+    /// [`Dit::logits_at`] with the output layer applied through `projection` (an inference call
+    /// on weights that do not change while `projection` lives).
+    pub fn logits_at_projected(
+        &self,
+        tokens: &Tensor,
+        layout: &BlockLayout,
+        rows: &Tensor,
+        projection: &VocabProjection,
+    ) -> Result<Tensor> {
+        let trunk = self.trunk(tokens, layout, false, KvIo::default())?;
+        self.head_at(&trunk, rows, Some(projection))
     }
 
     /// The head on selected rows (flat indices into `[batch, len]`) of a trunk's output.
-    fn head_at(&self, trunk: &Trunk, rows: &Tensor) -> Result<Tensor> {
+    fn head_at(&self, trunk: &Trunk, rows: &Tensor, projection: Option<&VocabProjection>) -> Result<Tensor> {
         let (_, s, d) = trunk.hidden.size3()?;
         let hidden = trunk.hidden.reshape([-1, d]).index_select(0, rows);
         let cond = trunk.cond.as_ref().map(|c| c.index_select(0, &rows.divide_scalar_mode(s, "floor")));
-        Ok(self.head(&hidden.unsqueeze(1), cond.as_ref()).squeeze_dim(1))
+        Ok(self.head(&hidden.unsqueeze(1), cond.as_ref(), projection).squeeze_dim(1))
+    }
+
+    /// A copy of the output layer for inference calls that project a few rows at a time.
+    pub fn vocab_projection(&self) -> VocabProjection {
+        let linear = &self.output.linear;
+        VocabProjection {
+            weight_t: linear.weight.detach().transpose(0, 1).contiguous(),
+            bias: linear.bias.as_ref().map(Tensor::detach),
+        }
     }
 
     /// Logits of a block of tokens that attends to `prefix` (per-layer clean keys/values of the
@@ -225,14 +247,15 @@ impl Dit {
     /// `prefix_len..prefix_len+len`.
     pub fn logits_with_prefix(&self, tokens: &Tensor, prefix: &[LayerKv], train: bool) -> Result<Tensor> {
         let position = prefix.first().map_or(0, |l| l.k.size()[2] as usize);
-        let (logits, _) = self.attend_to_prefix(tokens, prefix, position, Heads::All, false, train)?;
+        let (logits, _) = self.attend_to_prefix(tokens, prefix, position, (Heads::All, None), false, train)?;
         Ok(logits.expect("logits were asked for"))
     }
 
     /// One decoding call against cached keys/values: `tokens` `[batch, len]` at RoPE positions
     /// `position..position+len` attend to every cached key and to each other. Returns the logits
     /// `heads` asks for and, if `record`, the block's own per-layer keys/values, which the caller
-    /// appends to its cache. Always in evaluation mode (no dropout).
+    /// appends to its cache. Always in evaluation mode (no dropout); the output layer is applied
+    /// through `projection` when one is given.
     pub fn decode(
         &self,
         tokens: &Tensor,
@@ -240,8 +263,9 @@ impl Dit {
         position: usize,
         heads: Heads,
         record: bool,
+        projection: Option<&VocabProjection>,
     ) -> Result<(Option<Tensor>, Vec<LayerKv>)> {
-        self.attend_to_prefix(tokens, prefix, position, heads, record, false)
+        self.attend_to_prefix(tokens, prefix, position, (heads, projection), record, false)
     }
 
     fn attend_to_prefix(
@@ -249,7 +273,7 @@ impl Dit {
         tokens: &Tensor,
         prefix: &[LayerKv],
         position: usize,
-        heads: Heads,
+        (heads, projection): (Heads, Option<&VocabProjection>),
         record: bool,
         train: bool,
     ) -> Result<(Option<Tensor>, Vec<LayerKv>)> {
@@ -266,8 +290,8 @@ impl Dit {
         let trunk = self.trunk(tokens, &layout, train, io)?;
         let logits = match heads {
             Heads::None => None,
-            Heads::All => Some(self.head(&trunk.hidden, trunk.cond.as_ref())),
-            Heads::Rows(rows) => Some(self.head_at(&trunk, rows)?),
+            Heads::All => Some(self.head(&trunk.hidden, trunk.cond.as_ref(), projection)),
+            Heads::Rows(rows) => Some(self.head_at(&trunk, rows, projection)?),
         };
         Ok((logits, recorded))
     }
@@ -340,7 +364,7 @@ impl Dit {
 
     /// Final adaLN layer and output projection on hidden states `[batch, len, hidden]`;
     /// `cond` is `[batch, cond]`.
-    fn head(&self, x: &Tensor, cond: Option<&Tensor>) -> Tensor {
+    fn head(&self, x: &Tensor, cond: Option<&Tensor>, projection: Option<&VocabProjection>) -> Tensor {
         let y = layer_norm(x, &self.output.norm_final);
         let y = match (&self.output.ada_ln, cond) {
             (Some(ada), Some(c)) => {
@@ -349,7 +373,10 @@ impl Dit {
             }
             _ => y,
         };
-        self.output.linear.forward(&y)
+        match projection {
+            Some(p) => p.forward(&y),
+            None => self.output.linear.forward(&y),
+        }
     }
 
     /// cos/sin tables `[1, len, 1, head_dim]` on [θ, θ] (rotate-half convention, §1.4). The
@@ -368,6 +395,25 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
     let kind = x.kind();
     x * cos.to_kind(kind) + rotated * sin.to_kind(kind)
+}
+
+/// The output layer's weight stored transposed, `[hidden, vocab]`: for one row, libtorch's CPU
+/// matrix-vector product over this layout streams the 50k × hidden weight about 4× faster than
+/// over the parameter's `[vocab, hidden]`, and a first-hitting call projects exactly one row.
+/// It is a copy: build it after the weights last changed (the sampler does, per generation).
+pub struct VocabProjection {
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl VocabProjection {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = x.matmul(&self.weight_t.to_kind(x.kind()));
+        match &self.bias {
+            Some(b) => y + b.to_kind(x.kind()),
+            None => y,
+        }
+    }
 }
 
 /// Number of trainable parameters.

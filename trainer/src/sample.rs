@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Arch, Config};
-use crate::model::{Dit, Heads, LayerKv};
+use crate::model::{Dit, Heads, LayerKv, VocabProjection};
 use crate::rng::{stream, NoiseRng};
 
 /// GPT-2's `<|endoftext|>`: BOS and EOS.
@@ -132,18 +132,29 @@ pub fn generate(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device)
     ensure!(opts.temperature > 0.0, "sample.temperature must be positive");
     let started = Instant::now();
     let mut rng = NoiseRng::new(opts.seed, stream::SAMPLE, 0, 0);
-    let mut generation = tch::no_grad(|| match cfg.model.arch {
-        Arch::Bd3 => {
-            let block_size = cfg.diffusion.block_size;
-            let window = cfg.model.seq_len / block_size * block_size;
-            let mut context: Box<dyn BlockContext> = if opts.kv_cache {
-                Box::new(Cached { model, cache: KvCache::new(window - block_size), position: 0 })
-            } else {
-                Box::new(Uncached { model, committed: Vec::new(), block_size, max_context: window - block_size })
-            };
-            generate_blocks(context.as_mut(), cfg, opts, device, &mut rng)
+    let mut generation = tch::no_grad(|| {
+        let projection = model.vocab_projection();
+        match cfg.model.arch {
+            Arch::Bd3 => {
+                let block_size = cfg.diffusion.block_size;
+                let window = cfg.model.seq_len / block_size * block_size;
+                let mut context: Box<dyn BlockContext> = if opts.kv_cache {
+                    let cache = KvCache::new(window - block_size);
+                    Box::new(Cached { model, projection: &projection, cache, position: 0 })
+                } else {
+                    let max_context = window - block_size;
+                    Box::new(Uncached {
+                        model,
+                        projection: &projection,
+                        committed: Vec::new(),
+                        block_size,
+                        max_context,
+                    })
+                };
+                generate_blocks(context.as_mut(), cfg, opts, device, &mut rng)
+            }
+            Arch::Ar => generate_tokens(model, &projection, cfg, opts, device, &mut rng),
         }
-        Arch::Ar => generate_tokens(model, cfg, opts, device, &mut rng),
     })?;
     generation.seconds = started.elapsed().as_secs_f64();
     Ok(generation)
@@ -201,6 +212,7 @@ impl KvCache {
 /// The KV-cache context: a block attends to at most `window − L′` cached positions.
 struct Cached<'a> {
     model: &'a Dit,
+    projection: &'a VocabProjection,
     cache: KvCache,
     /// RoPE position of the next block (absolute: cached keys keep theirs when the window slides).
     position: usize,
@@ -209,11 +221,12 @@ struct Cached<'a> {
 impl BlockContext for Cached<'_> {
     fn block_logits(&mut self, block: &Tensor, rows: Option<&Tensor>) -> Result<Tensor> {
         let heads = rows.map_or(Heads::All, Heads::Rows);
-        Ok(self.model.decode(block, &self.cache.layers, self.position, heads, false)?.0.expect("logits"))
+        let projection = Some(self.projection);
+        Ok(self.model.decode(block, &self.cache.layers, self.position, heads, false, projection)?.0.expect("logits"))
     }
 
     fn commit(&mut self, block: &Tensor) -> Result<()> {
-        let (_, new) = self.model.decode(block, &self.cache.layers, self.position, Heads::None, true)?;
+        let (_, new) = self.model.decode(block, &self.cache.layers, self.position, Heads::None, true, None)?;
         self.position += block.size()[1] as usize;
         self.cache.append(new);
         Ok(())
@@ -223,6 +236,7 @@ impl BlockContext for Cached<'_> {
 /// The reference: recompute the window (committed tail + block) with the block-causal mask.
 struct Uncached<'a> {
     model: &'a Dit,
+    projection: &'a VocabProjection,
     /// Committed tokens per row.
     committed: Vec<Tensor>,
     block_size: usize,
@@ -249,10 +263,11 @@ impl BlockContext for Uncached<'_> {
             r * len + (len - bs) + i
         };
         match rows {
-            Some(rows) => self.model.logits_at(&context, &layout, &to_context(rows), false),
+            Some(rows) => self.model.logits_at_projected(&context, &layout, &to_context(rows), self.projection),
             None => {
                 let all = Tensor::arange(b * bs, (Kind::Int64, block.device()));
-                Ok(self.model.logits_at(&context, &layout, &to_context(&all), false)?.reshape([b, bs, -1]))
+                let logits = self.model.logits_at_projected(&context, &layout, &to_context(&all), self.projection)?;
+                Ok(logits.reshape([b, bs, -1]))
             }
         }
     }
@@ -376,6 +391,7 @@ fn generate_blocks(
 /// The AR model: one token per call, with a causal KV cache (or the window recomputed).
 fn generate_tokens(
     model: &Dit,
+    projection: &VocabProjection,
     cfg: &Config,
     opts: &SampleOptions,
     device: Device,
@@ -392,7 +408,7 @@ fn generate_tokens(
         let logits = if opts.kv_cache {
             let last: Vec<i64> = rows.iter().map(|r| r[n - 1] as i64).collect();
             let last = Tensor::from_slice(&last).reshape([batch as i64, 1]).to_device(device);
-            let (logits, new) = model.decode(&last, &cache.layers, n - 1, Heads::All, true)?;
+            let (logits, new) = model.decode(&last, &cache.layers, n - 1, Heads::All, true, Some(projection))?;
             cache.append(new);
             logits.expect("logits").select(1, 0)
         } else {
@@ -400,7 +416,9 @@ fn generate_tokens(
             let flat: Vec<i64> = rows.iter().flat_map(|r| r[start..].iter().map(|&t| t as i64)).collect();
             let x = Tensor::from_slice(&flat).reshape([batch as i64, -1]).to_device(device);
             let len = n - start;
-            model.logits(&x, &BlockLayout::Causal { seq_len: len }, len, false)?.select(1, len as i64 - 1)
+            let last: Vec<i64> = (0..batch).map(|r| (r * len + len - 1) as i64).collect();
+            let last = Tensor::from_slice(&last).to_device(device);
+            model.logits_at_projected(&x, &BlockLayout::Causal { seq_len: len }, &last, projection)?
         };
         nfe += 1;
         let probs = denoiser_probs(&logits, cfg.diffusion.mask_id, opts.temperature);
