@@ -3,10 +3,12 @@
 //! Queries are cut into row tiles of whole blocks inside each stream, keys into key tiles the same
 //! way. For every row tile the layout says analytically which key tiles are empty, full or partial
 //! ([`BlockLayout::visible_tiles`]); the row attends only to its non-empty key tiles, concatenated,
-//! through libtorch's fused scaled-dot-product attention (forward and backward). A mask exists only
-//! for rows with a partial tile, covers only that row's keys, and is evaluated with the element rule
-//! only inside the partial tiles. The work is about the number of visible (query, key) pairs plus
-//! the partial tiles' waste, instead of query_len × key_len, and no O(L²) mask is built.
+//! through libtorch's fused scaled-dot-product attention (forward and backward). In the two-stream
+//! layout the x_t and x_0 row tiles at the same offset go through one call (they share the clean
+//! prefix). A mask exists only for calls with a partial or empty tile, covers only that call's
+//! keys, and is evaluated with the element rule only inside the partial tiles. The work is about
+//! the number of visible (query, key) pairs plus the partial tiles' waste, instead of
+//! query_len × key_len, and no O(L²) mask is built.
 //!
 //! q, k and v are split into tiles once (`split_with_sizes`), so that autograd accumulates each
 //! tile's gradient from the rows that use it and reassembles the inputs' gradients with one
@@ -67,55 +69,86 @@ pub fn sparse_attention_with_tile(
     let row_tiles = BlockLayout::tiles_of(&layout.query_streams(), tile);
     let key_tiles = BlockLayout::tiles_of(&layout.key_streams(), tile);
     let (q_tiles, k_tiles, v_tiles) = (split(q, &row_tiles)?, split(k, &key_tiles)?, split(v, &key_tiles)?);
-    let mut outputs = Vec::with_capacity(row_tiles.len());
-    for (rows, q_rows) in row_tiles.iter().zip(&q_tiles) {
-        let visible = layout.visible_tiles(rows, &key_tiles);
-        if visible.is_empty() {
+    let mut outputs: Vec<Option<Tensor>> = (0..row_tiles.len()).map(|_| None).collect();
+    for group in row_groups(layout, &row_tiles) {
+        let visible: Vec<Vec<(usize, TileKind)>> =
+            group.iter().map(|&r| layout.visible_tiles(&row_tiles[r], &key_tiles)).collect();
+        let mut keys: Vec<usize> = visible.iter().flatten().map(|&(i, _)| i).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.is_empty() {
             // A query that sees no key has no defined softmax; none of our layouts has one, but a
             // zero output (and zero gradient) is the safe value rather than NaN.
-            outputs.push(q_rows.zeros_like());
+            for &r in &group {
+                outputs[r] = Some(q_tiles[r].zeros_like());
+            }
             continue;
         }
-        let k_rows = cat(visible.iter().map(|&(i, _)| k_tiles[i].shallow_clone()).collect())?;
-        let v_rows = cat(visible.iter().map(|&(i, _)| v_tiles[i].shallow_clone()).collect())?;
-        let mask = visible
+        // Every row tile's kind against every key tile of the group (Empty where it sees none).
+        let kinds: Vec<Vec<TileKind>> = visible
             .iter()
-            .any(|(_, kind)| *kind == TileKind::Partial)
-            .then(|| row_mask(layout, rows, &visible, &key_tiles, q.device()));
-        outputs.push(Tensor::f_scaled_dot_product_attention(
-            q_rows,
-            &k_rows,
-            &v_rows,
-            mask.as_ref(),
-            0.0,
-            false,
-            scale,
-            false,
-        )?);
+            .map(|vis| {
+                keys.iter()
+                    .map(|i| vis.iter().find(|(j, _)| j == i).map_or(TileKind::Empty, |&(_, kind)| kind))
+                    .collect()
+            })
+            .collect();
+        let k_rows = cat(keys.iter().map(|&i| k_tiles[i].shallow_clone()).collect())?;
+        let v_rows = cat(keys.iter().map(|&i| v_tiles[i].shallow_clone()).collect())?;
+        let q_rows = cat(group.iter().map(|&r| q_tiles[r].shallow_clone()).collect())?;
+        let mask = kinds.iter().flatten().any(|kind| *kind != TileKind::Full).then(|| {
+            let rows: Vec<&Range<usize>> = group.iter().map(|&r| &row_tiles[r]).collect();
+            group_mask(layout, &rows, &kinds, &keys, &key_tiles, q.device())
+        });
+        let out =
+            Tensor::f_scaled_dot_product_attention(&q_rows, &k_rows, &v_rows, mask.as_ref(), 0.0, false, scale, false)?;
+        let sizes: Vec<i64> = group.iter().map(|&r| row_tiles[r].len() as i64).collect();
+        for (&r, part) in group.iter().zip(out.f_split_with_sizes(&sizes, 2)?) {
+            outputs[r] = Some(part);
+        }
     }
-    cat(outputs)
+    cat(outputs.into_iter().map(|o| o.expect("every row tile belongs to a group")).collect())
 }
 
-/// The boolean mask `[rows, keys of the visible tiles]` of one row tile: true over full tiles,
-/// the element rule inside partial ones.
-fn row_mask(
+/// Row tiles attended to in one call. In the two-stream layout, tile j of x_t and tile j of x_0
+/// share all but two of their key tiles (the clean prefix): one call for both copies those keys
+/// once instead of twice, halves the number of calls and gives each call twice the queries, at
+/// the price of one masked-out tile (clean queries never see the noisy keys).
+fn row_groups(layout: &BlockLayout, row_tiles: &[Range<usize>]) -> Vec<Vec<usize>> {
+    match *layout {
+        BlockLayout::TwoStream { .. } => {
+            let half = row_tiles.len() / 2;
+            (0..half).map(|j| vec![j, j + half]).collect()
+        }
+        _ => (0..row_tiles.len()).map(|r| vec![r]).collect(),
+    }
+}
+
+/// The boolean mask `[rows of the group, keys of the group's key tiles]`: true over full tiles,
+/// false over empty ones, the element rule inside partial ones.
+fn group_mask(
     layout: &BlockLayout,
-    rows: &Range<usize>,
-    visible: &[(usize, TileKind)],
+    rows: &[&Range<usize>],
+    kinds: &[Vec<TileKind>],
+    keys: &[usize],
     key_tiles: &[Range<usize>],
     device: Device,
 ) -> Tensor {
     let quadrants = layout.quadrants();
-    let width: usize = visible.iter().map(|&(i, _)| key_tiles[i].len()).sum();
-    let mut mask = Vec::with_capacity(rows.len() * width);
-    for q in rows.clone() {
-        for &(i, kind) in visible {
-            let keys = key_tiles[i].clone();
-            match kind {
-                TileKind::Partial => mask.extend(keys.map(|k| visible_in(&quadrants, q, k))),
-                _ => mask.extend(std::iter::repeat_n(true, keys.len())),
+    let width: usize = keys.iter().map(|&i| key_tiles[i].len()).sum();
+    let height: usize = rows.iter().map(|r| r.len()).sum();
+    let mut mask = Vec::with_capacity(height * width);
+    for (row_tile, kinds) in rows.iter().zip(kinds) {
+        for q in (*row_tile).clone() {
+            for (&i, kind) in keys.iter().zip(kinds) {
+                let tile = key_tiles[i].clone();
+                match kind {
+                    TileKind::Partial => mask.extend(tile.map(|k| visible_in(&quadrants, q, k))),
+                    TileKind::Full => mask.extend(std::iter::repeat_n(true, tile.len())),
+                    TileKind::Empty => mask.extend(std::iter::repeat_n(false, tile.len())),
+                }
             }
         }
     }
-    Tensor::from_slice(&mask).reshape([rows.len() as i64, width as i64]).to_kind(Kind::Bool).to_device(device)
+    Tensor::from_slice(&mask).reshape([height as i64, width as i64]).to_kind(Kind::Bool).to_device(device)
 }
