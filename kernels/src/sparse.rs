@@ -26,7 +26,7 @@ use crate::BlockLayout;
 /// Queries (and keys) per tile, rounded up to whole blocks. Measured on the 2-core CPU machine
 /// at B=16, H=12, 2L=2048, D=64 (docs/benchmarks.md): larger tiles cost more masked waste inside
 /// partial diagonal tiles, smaller ones more ops and less efficient matmuls.
-pub const DEFAULT_TILE: usize = 128;
+pub const DEFAULT_TILE: usize = 96;
 
 /// Tile size for `layout`: a multiple of the block size, so a tile never splits a block.
 pub fn tile_size(layout: &BlockLayout, target: usize) -> usize {
