@@ -140,6 +140,184 @@ fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
     std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
+/// The number `rank` printed after `key`.
+fn reported(stdout: &str, rank: usize, key: &str) -> usize {
+    let prefix = format!("rank {rank} {key} ");
+    let line =
+        stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {key} of rank {rank}"));
+    line.trim().parse().unwrap()
+}
+
+/// The final weights (`model.safetensors`: EMA) of a run, sorted by name.
+fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(run.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn assert_weights_close(what: &str, a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for ((n1, t1), (n2, t2)) in a.iter().zip(b) {
+        assert_eq!(n1, n2, "{what}");
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= tol, "{what}: {n1} differs by {diff}");
+    }
+}
+
+fn assert_losses_close(what: &str, a: &[f64], b: &[f64], rel: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (step, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= rel * x.abs(), "{what}, loss {}: {x} vs {y}", step + 1);
+    }
+}
+
+/// A copy of step 3 of run `from`'s checkpoints as run `to`'s, so that `to` resumes from it and
+/// writes its own steps without touching `from`'s. (Only step 3: a step rewritten over another
+/// run's files could mix in that run's rank indexes.)
+fn copy_step_3(run_dir: &Path, from: &str, to: &str) {
+    let step = "checkpoints/step-0000000003";
+    let (src, dst) = (run_dir.join(from).join(step), run_dir.join(to).join(step));
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    let status = Command::new("cp").arg("-r").arg(&src).arg(&dst).status().unwrap();
+    assert!(status.success(), "cp -r {} {}", src.display(), dst.display());
+}
+
+#[test]
+fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_world_sizes() {
+    let run_dir = std::env::temp_dir().join(format!("bd3-zero-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let run = |np: usize, name: &str, micro_batch: usize, extra: &[&str]| {
+        let mut args = train_args(&run_dir, name, micro_batch);
+        args.push("checkpoint.every=3".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, stdout, stderr) = if np == 1 {
+            let mut cmd = Command::new(CHECK);
+            cmd.args(&args);
+            output(cmd)
+        } else {
+            mpirun(np, &args)
+        };
+        assert!(out.status.success(), "{name}: {}\n{stdout}\n{stderr}", out.status);
+        stdout
+    };
+    // Plain all-reduce and ZeRO-1, 2 ranks, 6 steps each.
+    let plain = run(2, "plain", 2, &["dist.zero=false"]);
+    let zero = run(2, "zero", 2, &["dist.zero=true"]);
+    let (plain_losses, zero_losses) = (losses(&plain, 0), losses(&zero, 0));
+    assert_eq!(losses(&zero, 1), zero_losses, "rank 1 logs the same averaged losses");
+    assert_eq!(zero_losses.len(), 6);
+    assert_losses_close("ZeRO against all-reduce", &plain_losses, &zero_losses, 1e-5);
+    // The EMA weights (and so the weights they follow) agree.
+    let plain_weights = final_weights(&run_dir.join("plain"));
+    assert_weights_close("ZeRO against all-reduce", &plain_weights, &final_weights(&run_dir.join("zero")), 1e-5);
+
+    // Optimizer state per rank: both moments of every parameter without ZeRO; with it, both
+    // moments of a 1/2 shard of the flat parameters (padded to an even count).
+    let full = reported(&plain, 0, "OPTIMIZER_STATE_ELEMENTS");
+    assert_eq!(reported(&plain, 1, "OPTIMIZER_STATE_ELEMENTS"), full);
+    let params = full / 2;
+    for rank in 0..2 {
+        assert_eq!(reported(&zero, rank, "OPTIMIZER_STATE_ELEMENTS"), 2 * params.div_ceil(2), "rank {rank}");
+    }
+
+    // The ZeRO checkpoint of step 3 resumes: with ZeRO on the same ranks exactly as the
+    // uninterrupted run; without ZeRO on one rank with micro-batch 4 like the plain run.
+    copy_step_3(&run_dir, "zero", "zero-resumed");
+    let resumed = run(2, "zero-resumed", 2, &["dist.zero=true", "checkpoint.resume=\"3\""]);
+    assert_eq!(losses(&resumed, 0), &zero_losses[3..], "ZeRO resumed from its step 3");
+    assert_weights_close(
+        "ZeRO resumed",
+        &final_weights(&run_dir.join("zero")),
+        &final_weights(&run_dir.join("zero-resumed")),
+        0.0,
+    );
+    copy_step_3(&run_dir, "zero", "zero-to-single");
+    let single = run(1, "zero-to-single", 4, &["dist.zero=false", "checkpoint.resume=\"3\""]);
+    assert_losses_close("1 rank resumed from ZeRO's step 3", &losses(&single, 0), &plain_losses[3..], 1e-5);
+    assert_weights_close(
+        "1 rank resumed from ZeRO",
+        &plain_weights,
+        &final_weights(&run_dir.join("zero-to-single")),
+        1e-5,
+    );
+    // And the other way: ZeRO on 2 ranks resumes the plain run's checkpoint.
+    copy_step_3(&run_dir, "plain", "plain-to-zero");
+    let to_zero = run(2, "plain-to-zero", 2, &["dist.zero=true", "checkpoint.resume=\"3\""]);
+    assert_losses_close("ZeRO resumed from all-reduce's step 3", &losses(&to_zero, 0), &plain_losses[3..], 1e-5);
+    assert_weights_close(
+        "ZeRO resumed from all-reduce",
+        &plain_weights,
+        &final_weights(&run_dir.join("plain-to-zero")),
+        1e-5,
+    );
+    std::fs::remove_dir_all(&run_dir).unwrap();
+}
+
+/// The rank (OMPI_COMM_WORLD_RANK) of process `pid`, from its environment.
+fn rank_of(pid: i32) -> Option<usize> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+/// Whether process `pid` still exists (a zombie no longer runs: it counts as gone).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn one_of_3_ranks_killed_mid_training_ends_the_job_with_an_error_and_no_process_left() {
+    let run_dir = std::env::temp_dir().join(format!("bd3-dist-kill-{}", std::process::id()));
+    let mut args = train_args(&run_dir, "kill", 2);
+    args.retain(|a| !a.starts_with("train.steps="));
+    args.extend(["train.steps=100000".into(), "dist.timeout_s=20".into()]);
+    let mut cmd = mpirun_command(3);
+    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut job = cmd.spawn().expect("starting mpirun");
+    let metrics = run_dir.join("kill/metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ranks = children(job.id());
+    assert_eq!(ranks.len(), 3, "mpirun's children: {ranks:?}");
+    let victim = *ranks.iter().find(|&&pid| rank_of(pid) == Some(1)).expect("the process of rank 1");
+    // SAFETY: kill only sends a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    // A hang guard only, far above dist.timeout_s: the job must end by itself.
+    let started = std::time::Instant::now();
+    while job.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(300) {
+            for &pid in &ranks {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = job.kill();
+            panic!("the job did not end within 300 s of rank 1's death");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job succeeded after losing a rank:\n{stderr}");
+    // The ranks are gone, or on their way out: mpirun has killed them or their watchdogs end them
+    // after dist.timeout_s. (A hang guard again, not a speed claim.)
+    let started = std::time::Instant::now();
+    let mut left: Vec<i32> = ranks.clone();
+    while !left.is_empty() && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left.retain(|&pid| alive(pid));
+    }
+    assert!(left.is_empty(), "processes left behind: {left:?}\n{stderr}");
+    std::fs::remove_dir_all(&run_dir).unwrap();
+}
+
 /// The processes mpirun started (its children, whichever of its threads forked them).
 fn children(pid: u32) -> Vec<i32> {
     let mut out = vec![];
