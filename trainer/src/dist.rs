@@ -32,6 +32,10 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
 use tch::{Device, Kind, Tensor};
 
+/// NCCL collectives for CUDA tensors (feature `cuda`; loaded at run time).
+#[cfg(feature = "cuda")]
+pub mod nccl;
+
 /// The exit status of a process whose collective timed out (EX_TEMPFAIL: a requeue may help).
 pub const TIMEOUT_EXIT_CODE: i32 = 75;
 
@@ -665,6 +669,58 @@ mod tests {
         assert!(err.to_string().contains("PMI_RANK=4"), "{err}");
         let err = placement(&[("PMI_RANK", "x"), ("PMI_SIZE", "4")]).unwrap_err();
         assert!(err.to_string().contains("PMI_RANK"), "{err}");
+    }
+
+    /// Without a GPU (or NCCL), joining NCCL fails with an error that says what is missing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn nccl_without_a_gpu_is_a_clear_error() {
+        if tch::Cuda::is_available() {
+            return; // a GPU machine: trainer/nccl-check.sh runs the real collectives there
+        }
+        let err = match nccl::NcclComm::init(&SingleProcess, 0, Duration::from_secs(5)) {
+            Ok(_) => panic!("NCCL initialized without a CUDA device"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("needs a CUDA device") || err.contains("NCCL could not be loaded"), "{err}");
+    }
+
+    /// Gradients adopted into the buckets stay there: the next backward accumulates in place.
+    #[test]
+    fn gradients_live_in_their_buckets_across_steps() {
+        let params: Vec<Tensor> = [vec![3i64, 2], vec![5], vec![4]]
+            .iter()
+            .map(|s| Tensor::ones(s.as_slice(), (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        // Small buckets: the first two parameters share one, the last goes alone.
+        let buckets = GradBuckets::new(&params, 11 * 4);
+        assert_eq!(buckets.buckets.len(), 2);
+        for step in 1..=3 {
+            for p in &params {
+                p.shallow_clone().zero_grad();
+            }
+            // The last parameter gets no gradient on step 2.
+            let used = if step == 2 { &params[..2] } else { &params[..] };
+            let loss: Tensor = used.iter().map(|p| (p * step as f64).sum(Kind::Float)).sum();
+            loss.backward();
+            buckets.adopt_gradients(&params).unwrap();
+            for (i, (p, view)) in params.iter().zip(buckets.views()).enumerate() {
+                if step == 2 && i == 2 {
+                    assert_eq!(view.abs().sum(Kind::Float).double_value(&[]), 0.0);
+                    continue;
+                }
+                assert_eq!(p.grad().data_ptr(), view.data_ptr(), "step {step}, parameter {i}");
+                assert!(view.equal(&Tensor::full_like(view, step as f64)), "step {step}, parameter {i}: {view}");
+            }
+            buckets.all_reduce(&SingleProcess, ReduceOp::Avg).unwrap();
+        }
+    }
+
+    #[test]
+    fn mpi_in_place_is_known_for_open_mpi_and_mpich() {
+        assert_eq!(in_place_marker("Open MPI v4.1.4, package: Debian OpenMPI"), Some(1));
+        assert_eq!(in_place_marker("MPICH Version:\t4.0.2"), Some(usize::MAX));
+        assert_eq!(in_place_marker("Some Other MPI 1.0"), None);
     }
 
     #[test]
