@@ -221,36 +221,24 @@ fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_wor
         assert_eq!(reported(&zero, rank, "OPTIMIZER_STATE_ELEMENTS"), 2 * params.div_ceil(2), "rank {rank}");
     }
 
-    // The ZeRO checkpoint of step 3 resumes: with ZeRO on the same ranks exactly as the
-    // uninterrupted run; without ZeRO on one rank with micro-batch 4 like the plain run.
-    copy_step_3(&run_dir, "zero", "zero-resumed");
-    let resumed = run(2, "zero-resumed", 2, &["dist.zero=true", "checkpoint.resume=\"3\""]);
-    assert_eq!(losses(&resumed, 0), &zero_losses[3..], "ZeRO resumed from its step 3");
-    assert_weights_close(
-        "ZeRO resumed",
-        &final_weights(&run_dir.join("zero")),
-        &final_weights(&run_dir.join("zero-resumed")),
-        0.0,
-    );
-    copy_step_3(&run_dir, "zero", "zero-to-single");
-    let single = run(1, "zero-to-single", 4, &["dist.zero=false", "checkpoint.resume=\"3\""]);
-    assert_losses_close("1 rank resumed from ZeRO's step 3", &losses(&single, 0), &plain_losses[3..], 1e-5);
-    assert_weights_close(
-        "1 rank resumed from ZeRO",
-        &plain_weights,
-        &final_weights(&run_dir.join("zero-to-single")),
-        1e-5,
-    );
-    // And the other way: ZeRO on 2 ranks resumes the plain run's checkpoint.
-    copy_step_3(&run_dir, "plain", "plain-to-zero");
-    let to_zero = run(2, "plain-to-zero", 2, &["dist.zero=true", "checkpoint.resume=\"3\""]);
-    assert_losses_close("ZeRO resumed from all-reduce's step 3", &losses(&to_zero, 0), &plain_losses[3..], 1e-5);
-    assert_weights_close(
-        "ZeRO resumed from all-reduce",
-        &plain_weights,
-        &final_weights(&run_dir.join("plain-to-zero")),
-        1e-5,
-    );
+    // Run `to` resumes from step 3 of run `from` on `np` ranks of micro-batch `mb`.
+    let resume = |from: &str, to: &str, np: usize, mb: usize, zero: bool| {
+        copy_step_3(&run_dir, from, to);
+        let out = run(np, to, mb, &[&format!("dist.zero={zero}"), "checkpoint.resume=\"3\""]);
+        (losses(&out, 0), final_weights(&run_dir.join(to)))
+    };
+    // The ZeRO checkpoint of step 3 resumes with ZeRO on the same ranks exactly as the
+    // uninterrupted run went on.
+    let (resumed, weights) = resume("zero", "zero-resumed", 2, 2, true);
+    assert_eq!(resumed, &zero_losses[3..], "ZeRO resumed from its step 3");
+    assert_weights_close("ZeRO resumed", &final_weights(&run_dir.join("zero")), &weights, 0.0);
+    // Across the switch and world sizes, like the plain run: ZeRO's checkpoint without ZeRO on
+    // one rank of micro-batch 4, and the plain run's checkpoint with ZeRO on 2 ranks.
+    for (from, to, np, mb, zero) in [("zero", "zero-to-single", 1, 4, false), ("plain", "plain-to-zero", 2, 2, true)] {
+        let (resumed, weights) = resume(from, to, np, mb, zero);
+        assert_losses_close(to, &resumed, &plain_losses[3..], 1e-5);
+        assert_weights_close(to, &plain_weights, &weights, 1e-5);
+    }
     std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
@@ -274,19 +262,7 @@ fn alive(pid: i32) -> bool {
 #[test]
 fn one_of_3_ranks_killed_mid_training_ends_the_job_with_an_error_and_no_process_left() {
     let run_dir = std::env::temp_dir().join(format!("bd3-dist-kill-{}", std::process::id()));
-    let mut args = train_args(&run_dir, "kill", 2);
-    args.retain(|a| !a.starts_with("train.steps="));
-    args.extend(["train.steps=100000".into(), "dist.timeout_s=20".into()]);
-    let mut cmd = mpirun_command(3);
-    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut job = cmd.spawn().expect("starting mpirun");
-    let metrics = run_dir.join("kill/metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let ranks = children(job.id());
-    assert_eq!(ranks.len(), 3, "mpirun's children: {ranks:?}");
+    let (mut job, ranks) = start_endless_training(&run_dir, "kill", 3, &["dist.timeout_s=20"]);
     let victim = *ranks.iter().find(|&&pid| rank_of(pid) == Some(1)).expect("the process of rank 1");
     // SAFETY: kill only sends a signal to a process this test started.
     assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
@@ -318,6 +294,26 @@ fn one_of_3_ranks_killed_mid_training_ends_the_job_with_an_error_and_no_process_
     std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
+/// Starts `np` ranks training for (nearly) ever, as run `name`, and waits until rank 0 has
+/// logged two steps: every rank is inside the training loop. Returns mpirun and its children.
+fn start_endless_training(run_dir: &Path, name: &str, np: usize, extra: &[&str]) -> (std::process::Child, Vec<i32>) {
+    let mut args = train_args(run_dir, name, 2);
+    args.retain(|a| !a.starts_with("train.steps="));
+    args.push("train.steps=100000".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut cmd = mpirun_command(np);
+    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut job = cmd.spawn().expect("starting mpirun");
+    let metrics = run_dir.join(name).join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ranks = children(job.id());
+    assert_eq!(ranks.len(), np, "mpirun's children: {ranks:?}");
+    (job, ranks)
+}
+
 /// The processes mpirun started (its children, whichever of its threads forked them).
 fn children(pid: u32) -> Vec<i32> {
     let mut out = vec![];
@@ -332,20 +328,7 @@ fn children(pid: u32) -> Vec<i32> {
 #[test]
 fn sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     let run_dir = std::env::temp_dir().join(format!("bd3-dist-stop-{}", std::process::id()));
-    let mut args = train_args(&run_dir, "stop", 2);
-    args.retain(|a| !a.starts_with("train.steps="));
-    args.push("train.steps=100000".into());
-    let mut cmd = mpirun_command(2);
-    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut job = cmd.spawn().expect("starting mpirun");
-    // Wait until rank 0 has logged two steps: both ranks are inside the training loop.
-    let metrics = run_dir.join("stop/metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let ranks = children(job.id());
-    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    let (job, ranks) = start_endless_training(&run_dir, "stop", 2, &[]);
     // SAFETY: kill only sends a signal to a process this test started.
     assert_eq!(unsafe { libc::kill(ranks[1], libc::SIGTERM) }, 0);
     let out = job.wait_with_output().unwrap();
