@@ -131,7 +131,8 @@ pub fn check_compatible(cfg: &Config, manifest: &Manifest) -> Result<()> {
 impl TrainState<'_> {
     /// Host copies of this rank's part of every tensor: rows split evenly across the `world`
     /// ranks (data-parallel ranks hold the same replicated state, so each writes a disjoint
-    /// part and together they write it once).
+    /// part and together they write it once). With ZeRO, the moments are the boxes of the global
+    /// moment tensors that this rank's shard covers (`ZeroAdamW::moment_parts`).
     pub fn snapshot(&self, rank: usize, world: usize) -> Result<Vec<LocalTensor>> {
         let mut named: Vec<(String, Tensor)> = vec![];
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
