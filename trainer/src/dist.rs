@@ -506,17 +506,37 @@ impl GradBuckets {
         let (mut buckets, mut views) = (vec![], vec![]);
         for range in bucket_groups(like, bucket_bytes) {
             let group = &like[range];
-            let n: i64 = group.iter().map(|t| t.numel() as i64).sum();
-            let flat = Tensor::zeros([n], (group[0].kind(), group[0].device()));
-            let mut offset = 0;
-            for t in group {
-                let n = t.numel() as i64;
-                views.push(flat.narrow(0, offset, n).view_as(t));
-                offset += n;
-            }
-            buckets.push(flat);
+            let n: usize = group.iter().map(Tensor::numel).sum();
+            buckets.push(Self::bucket_for(group, n, &mut views));
         }
         Self { buckets, views }
+    }
+
+    /// One zeroed bucket of `len` elements (at least those of `like`, of one type; the rest is
+    /// padding) for all of `like`: ZeRO's flat gradient.
+    pub fn single(like: &[Tensor], len: usize) -> Self {
+        let mut views = vec![];
+        let bucket = Self::bucket_for(like, len, &mut views);
+        Self { buckets: vec![bucket], views }
+    }
+
+    /// A zeroed flat buffer of `len` elements whose first elements `views` receives, shaped like
+    /// the tensors of `group` in order.
+    fn bucket_for(group: &[Tensor], len: usize, views: &mut Vec<Tensor>) -> Tensor {
+        let (kind, device) = group.first().map_or((Kind::Float, Device::Cpu), |t| (t.kind(), t.device()));
+        let flat = Tensor::zeros([len as i64], (kind, device));
+        let mut offset = 0;
+        for t in group {
+            let n = t.numel() as i64;
+            views.push(flat.narrow(0, offset, n).view_as(t));
+            offset += n;
+        }
+        flat
+    }
+
+    /// The flat buffers.
+    pub fn buckets(&self) -> &[Tensor] {
+        &self.buckets
     }
 
     /// The tensors the buckets hold, in the order of `like`.

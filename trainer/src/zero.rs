@@ -79,11 +79,13 @@ impl FlatLayout {
 }
 
 /// AdamW over this rank's shard of the flat parameters.
-#[derive(Debug)]
 pub struct ZeroAdamW {
     /// The hyper-parameters and step count; its moments are one tensor each, of the shard's size.
     pub adam: AdamW,
     pub layout: FlatLayout,
+    /// The flat gradient (padded), which the parameters' gradients are views of from the first
+    /// step on: reduce-scattered as it is, without packing.
+    grads: Option<GradBuckets>,
 }
 
 fn shape_of(t: &Tensor) -> Vec<usize> {
@@ -102,7 +104,7 @@ impl ZeroAdamW {
         let moment = || Tensor::zeros([layout.shard_len() as i64], (kind, device));
         let mut adam = AdamW::new(&[], cfg);
         (adam.exp_avg, adam.exp_avg_sq) = (vec![moment()], vec![moment()]);
-        Ok(Self { adam, layout })
+        Ok(Self { adam, layout, grads: None })
     }
 
     /// Averages the gradients over the ranks, clips them to `max_norm` (0: no clipping) and
@@ -118,17 +120,11 @@ impl ZeroAdamW {
         );
         let (kind, device) = (self.adam.exp_avg[0].kind(), self.adam.exp_avg[0].device());
         let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
-        let pad = || Tensor::zeros([(layout.padded - layout.total) as i64], (kind, device));
 
         // 1. Reduce-scatter the flat gradient.
-        let mut flat: Vec<Tensor> = grads
-            .iter()
-            .zip(params)
-            .map(|(g, p)| if g.defined() { g.reshape([-1]) } else { p.detach().zeros_like().reshape([-1]) })
-            .collect();
-        flat.push(pad());
-        let grad = comm.reduce_scatter(&Tensor::cat(&flat, 0), ReduceOp::Avg)?;
-        drop(flat);
+        let flat = self.grads.get_or_insert_with(|| GradBuckets::single(params, layout.padded));
+        flat.adopt_gradients(params)?;
+        let grad = comm.reduce_scatter(&flat.buckets()[0], ReduceOp::Avg)?;
 
         // 2. The global norm from the shards' squared norms.
         let square = Tensor::from_slice(&[grad.square().sum(Kind::Double).double_value(&[])]);
