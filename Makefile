@@ -11,7 +11,7 @@ DEMO_SAMPLE_TOKENS ?= 96
 # The embedded corpus, tokenized into Parquet shards by `bd3 prepare` (seconds; kept between runs).
 DEMO_DATA ?= data/shakespeare-gpt2-128
 
-.PHONY: setup build demo test lint bench bench-attention gpu-check-build clean
+.PHONY: setup build demo test lint bench bench-attention bench-dist gpu-check-build clean
 
 setup:
 	@scripts/setup.sh
@@ -36,11 +36,15 @@ test: setup
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) nextest run -p bd3-kernels --features cuda --no-fail-fast -E 'binary(cuda)'
 	$(CARGO) build -p bd3-kernels --features cuda --example cuda_check
+	@# NCCL (trainer::dist::nccl) builds here and fails clearly without a GPU.
+	$(CARGO) nextest run -p bd3-trainer --features cuda --no-fail-fast --lib -E 'test(nccl)'
+	$(CARGO) build -p bd3-trainer --features cuda --bin dist-check
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p bd3-kernels --features cuda --all-targets -- -D warnings
+	$(CARGO) clippy -p bd3-trainer --features cuda --all-targets -- -D warnings
 
 # Training throughput on CPU (tiny and small configs); see docs/benchmarks.md.
 bench: setup
@@ -49,6 +53,12 @@ bench: setup
 # Block-sparse against dense-mask attention on CPU (forward+backward); see docs/benchmarks.md.
 bench-attention: setup
 	$(CARGO) bench -p bd3-kernels --bench attention --profile dev
+
+# Data parallelism on CPU: bucketed all-reduce against raw MPI_Allreduce (2 ranks), then tokens/s
+# of the tiny config on 1 and 2 ranks; see docs/benchmarks.md.
+bench-dist: setup
+	$(CARGO) bench -p bd3-trainer --bench allreduce --profile dev
+	scripts/bench-dist-throughput.sh
 
 # The binary kernels/gpu-check.sh runs on a GPU machine (carry target/gpu there).
 gpu-check-build: setup

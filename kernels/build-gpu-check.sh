@@ -7,3 +7,13 @@ cargo build -p bd3-kernels --features cuda --example cuda_check
 mkdir -p target/gpu
 objcopy --strip-debug target/debug/examples/cuda_check target/gpu/cuda_check
 ls -l target/gpu/cuda_check >&2
+
+# trainer's dist-check with NCCL (feature `cuda`), for gpu-check.sh's NCCL step, plus the non-system
+# libraries it links (Open MPI and its dependencies): the GPU machine has torch's but maybe no MPI.
+cargo build -p bd3-trainer --features cuda --bin dist-check
+objcopy --strip-debug target/debug/dist-check target/gpu/dist-check
+rm -rf target/gpu/lib && mkdir -p target/gpu/lib
+ldd target/debug/dist-check | awk '$2 == "=>" && $3 ~ /^\// {print $3}' \
+    | grep -vE 'torch|nvidia|/lib(c|m|dl|rt|pthread|gcc_s|stdc\+\+)\.so' \
+    | xargs -r cp -L -t target/gpu/lib
+ls -l target/gpu/dist-check target/gpu/lib >&2

@@ -9,8 +9,9 @@
 # then, e.g. through the device tool: run(command="kernels/gpu-check.sh", carry=["target/gpu"]).
 #
 # Steps: preflight (glibc ≥ 2.34, torch 2.11.0, CUDA tensor from Python, the binary's libraries
-# resolve against this machine's torch), then the binary's probe, bf16 parity + benchmark, fp16
-# parity (quick set), and FlexAttention/dense SDPA from Python at the benchmark shape.
+# resolve against this machine's torch), then NCCL collectives on 1 rank (target/gpu/dist-check,
+# trainer::dist::nccl), the binary's probe, bf16 parity + benchmark, fp16 parity (quick set), and
+# FlexAttention/dense SDPA from Python at the benchmark shape.
 # Env: PYTHON (default python3), GPU_CHECK_QUICK=1 for small shapes, GPU_CHECK_SKIP_PREFLIGHT=1
 # to run the CPU mode of the binary on a machine without a GPU (tests this script).
 set -uo pipefail
@@ -102,11 +103,32 @@ run_bin() { # name args...
         record "$name" false "$(json_str <"$work/$name.err")"
     fi
 }
+# --- NCCL collectives: trainer's dist-check on 1 rank (no mpirun; the MPI libraries it links are
+# carried in target/gpu/lib). Every collective, f32/f64/bf16, odd sizes, against a serial reference.
+NCCL_BIN=${GPU_CHECK_NCCL_BIN:-$root/target/gpu/dist-check}
+nccl_check() { # name expect: "pass" (a GPU) or "no-gpu" (CPU mode: a clear error is the pass)
+    if [ ! -x "$NCCL_BIN" ]; then
+        record "$1" false "\"$NCCL_BIN is missing (build it with kernels/build-gpu-check.sh)\""; return
+    fi
+    local out
+    out=$(LD_LIBRARY_PATH="$torch_dir/../nvidia/nccl/lib:$(dirname "$NCCL_BIN")/lib:$LD_LIBRARY_PATH" \
+        "$NCCL_BIN" nccl-collectives 2>&1)
+    local rc=$?
+    if [ "$2" = pass ] && [ $rc = 0 ] && grep -q "checks passed" <<<"$out"; then
+        record "$1" true "$(json_str <<<"$out")"
+    elif [ "$2" = no-gpu ] && [ $rc != 0 ] && grep -q "needs a CUDA device" <<<"$out"; then
+        record "$1" true "$(json_str <<<"$out")"
+    else
+        record "$1" false "$(json_str <<<"$out")"
+    fi
+}
 quick=(); [ "$QUICK" = 1 ] && quick=(--quick)
 if [ "$SKIP" = 1 ]; then
     run_bin cpu_parity --device cpu --dtype f32 --quick --bench --iters 1
+    nccl_check nccl_without_gpu no-gpu
     finish
 fi
+nccl_check nccl pass
 run_bin probe --probe
 run_bin bf16 --device cuda --dtype bf16 --bench "${quick[@]}"
 run_bin fp16 --device cuda --dtype fp16 --quick

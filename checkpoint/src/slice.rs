@@ -41,6 +41,18 @@ impl Slice {
         self.shape.iter().product()
     }
 
+    /// The boxes that hold elements `range` of the row-major flattening of a tensor of shape
+    /// `global`, in flat order: each box's own elements are consecutive in the flattening, so the
+    /// data of a flat range splits into the boxes' data by consecutive lengths. A ZeRO shard of a
+    /// flattened tensor holds such a range; it is one box only when it starts and ends on rows.
+    pub fn boxes_of_flat_range(global: &[usize], range: std::ops::Range<usize>) -> Vec<Slice> {
+        let mut out = vec![];
+        if range.start < range.end {
+            push_flat_range(global, range.start, range.end, &mut vec![], &mut out);
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.numel() == 0
     }
@@ -69,6 +81,52 @@ impl Slice {
             out.shape.push(end - start);
         }
         Some(out)
+    }
+}
+
+/// Appends the boxes of elements `a..b` (non-empty, inside the flattening of `shape`) of the
+/// sub-tensor at index `prefix` of the enclosing dimensions.
+fn push_flat_range(shape: &[usize], a: usize, b: usize, prefix: &mut Vec<usize>, out: &mut Vec<Slice>) {
+    let Some((&rows, inner_shape)) = shape.split_first() else {
+        // A scalar (or the last dimension's single element): `a..b` is `0..1`.
+        out.push(Slice { offsets: prefix.clone(), shape: vec![1; prefix.len()] });
+        return;
+    };
+    let inner: usize = inner_shape.iter().product();
+    let full_box = |first: usize, count: usize, prefix: &[usize]| {
+        let mut offsets = prefix.to_vec();
+        offsets.push(first);
+        offsets.extend(std::iter::repeat_n(0, inner_shape.len()));
+        let mut box_shape = vec![1; prefix.len()];
+        box_shape.push(count);
+        box_shape.extend_from_slice(inner_shape);
+        Slice { offsets, shape: box_shape }
+    };
+    let (first_row, last_row) = (a / inner, (b - 1) / inner);
+    debug_assert!(last_row < rows, "flat range {a}..{b} outside shape");
+    if first_row == last_row && !(a % inner == 0 && b - a == inner) {
+        // Part of one row: a range inside that row's sub-tensor.
+        prefix.push(first_row);
+        push_flat_range(inner_shape, a - first_row * inner, b - first_row * inner, prefix, out);
+        prefix.pop();
+        return;
+    }
+    // A partial first row, whole rows, a partial last row.
+    let mut whole_start = first_row;
+    if a % inner != 0 {
+        prefix.push(first_row);
+        push_flat_range(inner_shape, a % inner, inner, prefix, out);
+        prefix.pop();
+        whole_start += 1;
+    }
+    let whole_end = b / inner;
+    if whole_end > whole_start {
+        out.push(full_box(whole_start, whole_end - whole_start, prefix));
+    }
+    if b % inner != 0 {
+        prefix.push(whole_end);
+        push_flat_range(inner_shape, 0, b % inner, prefix, out);
+        prefix.pop();
     }
 }
 
@@ -130,6 +188,33 @@ mod tests {
         }
         assert_eq!(Slice::rows_part(&[], 0, 3).map(|s| s.numel()), Some(1));
         assert!(Slice::rows_part(&[], 2, 3).is_none());
+    }
+
+    #[test]
+    fn flat_ranges_split_into_boxes_of_consecutive_elements() {
+        fn flat_indices(global: &[usize], s: &Slice) -> Vec<usize> {
+            let whole = Slice::whole(global);
+            let n = whole.numel();
+            let all: Vec<u8> = (0..n).flat_map(|i| (i as u32).to_le_bytes()).collect();
+            let mut out = vec![0u8; s.numel() * 4];
+            copy_region(&whole, &all, s, &mut out, s, 4);
+            out.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap()) as usize).collect()
+        }
+        for global in [vec![], vec![7], vec![4, 5], vec![3, 1, 4], vec![2, 3, 4, 2]] {
+            let n: usize = global.iter().product();
+            for a in 0..=n {
+                for b in a..=n {
+                    let boxes = Slice::boxes_of_flat_range(&global, a..b);
+                    let got: Vec<usize> = boxes.iter().flat_map(|s| flat_indices(&global, s)).collect();
+                    assert_eq!(got, (a..b).collect::<Vec<_>>(), "{global:?} {a}..{b}: {boxes:?}");
+                    assert!(boxes.iter().all(|s| s.fits(&global) && !s.is_empty()));
+                    // At most a partial and a whole part per dimension on either side.
+                    assert!(boxes.len() <= 2 * global.len().max(1), "{global:?} {a}..{b}: {boxes:?}");
+                }
+            }
+        }
+        let rows = Slice::boxes_of_flat_range(&[4, 5], 5..15);
+        assert_eq!(rows, vec![Slice { offsets: vec![1, 0], shape: vec![2, 5] }]);
     }
 
     #[test]

@@ -306,6 +306,9 @@ impl CheckpointStore {
 
     /// Writes this rank's tensors (or slices) for `step` and its index. Ranks write disjoint
     /// parts in parallel; nothing here is visible to readers until [`commit`](Self::commit).
+    /// A rank may hold several disjoint boxes of one tensor (a ZeRO shard of a flattened tensor
+    /// covers a range that is not one box): each goes into its own file, since a file names a
+    /// tensor once.
     pub fn write_rank(
         &self,
         step: u64,
@@ -335,7 +338,9 @@ impl CheckpointStore {
                 t.global_shape
             );
             let bytes = t.buffer.data.len() as u64;
-            if groups.is_empty() || (size + bytes > options.max_file_bytes && size > 0) {
+            // Sorted by name, so another box of the same tensor is the group's last entry.
+            let same_name = groups.last().and_then(|g| g.last()).is_some_and(|l| l.buffer.name == t.buffer.name);
+            if groups.is_empty() || same_name || (size + bytes > options.max_file_bytes && size > 0) {
                 groups.push(vec![]);
                 size = 0;
             }

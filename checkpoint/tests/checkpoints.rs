@@ -315,3 +315,34 @@ fn flip_last_byte(path: &Path) {
     *bytes.last_mut().unwrap() ^= 1;
     std::fs::write(path, bytes).unwrap();
 }
+
+/// A flat range of a tensor (what a ZeRO rank holds of an optimizer moment) is written as several
+/// boxes of one tensor by one rank, and reads back whole and as any other box.
+#[test]
+fn flat_ranges_written_as_several_boxes_per_rank_read_back_whole() {
+    let dir = TempDir::new("ckpt-flat").unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    let t = &global_tensors(4)[4]; // [2, 3, 4] f16
+    let elem = t.dtype.size_bytes();
+    // Two ranks split the 24 elements at 7: neither part starts or ends on a row.
+    let ranges = [0..7, 7..24];
+    let part = |range: std::ops::Range<usize>| -> Vec<LocalTensor> {
+        let mut at = range.start;
+        Slice::boxes_of_flat_range(&t.shape, range)
+            .into_iter()
+            .map(|s| {
+                let data = t.data[at * elem..(at + s.numel()) * elem].to_vec();
+                at += s.numel();
+                let buffer = TensorBuffer::new(&t.name, t.dtype, s.shape.clone(), data).unwrap();
+                LocalTensor { buffer, global_shape: t.shape.clone(), offsets: s.offsets }
+            })
+            .collect()
+    };
+    assert!(part(ranges[1].clone()).len() > 1);
+    store.write_rank(5, 1, 2, part(ranges[1].clone()), WriteOptions::default()).unwrap();
+    let manifest = store.save(5, 0, 2, part(ranges[0].clone()), Some(meta(1)), WriteOptions::default()).unwrap();
+    let manifest = manifest.expect("rank 0 commits");
+    store.verify(&manifest).unwrap();
+    assert!(manifest.tensors[&t.name].pieces.len() > 2);
+    assert_eq!(&store.read(&manifest, &t.name, &Slice::whole(&t.shape)).unwrap(), t);
+}

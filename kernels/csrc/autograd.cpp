@@ -96,20 +96,41 @@ char* copy_message(const char* text) {
     return out;
 }
 
-}  // namespace
-
-// Returns nullptr and stores a new tensor in *out, or returns an error message (free it with
-// bd3_free_message). No C++ exception crosses this boundary.
-extern "C" char* bd3_flash_attention(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
-                                     Bd3Layout layout, at::Tensor** out) {
+// Runs `body`; returns nullptr, or the message of the exception it threw (free it with
+// bd3_free_message). No C++ exception crosses the C boundary.
+template <class Body>
+char* guarded(Body body) {
     try {
-        *out = new at::Tensor(FlashAttention::apply(*q, *k, *v, layout));
+        body();
         return nullptr;
     } catch (const std::exception& e) {
         return copy_message(e.what());
     } catch (...) {
         return copy_message("unknown C++ exception");
     }
+}
+
+}  // namespace
+
+// Stores a new tensor in *out, or returns an error message.
+extern "C" char* bd3_flash_attention(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                     Bd3Layout layout, at::Tensor** out) {
+    return guarded([&] { *out = new at::Tensor(FlashAttention::apply(*q, *k, *v, layout)); });
+}
+
+// Makes `device` this thread's current CUDA device and stores libtorch's current stream on it
+// (a cudaStream_t) in *stream: collectives enqueued there are ordered with libtorch's kernels.
+extern "C" char* bd3_cuda_current_stream(int device, void** stream) {
+    return guarded([&] {
+        const auto index = static_cast<c10::DeviceIndex>(device);
+        c10::cuda::set_device(index);
+        *stream = c10::cuda::getCurrentCUDAStream(index).stream();
+    });
+}
+
+// Waits until everything enqueued on libtorch's current stream of `device` has run.
+extern "C" char* bd3_cuda_synchronize(int device) {
+    return guarded([&] { c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).synchronize(); });
 }
 
 extern "C" void bd3_free_message(char* message) { std::free(message); }

@@ -5,7 +5,7 @@
 //! Supported: CUDA tensors of dtype fp16 or bf16 (fp32 accumulation inside) with head dim 64 or
 //! 128; [`crate::block_diffusion_attention`] sends everything else to the dense reference.
 
-use std::ffi::{c_char, CStr};
+use std::ffi::{c_char, c_void, CStr};
 
 use anyhow::{anyhow, ensure, Context, Result};
 use tch::{Kind, Tensor};
@@ -37,6 +37,8 @@ extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn bd3_free_message(message: *mut c_char);
+    fn bd3_cuda_current_stream(device: i32, stream: *mut *mut c_void) -> *mut c_char;
+    fn bd3_cuda_synchronize(device: i32) -> *mut c_char;
     fn bd3_layout_classify(layout: KernelLayout, q0: i32, q1: i32, k0: i32, k1: i32) -> i32;
     fn bd3_layout_visible(layout: KernelLayout, q: i32, k: i32) -> i32;
     fn bd3_emulate_forward(
@@ -115,16 +117,40 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout)
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: the pointers are live tch tensors (at::Tensor* underneath) for the whole call; the
     // C++ side catches every exception and returns its message, or stores a new at::Tensor.
-    let message = unsafe { bd3_flash_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), desc, &mut out) };
-    if !message.is_null() {
-        // SAFETY: a NUL-terminated string allocated by the C++ side, freed by it once copied.
-        let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
-        unsafe { bd3_free_message(message) };
-        return Err(anyhow!("fused CUDA attention failed: {text}"));
-    }
+    check_message(unsafe { bd3_flash_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), desc, &mut out) })
+        .map_err(|e| anyhow!("fused CUDA attention failed: {e}"))?;
     ensure!(!out.is_null(), "fused CUDA attention returned no tensor");
     // SAFETY: `out` is a heap at::Tensor we now own; tch deletes it on drop.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `Err` with the text of an error message returned by the C++ side (which it frees).
+fn check_message(message: *mut c_char) -> Result<()> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a NUL-terminated string allocated by the C++ side, freed by it once copied.
+    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+    unsafe { bd3_free_message(message) };
+    Err(anyhow!(text))
+}
+
+/// Makes CUDA device `device` this thread's current device and returns libtorch's current
+/// stream on it (a `cudaStream_t`): work enqueued there (NCCL collectives) runs in order with
+/// libtorch's kernels, without synchronizing the host.
+pub fn current_stream(device: usize) -> Result<*mut c_void> {
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: plain values in; the C++ side catches every exception and returns its message.
+    check_message(unsafe { bd3_cuda_current_stream(device as i32, &mut stream) })
+        .map_err(|e| anyhow!("libtorch's current stream on CUDA device {device}: {e}"))?;
+    Ok(stream)
+}
+
+/// Blocks until everything enqueued on libtorch's current stream of `device` has run.
+pub fn synchronize(device: usize) -> Result<()> {
+    // SAFETY: as in `current_stream`.
+    check_message(unsafe { bd3_cuda_synchronize(device as i32) })
+        .map_err(|e| anyhow!("synchronizing CUDA device {device}: {e}"))
 }
 
 /// The CUDA kernels' code run on CPU threads (`csrc/emulate.cpp`), fp32: lets tests check the

@@ -19,11 +19,13 @@ use checkpoint::{AsyncSaver, CheckpointStore, SaveJob, Slice, WriteOptions};
 use tch::{nn, Device, Kind};
 use trainer::config::Config;
 use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
+use trainer::dist::SingleProcess;
 use trainer::model::Dit;
-use trainer::optim::{clip_grad_norm, AdamW, Ema};
+use trainer::optim::Ema;
 use trainer::rng::NoiseRng;
 use trainer::state::TrainState;
 use trainer::train::{keep_freed_memory_for_reuse, named_parameters_in_name_order};
+use trainer::zero::Optimizer;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -48,11 +50,11 @@ fn main() -> Result<()> {
     let model = Dit::new(&vs.root(), &cfg.model)?;
     let (names, mut params) = named_parameters_in_name_order(&vs);
     let objective = BlockDiffusion::new(&cfg.model, &cfg.diffusion)?;
-    let mut adamw = AdamW::new(&params, &cfg.optim);
+    let mut adamw = Optimizer::new(&params, &cfg.optim, false, 0, 1)?;
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);
     let (b, l) = (cfg.train.micro_batch, cfg.model.seq_len);
     let mut step_no = 0u64;
-    let mut train_steps = |n: usize, adamw: &mut AdamW, ema: &mut Ema| -> Result<f64> {
+    let mut train_steps = |n: usize, adamw: &mut Optimizer, ema: &mut Ema| -> Result<f64> {
         let started = Instant::now();
         for _ in 0..n {
             let mut data_rng = NoiseRng::new(0, 100, step_no, 0);
@@ -63,8 +65,7 @@ fn main() -> Result<()> {
                 p.zero_grad();
             }
             objective.token_losses(&model, &x0, &noise, true)?.mean(Kind::Float).backward();
-            clip_grad_norm(&params, cfg.optim.grad_clip);
-            adamw.step(&params, cfg.optim.lr);
+            adamw.step(&SingleProcess, &params, cfg.optim.lr, cfg.optim.grad_clip, 0)?;
             ema.update(&params);
             step_no += 1;
         }
@@ -73,8 +74,9 @@ fn main() -> Result<()> {
     train_steps(1, &mut adamw, &mut ema)?; // warm-up: moments exist, allocations settled
     let step_s = train_steps(steps, &mut adamw, &mut ema)?;
 
-    let snapshot =
-        |adamw: &mut AdamW, ema: &mut Ema| TrainState { vs: &vs, names: &names, optimizer: adamw, ema }.snapshot(0, 1);
+    let snapshot = |adamw: &mut Optimizer, ema: &mut Ema| {
+        TrainState { vs: &vs, names: &names, optimizer: adamw, ema }.snapshot(0, 1)
+    };
     let started = Instant::now();
     let tensors = snapshot(&mut adamw, &mut ema)?;
     let stall_s = started.elapsed().as_secs_f64();

@@ -321,11 +321,15 @@ pub struct DistConfig {
     pub timeout_s: f64,
     /// Gradients are all-reduced in flat buffers of at most this many MiB.
     pub bucket_mib: f64,
+    /// ZeRO-1: shard the optimizer state across the ranks (reduce-scatter the gradients, each
+    /// rank updates its shard, all-gather the parameters) instead of all-reducing the gradients
+    /// and updating everything on every rank (trainer::zero).
+    pub zero: bool,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        Self { timeout_s: 600.0, bucket_mib: 25.0 }
+        Self { timeout_s: 600.0, bucket_mib: 25.0, zero: false }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Collectives between training processes (architecture.md, seam 5): the [`Communicator`] trait
-//! that training code calls, with one implementation for a single process and one over MPI for
-//! CPU tensors. Only this module touches MPI.
+//! that training code calls, with one implementation for a single process, one over MPI for
+//! CPU tensors and, with the cargo feature `cuda`, one over NCCL for CUDA tensors ([`nccl`]).
+//! Only this module touches MPI and NCCL.
 //!
 //! **Bootstrap.** [`init`] reads the rank and world size that mpirun (`OMPI_COMM_WORLD_*`), a PMI
 //! launcher such as MPICH's Hydra (`PMI_*`) or Slurm's srun (`SLURM_*`) put in the environment.
@@ -26,9 +27,14 @@ use anyhow::{bail, ensure, Context, Result};
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
+use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator as _, CommunicatorCollectives, Root};
 use tch::{Device, Kind, Tensor};
+
+/// NCCL collectives for CUDA tensors (feature `cuda`; loaded at run time).
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 /// The exit status of a process whose collective timed out (EX_TEMPFAIL: a requeue may help).
 pub const TIMEOUT_EXIT_CODE: i32 = 75;
@@ -243,6 +249,9 @@ impl Communicator for SingleProcess {
 /// Collectives over `MPI_COMM_WORLD` for CPU tensors.
 pub struct MpiComm {
     world: SimpleCommunicator,
+    /// The value of `MPI_IN_PLACE` of the MPI library in use, which the `mpi` crate does not
+    /// expose: it saves a copy of every all-reduced buffer. `None` for an unknown library.
+    in_place: Option<usize>,
     watchdog: Watchdog,
     // Dropped last: finalizes MPI.
     _universe: Universe,
@@ -256,7 +265,13 @@ impl MpiComm {
             .context("MPI was already initialized in this process (it can be only once)")?;
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        Ok(Self { world, watchdog: Watchdog::start(rank, size, options.timeout), _universe: universe })
+        let in_place = in_place_marker(&mpi::environment::library_version().unwrap_or_default());
+        Ok(Self { world, in_place, watchdog: Watchdog::start(rank, size, options.timeout), _universe: universe })
+    }
+
+    /// The MPI communicator itself (benchmarks compare against raw MPI calls on it).
+    pub fn world(&self) -> &SimpleCommunicator {
+        &self.world
     }
 
     /// `t` as a mutable slice of `T`, after checking that MPI can read and write it directly.
@@ -275,9 +290,29 @@ impl MpiComm {
 
     fn all_reduce_typed<T: Equivalence + Copy>(&self, t: &Tensor) -> Result<()> {
         let data = Self::cpu_slice::<T>(t)?;
-        let send = data.to_vec(); // the mpi crate has no MPI_IN_PLACE
+        let Some(in_place) = self.in_place else {
+            let send = data.to_vec();
+            let _watch = self.watchdog.enter("all_reduce");
+            self.world.all_reduce_into(&send[..], data, SystemOperation::sum());
+            return Ok(());
+        };
         let _watch = self.watchdog.enter("all_reduce");
-        self.world.all_reduce_into(&send[..], data, SystemOperation::sum());
+        // MPI counts are C ints.
+        for chunk in data.chunks_mut(1 << 30) {
+            // SAFETY: MPI_IN_PLACE as the send buffer and a live, writable buffer of `chunk.len()`
+            // elements of T's MPI type as the receive buffer, on this process's communicator.
+            let rc = unsafe {
+                mpi::ffi::MPI_Allreduce(
+                    in_place as *const std::ffi::c_void,
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len() as i32,
+                    T::equivalent_datatype().as_raw(),
+                    SystemOperation::sum().as_raw(),
+                    self.world.as_raw(),
+                )
+            };
+            ensure!(rc == 0, "MPI_Allreduce failed with code {rc}");
+        }
         Ok(())
     }
 
@@ -305,6 +340,18 @@ impl MpiComm {
             Kind::Int64 => self.all_reduce_typed::<i64>(t),
             _ => unreachable!("reduction_kind admits only these"),
         }
+    }
+}
+
+/// `MPI_IN_PLACE` is a macro: `(void *) 1` in Open MPI's `mpi.h`, `(void *) -1` in MPICH's and
+/// its derivatives'. Recognized from `MPI_Get_library_version`; `None` for another library.
+fn in_place_marker(library_version: &str) -> Option<usize> {
+    if library_version.contains("Open MPI") {
+        Some(1)
+    } else if ["MPICH", "MVAPICH", "Intel(R) MPI"].iter().any(|name| library_version.contains(name)) {
+        Some(usize::MAX)
+    } else {
+        None
     }
 }
 
@@ -394,18 +441,11 @@ impl Communicator for MpiComm {
     }
 }
 
-/// Sums or averages `tensors` over all ranks, packed into flat buffers of at most `bucket_bytes`
-/// (one collective per bucket instead of one per tensor; a tensor larger than a bucket goes alone).
-/// Consecutive tensors of one type share a bucket, so every rank packs the same buckets.
-pub fn all_reduce_bucketed(
-    comm: &dyn Communicator,
-    tensors: &[Tensor],
-    op: ReduceOp,
-    bucket_bytes: usize,
-) -> Result<()> {
-    if comm.world_size() == 1 {
-        return Ok(()); // the identity, without the copies
-    }
+/// How [`all_reduce_bucketed`] and [`GradBuckets`] group tensors: consecutive tensors of one type
+/// share a bucket of at most `bucket_bytes` (a larger tensor goes alone), so every rank packs the
+/// same buckets.
+fn bucket_groups(tensors: &[Tensor], bucket_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut groups = vec![];
     let mut start = 0;
     while start < tensors.len() {
         let kind = tensors[start].kind();
@@ -419,7 +459,26 @@ pub fn all_reduce_bucketed(
             bytes += size;
             end += 1;
         }
-        let group = &tensors[start..end];
+        groups.push(start..end);
+        start = end;
+    }
+    groups
+}
+
+/// Sums or averages `tensors` over all ranks, packed into flat buffers of at most `bucket_bytes`
+/// (one collective per bucket instead of one per tensor; a tensor larger than a bucket goes alone).
+/// Packing costs a copy in and a copy out; gradients avoid both by living in [`GradBuckets`].
+pub fn all_reduce_bucketed(
+    comm: &dyn Communicator,
+    tensors: &[Tensor],
+    op: ReduceOp,
+    bucket_bytes: usize,
+) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(()); // the identity, without the copies
+    }
+    for range in bucket_groups(tensors, bucket_bytes) {
+        let group = &tensors[range];
         let flat = Tensor::cat(&group.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
         comm.all_reduce(&flat, op)?;
         let mut offset = 0;
@@ -428,9 +487,98 @@ pub fn all_reduce_bucketed(
             t.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(t));
             offset += n;
         }
-        start = end;
     }
     Ok(())
+}
+
+/// Flat buffers that the parameters' gradients are views of (PyTorch DDP's "gradient as bucket
+/// view"): backward accumulates straight into them, and averaging the gradients over the ranks is
+/// one in-place all-reduce per bucket, without the packing copies of [`all_reduce_bucketed`].
+pub struct GradBuckets {
+    buckets: Vec<Tensor>,
+    /// Each parameter's place in its bucket, shaped like the parameter.
+    views: Vec<Tensor>,
+}
+
+impl GradBuckets {
+    /// Zeroed buckets for tensors shaped like `like`, grouped as [`all_reduce_bucketed`] does.
+    pub fn new(like: &[Tensor], bucket_bytes: usize) -> Self {
+        let (mut buckets, mut views) = (vec![], vec![]);
+        for range in bucket_groups(like, bucket_bytes) {
+            let group = &like[range];
+            let n: usize = group.iter().map(Tensor::numel).sum();
+            buckets.push(Self::bucket_for(group, n, &mut views));
+        }
+        Self { buckets, views }
+    }
+
+    /// One zeroed bucket of `len` elements (at least those of `like`, of one type; the rest is
+    /// padding) for all of `like`: ZeRO's flat gradient.
+    pub fn single(like: &[Tensor], len: usize) -> Self {
+        let mut views = vec![];
+        let bucket = Self::bucket_for(like, len, &mut views);
+        Self { buckets: vec![bucket], views }
+    }
+
+    /// A zeroed flat buffer of `len` elements whose first elements `views` receives, shaped like
+    /// the tensors of `group` in order.
+    fn bucket_for(group: &[Tensor], len: usize, views: &mut Vec<Tensor>) -> Tensor {
+        let (kind, device) = group.first().map_or((Kind::Float, Device::Cpu), |t| (t.kind(), t.device()));
+        let flat = Tensor::zeros([len as i64], (kind, device));
+        let mut offset = 0;
+        for t in group {
+            let n = t.numel() as i64;
+            views.push(flat.narrow(0, offset, n).view_as(t));
+            offset += n;
+        }
+        flat
+    }
+
+    /// The flat buffers.
+    pub fn buckets(&self) -> &[Tensor] {
+        &self.buckets
+    }
+
+    /// The tensors the buckets hold, in the order of `like`.
+    pub fn views(&self) -> &[Tensor] {
+        &self.views
+    }
+
+    /// Makes every parameter's gradient its view in the buckets. A gradient that already is
+    /// costs nothing (every step after the first, as backward accumulates in place); another is
+    /// copied in and re-pointed. A parameter without gradient gets zeros in its place and stays
+    /// without one.
+    pub fn adopt_gradients(&self, params: &[Tensor]) -> Result<()> {
+        ensure!(
+            params.len() == self.views.len(),
+            "{} gradient views for {} parameters",
+            self.views.len(),
+            params.len()
+        );
+        tch::no_grad(|| {
+            for (p, view) in params.iter().zip(&self.views) {
+                let mut grad = p.grad();
+                if !grad.defined() {
+                    let _ = view.shallow_clone().zero_();
+                } else if grad.data_ptr() != view.data_ptr() {
+                    view.shallow_clone().copy_(&grad);
+                    // Re-points the gradient's storage (shared by every handle to it) at the view.
+                    let _ = grad.set_source_tensor_(view);
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Reduces every bucket over all ranks, in place.
+    pub fn all_reduce(&self, comm: &dyn Communicator, op: ReduceOp) -> Result<()> {
+        if comm.world_size() > 1 {
+            for b in &self.buckets {
+                comm.all_reduce(b, op)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Aborts the process when a collective takes longer than the timeout (see the module docs).
@@ -541,6 +689,58 @@ mod tests {
         assert!(err.to_string().contains("PMI_RANK=4"), "{err}");
         let err = placement(&[("PMI_RANK", "x"), ("PMI_SIZE", "4")]).unwrap_err();
         assert!(err.to_string().contains("PMI_RANK"), "{err}");
+    }
+
+    /// Without a GPU (or NCCL), joining NCCL fails with an error that says what is missing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn nccl_without_a_gpu_is_a_clear_error() {
+        if tch::Cuda::is_available() {
+            return; // a GPU machine: trainer/nccl-check.sh runs the real collectives there
+        }
+        let err = match nccl::NcclComm::init(&SingleProcess, 0, Duration::from_secs(5)) {
+            Ok(_) => panic!("NCCL initialized without a CUDA device"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("needs a CUDA device") || err.contains("NCCL could not be loaded"), "{err}");
+    }
+
+    /// Gradients adopted into the buckets stay there: the next backward accumulates in place.
+    #[test]
+    fn gradients_live_in_their_buckets_across_steps() {
+        let params: Vec<Tensor> = [vec![3i64, 2], vec![5], vec![4]]
+            .iter()
+            .map(|s| Tensor::ones(s.as_slice(), (Kind::Float, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        // Small buckets: the first two parameters share one, the last goes alone.
+        let buckets = GradBuckets::new(&params, 11 * 4);
+        assert_eq!(buckets.buckets.len(), 2);
+        for step in 1..=3 {
+            for p in &params {
+                p.shallow_clone().zero_grad();
+            }
+            // The last parameter gets no gradient on step 2.
+            let used = if step == 2 { &params[..2] } else { &params[..] };
+            let loss: Tensor = used.iter().map(|p| (p * step as f64).sum(Kind::Float)).sum();
+            loss.backward();
+            buckets.adopt_gradients(&params).unwrap();
+            for (i, (p, view)) in params.iter().zip(buckets.views()).enumerate() {
+                if step == 2 && i == 2 {
+                    assert_eq!(view.abs().sum(Kind::Float).double_value(&[]), 0.0);
+                    continue;
+                }
+                assert_eq!(p.grad().data_ptr(), view.data_ptr(), "step {step}, parameter {i}");
+                assert!(view.equal(&Tensor::full_like(view, step as f64)), "step {step}, parameter {i}: {view}");
+            }
+            buckets.all_reduce(&SingleProcess, ReduceOp::Avg).unwrap();
+        }
+    }
+
+    #[test]
+    fn mpi_in_place_is_known_for_open_mpi_and_mpich() {
+        assert_eq!(in_place_marker("Open MPI v4.1.4, package: Debian OpenMPI"), Some(1));
+        assert_eq!(in_place_marker("MPICH Version:\t4.0.2"), Some(usize::MAX));
+        assert_eq!(in_place_marker("Some Other MPI 1.0"), None);
     }
 
     #[test]

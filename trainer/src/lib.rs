@@ -11,6 +11,7 @@ pub mod rng;
 pub mod sample;
 pub mod state;
 pub mod train;
+pub mod zero;
 
 pub use config::Config;
 pub use model::Dit;

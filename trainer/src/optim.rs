@@ -56,24 +56,35 @@ impl AdamW {
     /// left alone.
     pub fn step(&mut self, params: &[Tensor], lr: f64) {
         self.step += 1;
-        let bias1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bias2 = 1.0 - self.beta2.powi(self.step as i32);
-        tch::no_grad(|| {
-            for ((p, m), v) in params.iter().zip(&mut self.exp_avg).zip(&mut self.exp_avg_sq) {
-                let g = p.grad();
-                if !g.defined() {
-                    continue;
-                }
-                let mut p = p.shallow_clone();
-                if self.weight_decay != 0.0 {
-                    let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
-                }
-                let _ = m.g_mul_scalar_(self.beta1).g_add_(&(&g * (1.0 - self.beta1)));
-                let _ = v.g_mul_scalar_(self.beta2).g_add_(&(&g * &g * (1.0 - self.beta2)));
-                let denom = (&*v / bias2).sqrt() + self.eps;
-                let _ = p.g_sub_(&(&*m / &denom * (lr / bias1)));
+        let step = self.step;
+        for (i, p) in params.iter().enumerate() {
+            let g = p.grad();
+            if g.defined() {
+                self.update(p, &g, &self.exp_avg[i], &self.exp_avg_sq[i], lr, step);
             }
+        }
+    }
+
+    /// The update of optimizer step `step` (counted from 1) of `p` from its gradient `g` and its
+    /// moments `m`, `v`, all in place (views into larger tensors work: ZeRO updates a shard).
+    pub fn update(&self, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, lr: f64, step: u64) {
+        let bias1 = 1.0 - self.beta1.powi(step as i32);
+        let bias2 = 1.0 - self.beta2.powi(step as i32);
+        let (mut p, mut m, mut v) = (p.shallow_clone(), m.shallow_clone(), v.shallow_clone());
+        tch::no_grad(|| {
+            if self.weight_decay != 0.0 {
+                let _ = p.g_mul_scalar_(1.0 - lr * self.weight_decay);
+            }
+            let _ = m.g_mul_scalar_(self.beta1).g_add_(&(g * (1.0 - self.beta1)));
+            let _ = v.g_mul_scalar_(self.beta2).g_add_(&(g * g * (1.0 - self.beta2)));
+            let denom = (&v / bias2).sqrt() + self.eps;
+            let _ = p.g_sub_(&(&m / &denom * (lr / bias1)));
         });
+    }
+
+    /// Elements of optimizer state this process holds (both moments).
+    pub fn state_elements(&self) -> usize {
+        self.exp_avg.iter().chain(&self.exp_avg_sq).map(|t| t.numel()).sum()
     }
 }
 

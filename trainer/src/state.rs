@@ -18,7 +18,8 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::config::Config;
 use crate::diffusion::ClipInterval;
-use crate::optim::{AdamW, Ema};
+use crate::optim::Ema;
+use crate::zero::Optimizer;
 
 /// The small, non-tensor part of the state.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -44,7 +45,8 @@ pub struct TrainState<'a> {
     pub vs: &'a nn::VarStore,
     /// Trainable parameters by name, in the order of `optimizer` and `ema`.
     pub names: &'a [String],
-    pub optimizer: &'a mut AdamW,
+    /// Replicated moments are saved like the weights; ZeRO shards as the boxes they cover.
+    pub optimizer: &'a mut Optimizer,
     pub ema: &'a mut Ema,
 }
 
@@ -129,7 +131,8 @@ pub fn check_compatible(cfg: &Config, manifest: &Manifest) -> Result<()> {
 impl TrainState<'_> {
     /// Host copies of this rank's part of every tensor: rows split evenly across the `world`
     /// ranks (data-parallel ranks hold the same replicated state, so each writes a disjoint
-    /// part and together they write it once).
+    /// part and together they write it once). With ZeRO, the moments are the boxes of the global
+    /// moment tensors that this rank's shard covers (`ZeroAdamW::moment_parts`).
     pub fn snapshot(&self, rank: usize, world: usize) -> Result<Vec<LocalTensor>> {
         let mut named: Vec<(String, Tensor)> = vec![];
         let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
@@ -139,10 +142,15 @@ impl TrainState<'_> {
         }
         for (i, name) in self.names.iter().enumerate() {
             named.push((format!("ema.{name}"), self.ema.shadow[i].shallow_clone()));
-            named.push((format!("optim.exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
-            named.push((format!("optim.exp_avg_sq.{name}"), self.optimizer.exp_avg_sq[i].shallow_clone()));
+            if let Optimizer::Replicated(r) = &*self.optimizer {
+                named.push((format!("optim.exp_avg.{name}"), r.adam.exp_avg[i].shallow_clone()));
+                named.push((format!("optim.exp_avg_sq.{name}"), r.adam.exp_avg_sq[i].shallow_clone()));
+            }
         }
-        let mut out = vec![];
+        let mut out = match &*self.optimizer {
+            Optimizer::Zero(zero) => zero.moment_parts(self.names)?,
+            Optimizer::Replicated(_) => vec![],
+        };
         for (name, t) in named {
             let global: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
             let Some(part) = Slice::rows_part(&global, rank, world) else { continue };
@@ -174,8 +182,13 @@ impl TrainState<'_> {
                 tch::no_grad(|| self.ema.shadow[i].copy_(&live));
             }
             targets.push((ema, self.ema.shadow[i].shallow_clone()));
-            targets.push((format!("optim.exp_avg.{name}"), self.optimizer.exp_avg[i].shallow_clone()));
-            targets.push((format!("optim.exp_avg_sq.{name}"), self.optimizer.exp_avg_sq[i].shallow_clone()));
+            if let Optimizer::Replicated(r) = &*self.optimizer {
+                targets.push((format!("optim.exp_avg.{name}"), r.adam.exp_avg[i].shallow_clone()));
+                targets.push((format!("optim.exp_avg_sq.{name}"), r.adam.exp_avg_sq[i].shallow_clone()));
+            }
+        }
+        if let Optimizer::Zero(zero) = &mut *self.optimizer {
+            zero.load_moments(store, manifest, self.names)?;
         }
         targets.retain(|(key, _)| manifest.tensors.contains_key(key));
         let requests: Vec<(String, Slice)> =

@@ -26,13 +26,14 @@ use tracing::info;
 
 use crate::config::{Arch, Config};
 use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval};
-use crate::dist::{self, all_reduce_bucketed, Communicator, ReduceOp};
+use crate::dist::{self, Communicator, ReduceOp};
 use crate::eval::{self, EvalBatches, NelboReport};
 use crate::model::{num_parameters, Dit};
-use crate::optim::{clip_grad_norm, AdamW, Ema, LrSchedule};
+use crate::optim::{Ema, LrSchedule};
 use crate::rng::{stream, NoiseRng};
 use crate::sample::{generate, SampleOptions};
 use crate::state::{self, Progress, TrainState};
+use crate::zero::Optimizer;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -44,6 +45,8 @@ pub struct TrainOutcome {
     pub final_valid_nelbo: Option<f64>,
     /// Text generated with the EMA weights at the end, if asked for.
     pub sample: Option<String>,
+    /// Elements of AdamW moments this rank held (a 1/world share of all with `dist.zero`).
+    pub optimizer_state_elements: usize,
 }
 
 /// The loss a model is trained with: block diffusion or next-token prediction.
@@ -244,21 +247,39 @@ pub fn run(cfg: &Config) -> Result<TrainOutcome> {
     cfg.validate()?;
     let dist = dist::init(cfg.dist.options())?;
     dist::catch_stop_signals()?;
-    let result = run_in(cfg, dist.comm());
+    let result = run_on_device(cfg, &dist);
     if let Err(e) = &result {
         dist.abort_job(e); // peers would otherwise wait for this rank until the timeout
     }
     result
 }
 
-fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
+/// Trains on `train.device`. On several GPUs, rank r of a node drives its CUDA device r and the
+/// collectives on CUDA tensors go over NCCL (feature `cuda`; not yet run on a GPU machine).
+fn run_on_device(cfg: &Config, dist: &dist::Dist) -> Result<TrainOutcome> {
+    let comm = dist.comm();
+    let device = select_device(&cfg.train.device)?;
+    if comm.world_size() == 1 || !device.is_cuda() {
+        return run_in(cfg, comm, device);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let local = dist.placement.local_rank;
+        let routed = dist::nccl::Routed::new(comm, local, cfg.dist.options().timeout)?;
+        run_in(cfg, &routed, Device::Cuda(local))
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!(
+        "training on {} processes with CUDA tensors needs NCCL: build bd3 with the cargo feature \
+         `cuda`, or train on the CPU (train.device = \"cpu\")",
+        comm.world_size()
+    )
+}
+
+fn run_in(cfg: &Config, comm: &dyn Communicator, device: Device) -> Result<TrainOutcome> {
     // ---- set-up: device, seeds, run directory, data, model, optimizer -------------------------
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0; // the rank that writes
-    let device = select_device(&cfg.train.device)?;
-    if world > 1 && device.is_cuda() {
-        bail!("training on {world} processes needs CPU tensors (train.device = \"cpu\"): NCCL is not wired yet");
-    }
     if device == Device::Cpu {
         keep_freed_memory_for_reuse(true);
     }
@@ -286,7 +307,7 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
     let objective = Objective::new(cfg)?;
     let mut clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
     store_clip_interval(&vs, clip);
-    let mut optimizer = AdamW::new(&params, &cfg.optim);
+    let mut optimizer = Optimizer::new(&params, &cfg.optim, cfg.dist.zero, rank, world)?;
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);
     let schedule = LrSchedule { base: cfg.optim.lr, warmup: cfg.optim.warmup_steps };
 
@@ -306,7 +327,8 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
         state::check_compatible(cfg, manifest)?;
         TrainState { vs: &vs, names: &names, optimizer: &mut optimizer, ema: &mut ema }.load(&store, manifest)?;
         if let Some(p) = state::progress_of(manifest)? {
-            (first_step, optimizer.step, ema.updates, clip) = (p.step, p.optimizer_steps, p.ema_updates, p.clip());
+            (first_step, optimizer.adam_mut().step, ema.updates, clip) =
+                (p.step, p.optimizer_steps, p.ema_updates, p.clip());
             loader.restore(p.data)?;
         }
         store_clip_interval(&vs, clip);
@@ -368,8 +390,6 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
         }
         if world > 1 {
             // Every rank's loss is a mean over its rows: the global batch's is their mean.
-            let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
-            all_reduce_bucketed(comm, &grads, ReduceOp::Avg, cfg.dist.bucket_bytes())?;
             let loss = Tensor::from_slice(&[step_loss]);
             comm.all_reduce(&loss, ReduceOp::Avg)?;
             step_loss = loss.double_value(&[0]);
@@ -377,8 +397,9 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
         if !step_loss.is_finite() {
             bail!("step {step}: loss is {step_loss}; stopping before the weights are corrupted");
         }
-        let grad_norm = clip_grad_norm(&params, cfg.optim.grad_clip);
-        optimizer.step(&params, lr);
+        // Gradients averaged over the ranks (all-reduced, or reduce-scattered with ZeRO), clipped
+        // to the global norm, one AdamW step; every rank ends with the same full weights.
+        let grad_norm = optimizer.step(comm, &params, lr, cfg.optim.grad_clip, cfg.dist.bucket_bytes())?;
         if cfg.optim.ema_decay > 0.0 {
             ema.update(&params);
         }
@@ -413,7 +434,7 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
             let progress = Progress {
                 step: step + 1,
                 tokens_seen: (step + 1) * (mb * accum * world * seq_len) as u64,
-                optimizer_steps: optimizer.step,
+                optimizer_steps: optimizer.adam().step,
                 ema_updates: ema.updates,
                 clip_beta: clip.beta,
                 clip_omega: clip.omega,
@@ -447,8 +468,9 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
 
     // ---- end of run: EMA weights, a sample ------------------------------------------------------
     let final_valid_nelbo = valid_nelbo;
+    let optimizer_state_elements = optimizer.adam().state_elements();
     if !lead {
-        return Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample: None });
+        return Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample: None, optimizer_state_elements });
     }
     let weights = run_dir.join("model.safetensors");
     with_ema(&mut ema, &params, cfg, || Ok(vs.save(&weights)?))?;
@@ -463,7 +485,7 @@ fn run_in(cfg: &Config, comm: &dyn Communicator) -> Result<TrainOutcome> {
     } else {
         None
     };
-    Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample })
+    Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample, optimizer_state_elements })
 }
 
 /// libtorch frees and re-allocates the same large CPU buffers (logits, their gradients) every

@@ -140,6 +140,180 @@ fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
     std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
+/// The number `rank` printed after `key`.
+fn reported(stdout: &str, rank: usize, key: &str) -> usize {
+    let prefix = format!("rank {rank} {key} ");
+    let line =
+        stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {key} of rank {rank}"));
+    line.trim().parse().unwrap()
+}
+
+/// The final weights (`model.safetensors`: EMA) of a run, sorted by name.
+fn final_weights(run: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(run.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn assert_weights_close(what: &str, a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f64) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for ((n1, t1), (n2, t2)) in a.iter().zip(b) {
+        assert_eq!(n1, n2, "{what}");
+        let diff = (t1 - t2).abs().max().double_value(&[]);
+        assert!(diff <= tol, "{what}: {n1} differs by {diff}");
+    }
+}
+
+fn assert_losses_close(what: &str, a: &[f64], b: &[f64], rel: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (step, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= rel * x.abs(), "{what}, loss {}: {x} vs {y}", step + 1);
+    }
+}
+
+/// A copy of step 3 of run `from`'s checkpoints as run `to`'s, so that `to` resumes from it and
+/// writes its own steps without touching `from`'s. (Only step 3: a step rewritten over another
+/// run's files could mix in that run's rank indexes.)
+fn copy_step_3(run_dir: &Path, from: &str, to: &str) {
+    let step = "checkpoints/step-0000000003";
+    let (src, dst) = (run_dir.join(from).join(step), run_dir.join(to).join(step));
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    let status = Command::new("cp").arg("-r").arg(&src).arg(&dst).status().unwrap();
+    assert!(status.success(), "cp -r {} {}", src.display(), dst.display());
+}
+
+#[test]
+fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_world_sizes() {
+    let run_dir = std::env::temp_dir().join(format!("bd3-zero-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let run = |np: usize, name: &str, micro_batch: usize, extra: &[&str]| {
+        let mut args = train_args(&run_dir, name, micro_batch);
+        args.push("checkpoint.every=3".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, stdout, stderr) = if np == 1 {
+            let mut cmd = Command::new(CHECK);
+            cmd.args(&args);
+            output(cmd)
+        } else {
+            mpirun(np, &args)
+        };
+        assert!(out.status.success(), "{name}: {}\n{stdout}\n{stderr}", out.status);
+        stdout
+    };
+    // Plain all-reduce and ZeRO-1, 2 ranks, 6 steps each.
+    let plain = run(2, "plain", 2, &["dist.zero=false"]);
+    let zero = run(2, "zero", 2, &["dist.zero=true"]);
+    let (plain_losses, zero_losses) = (losses(&plain, 0), losses(&zero, 0));
+    assert_eq!(losses(&zero, 1), zero_losses, "rank 1 logs the same averaged losses");
+    assert_eq!(zero_losses.len(), 6);
+    assert_losses_close("ZeRO against all-reduce", &plain_losses, &zero_losses, 1e-5);
+    // The EMA weights (and so the weights they follow) agree.
+    let plain_weights = final_weights(&run_dir.join("plain"));
+    assert_weights_close("ZeRO against all-reduce", &plain_weights, &final_weights(&run_dir.join("zero")), 1e-5);
+
+    // Optimizer state per rank: both moments of every parameter without ZeRO; with it, both
+    // moments of a 1/2 shard of the flat parameters (padded to an even count).
+    let full = reported(&plain, 0, "OPTIMIZER_STATE_ELEMENTS");
+    assert_eq!(reported(&plain, 1, "OPTIMIZER_STATE_ELEMENTS"), full);
+    let params = full / 2;
+    for rank in 0..2 {
+        assert_eq!(reported(&zero, rank, "OPTIMIZER_STATE_ELEMENTS"), 2 * params.div_ceil(2), "rank {rank}");
+    }
+
+    // Run `to` resumes from step 3 of run `from` on `np` ranks of micro-batch `mb`.
+    let resume = |from: &str, to: &str, np: usize, mb: usize, zero: bool| {
+        copy_step_3(&run_dir, from, to);
+        let out = run(np, to, mb, &[&format!("dist.zero={zero}"), "checkpoint.resume=\"3\""]);
+        (losses(&out, 0), final_weights(&run_dir.join(to)))
+    };
+    // The ZeRO checkpoint of step 3 resumes with ZeRO on the same ranks exactly as the
+    // uninterrupted run went on.
+    let (resumed, weights) = resume("zero", "zero-resumed", 2, 2, true);
+    assert_eq!(resumed, &zero_losses[3..], "ZeRO resumed from its step 3");
+    assert_weights_close("ZeRO resumed", &final_weights(&run_dir.join("zero")), &weights, 0.0);
+    // Across the switch and world sizes, like the plain run: ZeRO's checkpoint without ZeRO on
+    // one rank of micro-batch 4, and the plain run's checkpoint with ZeRO on 2 ranks.
+    for (from, to, np, mb, zero) in [("zero", "zero-to-single", 1, 4, false), ("plain", "plain-to-zero", 2, 2, true)] {
+        let (resumed, weights) = resume(from, to, np, mb, zero);
+        assert_losses_close(to, &resumed, &plain_losses[3..], 1e-5);
+        assert_weights_close(to, &plain_weights, &weights, 1e-5);
+    }
+    std::fs::remove_dir_all(&run_dir).unwrap();
+}
+
+/// The rank (OMPI_COMM_WORLD_RANK) of process `pid`, from its environment.
+fn rank_of(pid: i32) -> Option<usize> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+}
+
+/// Whether process `pid` still exists (a zombie no longer runs: it counts as gone).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn one_of_3_ranks_killed_mid_training_ends_the_job_with_an_error_and_no_process_left() {
+    let run_dir = std::env::temp_dir().join(format!("bd3-dist-kill-{}", std::process::id()));
+    let (mut job, ranks) = start_endless_training(&run_dir, "kill", 3, &["dist.timeout_s=20"]);
+    let victim = *ranks.iter().find(|&&pid| rank_of(pid) == Some(1)).expect("the process of rank 1");
+    // SAFETY: kill only sends a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(victim, libc::SIGKILL) }, 0);
+    // A hang guard only, far above dist.timeout_s: the job must end by itself.
+    let started = std::time::Instant::now();
+    while job.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(300) {
+            for &pid in &ranks {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = job.kill();
+            panic!("the job did not end within 300 s of rank 1's death");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = job.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the job succeeded after losing a rank:\n{stderr}");
+    // The ranks are gone, or on their way out: mpirun has killed them or their watchdogs end them
+    // after dist.timeout_s. (A hang guard again, not a speed claim.)
+    let started = std::time::Instant::now();
+    let mut left: Vec<i32> = ranks.clone();
+    while !left.is_empty() && started.elapsed() < std::time::Duration::from_secs(120) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        left.retain(|&pid| alive(pid));
+    }
+    assert!(left.is_empty(), "processes left behind: {left:?}\n{stderr}");
+    std::fs::remove_dir_all(&run_dir).unwrap();
+}
+
+/// Starts `np` ranks training for (nearly) ever, as run `name`, and waits until rank 0 has
+/// logged two steps: every rank is inside the training loop. Returns mpirun and its children.
+fn start_endless_training(run_dir: &Path, name: &str, np: usize, extra: &[&str]) -> (std::process::Child, Vec<i32>) {
+    let mut args = train_args(run_dir, name, 2);
+    args.retain(|a| !a.starts_with("train.steps="));
+    args.push("train.steps=100000".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut cmd = mpirun_command(np);
+    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut job = cmd.spawn().expect("starting mpirun");
+    let metrics = run_dir.join(name).join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ranks = children(job.id());
+    assert_eq!(ranks.len(), np, "mpirun's children: {ranks:?}");
+    (job, ranks)
+}
+
 /// The processes mpirun started (its children, whichever of its threads forked them).
 fn children(pid: u32) -> Vec<i32> {
     let mut out = vec![];
@@ -154,20 +328,7 @@ fn children(pid: u32) -> Vec<i32> {
 #[test]
 fn sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     let run_dir = std::env::temp_dir().join(format!("bd3-dist-stop-{}", std::process::id()));
-    let mut args = train_args(&run_dir, "stop", 2);
-    args.retain(|a| !a.starts_with("train.steps="));
-    args.push("train.steps=100000".into());
-    let mut cmd = mpirun_command(2);
-    cmd.arg(CHECK).args(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut job = cmd.spawn().expect("starting mpirun");
-    // Wait until rank 0 has logged two steps: both ranks are inside the training loop.
-    let metrics = run_dir.join("stop/metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 2) {
-        assert!(job.try_wait().unwrap().is_none(), "the job ended before training");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let ranks = children(job.id());
-    assert_eq!(ranks.len(), 2, "mpirun's children: {ranks:?}");
+    let (job, ranks) = start_endless_training(&run_dir, "stop", 2, &[]);
     // SAFETY: kill only sends a signal to a process this test started.
     assert_eq!(unsafe { libc::kill(ranks[1], libc::SIGTERM) }, 0);
     let out = job.wait_with_output().unwrap();

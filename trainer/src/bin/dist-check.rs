@@ -2,15 +2,18 @@
 //!
 //! * `dist-check collectives`: every collective, on odd sizes and every supported type, checked
 //!   against a serial reference that each rank computes from all ranks' inputs;
+//! * `dist-check nccl-collectives` (feature `cuda`, on a GPU machine): the same checks over NCCL
+//!   on CUDA device `local rank` (trainer/nccl-check.sh runs it);
 //! * `dist-check hang TIMEOUT_S`: the last rank stops taking part, the others wait in a barrier
 //!   until the watchdog ends them;
 //! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::run`, printing the
-//!   per-step losses of this run on every rank.
+//!   per-step losses of this run and the number of optimizer-state elements it held, on every
+//!   rank.
 
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use trainer::dist::{self, all_reduce_bucketed, Communicator, DistOptions, ReduceOp};
 
 fn main() {
@@ -25,8 +28,22 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("collectives") => {
             let dist = dist::init(DistOptions { timeout: Duration::from_secs(120) })?;
-            let checks = collectives(dist.comm())?;
+            let checks = collectives(dist.comm(), Device::Cpu)?;
             println!("rank {}/{}: {checks} checks passed", dist.comm().rank(), dist.comm().world_size());
+            Ok(())
+        }
+        #[cfg(feature = "cuda")]
+        Some("nccl-collectives") => {
+            let timeout = Duration::from_secs(120);
+            let dist = dist::init(DistOptions { timeout })?;
+            let nccl = dist::nccl::NcclComm::init(dist.comm(), dist.placement.local_rank, timeout)?;
+            let checks = collectives(&nccl, nccl.device())?;
+            println!(
+                "rank {}/{} (NCCL on {:?}): {checks} checks passed",
+                nccl.rank(),
+                nccl.world_size(),
+                nccl.device()
+            );
             Ok(())
         }
         Some("hang") => {
@@ -47,9 +64,10 @@ fn run() -> Result<()> {
             let rank = dist::Placement::from_env()?.unwrap_or(dist::Placement::SINGLE).rank;
             let out = trainer::train::run(&cfg)?;
             println!("rank {rank} LOSSES {}", serde_json::to_string(&out.losses)?);
+            println!("rank {rank} OPTIMIZER_STATE_ELEMENTS {}", out.optimizer_state_elements);
             Ok(())
         }
-        _ => bail!("usage: dist-check collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES]"),
+        _ => bail!("usage: dist-check collectives | nccl-collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES]"),
     }
 }
 
@@ -57,6 +75,11 @@ fn run() -> Result<()> {
 fn input(rank: usize, n: usize, kind: Kind) -> Tensor {
     let values: Vec<f64> = (0..n).map(|i| ((rank * 7919 + i) as f64 * 0.618).sin() * (1.0 + (i % 13) as f64)).collect();
     Tensor::from_slice(&values).to_kind(kind)
+}
+
+/// [`input`] on `device`, where the collectives under test run.
+fn input_on(rank: usize, n: usize, kind: Kind, device: Device) -> Tensor {
+    input(rank, n, kind).to_device(device)
 }
 
 /// The serial reference of a sum over ranks: in f64, rounded once to `kind` (the MPI sum of f32
@@ -70,6 +93,7 @@ fn serial_sum(world: usize, n: usize, kind: Kind) -> Tensor {
 }
 
 fn check_close(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    let got = &got.to_device(Device::Cpu);
     ensure!(got.size() == want.size(), "{what}: shape {:?}, expected {:?}", got.size(), want.size());
     // Relative to the magnitude of the values: one rounding of the type, a few times over.
     let tol = match got.kind() {
@@ -85,12 +109,14 @@ fn check_close(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
 }
 
 fn check_equal(what: &str, got: &Tensor, want: &Tensor) -> Result<()> {
+    let got = &got.to_device(Device::Cpu);
     ensure!(got.kind() == want.kind() && got.size() == want.size(), "{what}: kind or shape differ");
     ensure!(got.equal(want), "{what}: not bit-identical to the reference");
     Ok(())
 }
 
-fn collectives(comm: &dyn Communicator) -> Result<usize> {
+/// Every collective of `comm` on tensors on `device`, against serial references on the CPU.
+fn collectives(comm: &dyn Communicator, device: Device) -> Result<usize> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let mut checks = 0;
     for kind in [Kind::Float, Kind::Double, Kind::BFloat16] {
@@ -98,10 +124,10 @@ fn collectives(comm: &dyn Communicator) -> Result<usize> {
             let what = |op: &str| format!("{op} of {n} × {kind:?} on rank {rank}/{world}");
             let sum = serial_sum(world, n, kind);
 
-            let t = input(rank, n, kind);
+            let t = input_on(rank, n, kind, device);
             comm.all_reduce(&t, ReduceOp::Sum)?;
             check_close(&what("all_reduce(sum)"), &t, &sum)?;
-            let t = input(rank, n, kind);
+            let t = input_on(rank, n, kind, device);
             comm.all_reduce(&t, ReduceOp::Avg)?;
             check_close(&what("all_reduce(avg)"), &t, &(&sum / world as f64))?;
 
@@ -112,17 +138,18 @@ fn collectives(comm: &dyn Communicator) -> Result<usize> {
                 full_sum += full(r).to_kind(Kind::Double);
             }
             let part = full_sum.narrow(0, (rank * n) as i64, n as i64);
-            let got = comm.reduce_scatter(&full(rank), ReduceOp::Sum)?;
+            let got = comm.reduce_scatter(&full(rank).to_device(device), ReduceOp::Sum)?;
             check_close(&what("reduce_scatter(sum)"), &got, &part)?;
-            let got = comm.reduce_scatter(&full(rank).view([world as i64, n as i64]), ReduceOp::Avg)?;
+            let got =
+                comm.reduce_scatter(&full(rank).view([world as i64, n as i64]).to_device(device), ReduceOp::Avg)?;
             check_close(&what("reduce_scatter(avg)"), &got, &(&part / world as f64))?;
 
-            let gathered = comm.all_gather(&input(rank, n, kind))?;
+            let gathered = comm.all_gather(&input_on(rank, n, kind, device))?;
             let want = Tensor::cat(&(0..world).map(|r| input(r, n, kind)).collect::<Vec<_>>(), 0);
             check_equal(&what("all_gather"), &gathered, &want)?;
 
             let root = world - 1;
-            let t = input(rank, n, kind);
+            let t = input_on(rank, n, kind, device);
             comm.broadcast(&t, root)?;
             check_equal(&what("broadcast"), &t, &input(root, n, kind))?;
             checks += 7;
@@ -131,8 +158,11 @@ fn collectives(comm: &dyn Communicator) -> Result<usize> {
 
     // Buckets: tensors of mixed sizes and types, with a bucket smaller than some tensors.
     let specs = [(5, Kind::Float), (300, Kind::Float), (2, Kind::Float), (9, Kind::Double), (1000, Kind::Float)];
-    let tensors: Vec<Tensor> =
-        specs.iter().enumerate().map(|(i, &(n, kind))| input(rank + 10 * i, n, kind).view([-1, 1])).collect();
+    let tensors: Vec<Tensor> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, kind))| input_on(rank + 10 * i, n, kind, device).view([-1, 1]))
+        .collect();
     all_reduce_bucketed(comm, &tensors, ReduceOp::Avg, 1024)?;
     for (i, &(n, kind)) in specs.iter().enumerate() {
         let mut sum = Tensor::zeros([n as i64], (Kind::Double, tch::Device::Cpu));
@@ -144,9 +174,9 @@ fn collectives(comm: &dyn Communicator) -> Result<usize> {
     }
 
     // Arguments every rank gets wrong alike are refused before any communication.
-    ensure!(comm.reduce_scatter(&input(rank, world * 3 + 1, Kind::Float), ReduceOp::Sum).is_err());
-    ensure!(comm.broadcast(&input(rank, 3, Kind::Float), world).is_err());
-    ensure!(comm.all_reduce(&Tensor::from_slice(&[1u8, 2]), ReduceOp::Sum).is_err());
+    ensure!(comm.reduce_scatter(&input_on(rank, world * 3 + 1, Kind::Float, device), ReduceOp::Sum).is_err());
+    ensure!(comm.broadcast(&input_on(rank, 3, Kind::Float, device), world).is_err());
+    ensure!(comm.all_reduce(&Tensor::from_slice(&[true, false]).to_device(device), ReduceOp::Sum).is_err());
     comm.barrier()?;
     Ok(checks + 3)
 }
