@@ -72,6 +72,9 @@ pub struct RankIndex {
     pub step: u64,
     pub rank: usize,
     pub world_size: usize,
+    /// The job that wrote it ([`crate::WriteOptions::attempt`]).
+    #[serde(default)]
+    pub attempt: u64,
     pub tensors: BTreeMap<String, TensorEntry>,
     pub files: BTreeMap<String, FileEntry>,
 }

@@ -67,11 +67,17 @@ pub struct WriteOptions {
     pub max_file_bytes: u64,
     /// How long rank 0 waits for the other ranks' parts before giving up on a step.
     pub commit_timeout: Duration,
+    /// The same for every rank of one job and different between jobs (the trainer broadcasts
+    /// rank 0's): written into each rank index, and rank 0 commits only indices carrying its own.
+    /// A step rewritten by a later job (a run resumed from an earlier step) may still hold another
+    /// rank's index from the first job; without this, rank 0 could merge it before that rank
+    /// rewrites it.
+    pub attempt: u64,
 }
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self { max_file_bytes: 4 << 30, commit_timeout: Duration::from_secs(1800) }
+        Self { max_file_bytes: 4 << 30, commit_timeout: Duration::from_secs(1800), attempt: 0 }
     }
 }
 
@@ -324,7 +330,14 @@ impl CheckpointStore {
             self.uncommit(step)?;
         }
         tensors.sort_by(|a, b| a.buffer.name.cmp(&b.buffer.name));
-        let mut index = RankIndex { step, rank, world_size, tensors: BTreeMap::new(), files: BTreeMap::new() };
+        let mut index = RankIndex {
+            step,
+            rank,
+            world_size,
+            attempt: options.attempt,
+            tensors: BTreeMap::new(),
+            files: BTreeMap::new(),
+        };
         // Greedy split into files of at most max_file_bytes (a tensor larger than that gets its own).
         let mut groups: Vec<Vec<LocalTensor>> = vec![];
         let mut size = 0u64;
@@ -385,22 +398,35 @@ impl CheckpointStore {
         Ok(index)
     }
 
-    /// Rank 0: waits until every rank's index exists, merges them into `manifest.json`, then
-    /// writes the commit marker. Only after the marker does the step exist for readers.
-    pub fn commit(&self, step: u64, world_size: usize, meta: CheckpointMeta, timeout: Duration) -> Result<Manifest> {
+    /// Rank 0: waits until every rank's index of this `attempt` exists (an index left by another
+    /// job counts as not yet written), merges them into `manifest.json`, then writes the commit
+    /// marker. Only after the marker does the step exist for readers.
+    pub fn commit(
+        &self,
+        step: u64,
+        world_size: usize,
+        meta: CheckpointMeta,
+        attempt: u64,
+        timeout: Duration,
+    ) -> Result<Manifest> {
         let started = Instant::now();
         let ranks = self.block_on(async {
             let mut ranks = Vec::with_capacity(world_size);
             for rank in 0..world_size {
                 loop {
+                    let mut stale = None;
                     if let Some(bytes) = self.get_file(step, &rank_index(rank)).await? {
                         let index: RankIndex = serde_json::from_slice(&bytes)
                             .with_context(|| format!("{}: not a rank index", self.display(step, &rank_index(rank))))?;
-                        ranks.push(index);
-                        break;
+                        if index.attempt == attempt {
+                            ranks.push(index);
+                            break;
+                        }
+                        stale = Some(index.attempt);
                     }
                     if started.elapsed() >= timeout {
-                        bail!("step {step}: rank {rank} did not finish writing within {timeout:?}");
+                        let found = stale.map_or(String::new(), |a| format!(" (its index there is from attempt {a})"));
+                        bail!("step {step}: rank {rank} did not finish writing attempt {attempt} within {timeout:?}{found}");
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -437,7 +463,9 @@ impl CheckpointStore {
     ) -> Result<Option<Manifest>> {
         self.write_rank(step, rank, world_size, tensors, options)?;
         match meta {
-            Some(meta) if rank == 0 => Ok(Some(self.commit(step, world_size, meta, options.commit_timeout)?)),
+            Some(meta) if rank == 0 => {
+                Ok(Some(self.commit(step, world_size, meta, options.attempt, options.commit_timeout)?))
+            }
             _ => Ok(None),
         }
     }

@@ -346,3 +346,39 @@ fn flat_ranges_written_as_several_boxes_per_rank_read_back_whole() {
     assert!(manifest.tensors[&t.name].pieces.len() > 2);
     assert_eq!(&store.read(&manifest, &t.name, &Slice::whole(&t.shape)).unwrap(), t);
 }
+
+/// A step written again by a later job (a run resumed from an earlier step) still holds rank 1's
+/// index from the first job while rank 0 commits: rank 0 waits for the index of its own attempt
+/// instead of merging the leftover, and names the leftover if it times out.
+#[test]
+fn rank_zero_commits_only_indices_of_its_own_attempt() {
+    let dir = TempDir::new("ckpt-attempt").unwrap();
+    let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+    let (old, new) = (global_tensors(1), global_tensors(2));
+    let first = WriteOptions { attempt: 11, ..Default::default() };
+    store.write_rank(7, 1, 2, rank_part(&old, 1, 2), first).unwrap();
+    store.save(7, 0, 2, rank_part(&old, 0, 2), Some(meta(1)), first).unwrap();
+
+    // The second job's rank 1 is late: rank 0 gives up rather than commit the first job's part.
+    let hurried = WriteOptions { attempt: 22, commit_timeout: Duration::from_millis(300), ..Default::default() };
+    let err = store.save(7, 0, 2, rank_part(&new, 0, 2), Some(meta(2)), hurried).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("rank 1 did not finish writing attempt 22") && msg.contains("attempt 11"), "{msg}");
+    assert!(store.committed_steps().unwrap().is_empty(), "the step stays uncommitted");
+
+    // Rank 1 writes while rank 0 waits: the commit holds the second job's data only.
+    let second = WriteOptions { attempt: 22, ..Default::default() };
+    let late = {
+        let (store, part) = (CheckpointStore::open(dir.path().to_str().unwrap()).unwrap(), rank_part(&new, 1, 2));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            store.write_rank(7, 1, 2, part, second).unwrap();
+        })
+    };
+    let manifest = store.save(7, 0, 2, rank_part(&new, 0, 2), Some(meta(2)), second).unwrap().unwrap();
+    late.join().unwrap();
+    store.verify(&manifest).unwrap();
+    for t in &new {
+        assert_eq!(&store.read(&manifest, &t.name, &Slice::whole(&t.shape)).unwrap(), t);
+    }
+}

@@ -313,6 +313,11 @@ fn run_in(cfg: &Config, comm: &dyn Communicator, device: Device) -> Result<Train
 
     // ---- checkpoints: resume, then save as we go -------------------------------------------------
     let store = Arc::new(CheckpointStore::open(&cfg.checkpoint_url())?);
+    let save_options = WriteOptions {
+        max_file_bytes: cfg.checkpoint.max_file_mib << 20,
+        attempt: job_attempt(comm)?,
+        ..Default::default()
+    };
     // Rank 0 first: with `auto` it removes half-written steps, which the others must not read.
     let resumed = if lead {
         let point = resume_point(cfg, &store);
@@ -447,7 +452,7 @@ fn run_in(cfg: &Config, comm: &dyn Communicator, device: Device) -> Result<Train
                 world_size: world,
                 tensors: train_state.snapshot(rank, world)?,
                 meta: lead.then(|| state::checkpoint_meta(cfg, &progress)).transpose()?,
-                options: WriteOptions { max_file_bytes: cfg.checkpoint.max_file_mib << 20, ..Default::default() },
+                options: save_options,
                 retention: lead.then_some(Retention {
                     keep_latest: cfg.checkpoint.keep_latest,
                     keep_every: cfg.checkpoint.keep_every,
@@ -596,6 +601,17 @@ fn step_seed(seed: u64, step: u64) -> i64 {
 
 /// The checkpoint to start from, per `checkpoint.resume`. Starting fresh where committed
 /// checkpoints already exist is refused: their steps would be overwritten.
+/// An id shared by every rank of this job and (with overwhelming probability) by no other job:
+/// rank 0's clock and process id, broadcast. Checkpoint rank indices carry it, so that rank 0
+/// never commits an index an earlier job left at a step this job writes again.
+fn job_attempt(comm: &dyn Communicator) -> Result<u64> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let local = (nanos as u64 ^ (u64::from(std::process::id()) << 32)) & (i64::MAX as u64);
+    let id = Tensor::from_slice(&[local as i64]);
+    comm.broadcast(&id, 0)?;
+    Ok(id.int64_value(&[0]) as u64)
+}
+
 fn resume_point(cfg: &Config, store: &CheckpointStore) -> Result<Option<Manifest>> {
     let committed = store.committed_steps()?;
     match cfg.checkpoint.resume.as_str() {
