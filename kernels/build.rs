@@ -7,7 +7,7 @@ fn main() {
 }
 
 /// The fused kernels (feature `cuda`): `csrc/flash.cu` by nvcc, `csrc/autograd.cpp` by the host C++
-/// compiler against libtorch's headers, linked with libtorch's CUDA runtime (see setup.md).
+/// compiler against libtorch's headers, linked with libtorch's CUDA runtime.
 #[cfg(feature = "cuda")]
 mod cuda {
     use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@ own PyTorch: forward+backward milliseconds at the shape of kernels' cuda_check b
 output/gradient difference between FlexAttention and dense SDPA (a check that both see the same
 mask). Prints one JSON object. Run by kernels/gpu-check.sh; needs a CUDA device.
 
-The mask is §2.2 of the BD3-LM reference (block diagonal, offset block-causal, block-causal), as
+The mask is docs/algorithm.md §2.2 (block diagonal, offset block-causal, block-causal), as
 the authors' FlexAttention path builds it.
 """
 

@@ -1,7 +1,7 @@
 // Shared by the build.rs of every package whose binaries or tests link libtorch
 // (`include!`d, because a build script cannot depend on a workspace crate cheaply).
 //
-// Two problems of the plain tch link (measured, see shared/reference/setup.md):
+// Two problems of the plain tch link (measured on the machines bd3 is built on):
 // * no RPATH: binaries fail with "libtorch_cpu.so: cannot open shared object file";
 // * rustc links with --as-needed, which drops libtorch_cuda.so, and CUDA ops then fail
 //   on a GPU machine. Linking it explicitly with --no-as-needed keeps it.

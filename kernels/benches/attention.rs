@@ -78,7 +78,7 @@ fn time(f: Attention, q: &Tensor, k: &Tensor, v: &Tensor, iters: usize) -> Resul
 
 fn main() -> Result<()> {
     let a = parse()?;
-    // As `bd3 train` does on CPU (trainer::train::keep_freed_memory_for_reuse): keep freed buffers
+    // As `bd3 train` does on CPU (trainer::device::keep_freed_memory_for_reuse): keep freed buffers
     // in the heap instead of returning them to the kernel and page-faulting them back each pass.
     // SAFETY: mallopt only changes allocator tuning parameters.
     unsafe {

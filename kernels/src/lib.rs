@@ -21,7 +21,7 @@ pub use sparse::{sparse_attention, sparse_attention_with_tile};
 pub use tiles::{Rule, TileKind};
 
 /// Which attention pattern a forward pass needs. Everything about the mask follows from the
-/// sequence length `L` and the block size `L′` (§2.2 of the BD3-LM reference).
+/// sequence length `L` and the block size `L′` (docs/algorithm.md §2.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockLayout {
     /// Training and evaluation input `x_t ⊕ x_0` of length 2L: noisy blocks attend bidirectionally
@@ -72,7 +72,7 @@ impl BlockLayout {
     }
 
     /// RoPE position of every query token. In the two-stream layout the noisy token i and the
-    /// clean token i share position i (§2.3), so the positions are 0..L twice.
+    /// clean token i share position i (docs/algorithm.md §2.3), so the positions are 0..L twice.
     pub fn query_positions(&self) -> Vec<i64> {
         match *self {
             Self::TwoStream { seq_len, .. } => (0..seq_len as i64).chain(0..seq_len as i64).collect(),
@@ -184,7 +184,7 @@ fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Res
 mod tests {
     use super::*;
 
-    /// §2.2 written out element by element, independently of the tensor construction above.
+    /// docs/algorithm.md §2.2 written out element by element, independently of the tensor construction above.
     fn reference_allowed(n: usize, b: usize, q: usize, k: usize) -> bool {
         let half = |i: usize| usize::from(i >= n);
         let blk = |i: usize| (i - n * half(i)) / b;

@@ -132,7 +132,7 @@ pub fn run(command: Ckpt) -> Result<()> {
             let store = CheckpointStore::open(&url)?;
             let m = manifest_at(&store, step)?;
             store.verify(&m)?;
-            let n = trainer::state::export_weights(&store, &m, raw, &out)?;
+            let n = trainer::weights::export_weights(&store, &m, raw, &out)?;
             let which = if raw { "raw" } else { "EMA" };
             println!("wrote {n} tensors ({which} weights of step {}) to {}", m.step, out.display());
         }
@@ -142,7 +142,7 @@ pub fn run(command: Ckpt) -> Result<()> {
             if store.committed_steps()?.contains(&step) {
                 bail!("{url} already holds step {step}; choose another --step or location");
             }
-            let m = trainer::state::import_weights(&file, &store, step, cfg.as_ref())?;
+            let m = trainer::weights::import_weights(&file, &store, step, cfg.as_ref())?;
             println!("imported {} tensors from {} as step {step} of {url}", m.tensors.len() / 2, file.display());
         }
     }

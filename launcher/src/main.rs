@@ -73,7 +73,7 @@ enum Launch {
 
 #[derive(Subcommand)]
 enum Eval {
-    /// NELBO perplexity bound of a split (§6.1): NLL, perplexity and bits per token.
+    /// NELBO perplexity bound of a split (docs/algorithm.md §6.1): NLL, perplexity and bits per token.
     Ppl {
         #[command(flatten)]
         config: ConfigArgs,
@@ -152,14 +152,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    trainer::state::set_binary_commit(env!("BD3_GIT_COMMIT"));
+    trainer::weights::set_binary_commit(env!("BD3_GIT_COMMIT"));
     match Cli::parse().command {
         Command::Train { mut config, resume } => {
             if let Some(r) = resume {
                 config.overrides.push(format!("checkpoint.resume={r:?}"));
             }
             let cfg = config.load()?;
-            let outcome = trainer::train::run(&cfg)?;
+            let outcome = trainer::train::train(&cfg)?;
             if let Some(nelbo) = outcome.final_valid_nelbo {
                 println!("validation NELBO {nelbo:.4} nats/token (perplexity ≤ {:.2})", nelbo.exp());
             }
@@ -172,7 +172,7 @@ fn main() -> Result<()> {
         Command::Launch(Launch::Local { nproc, command }) => {
             anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
             let bd3 = std::env::current_exe().context("locating the bd3 binary")?;
-            let status = trainer::dist::mpirun_command(nproc)
+            let status = launcher::local::mpirun_command(nproc)
                 .arg(bd3)
                 .args(&command)
                 .status()
@@ -189,9 +189,9 @@ fn main() -> Result<()> {
                 Split::Valid => dataloader::SplitName::Valid,
             };
             let max_sequences = (batches > 0).then_some(batches * cfg.train.micro_batch);
-            let tokens = trainer::train::split_tokens(&cfg, split, max_sequences)?;
+            let tokens = trainer::data::split_tokens(&cfg, split, max_sequences)?;
             let sequences = &tokens;
-            let objective = trainer::train::Objective::new(&cfg)?;
+            let objective = trainer::objective::Objective::new(&cfg)?;
             let batches = trainer::eval::EvalBatches {
                 seq_len: cfg.model.seq_len,
                 micro_batch: cfg.train.micro_batch,
@@ -286,7 +286,7 @@ fn main() -> Result<()> {
 
 /// Builds the model of `cfg` and loads `weights` (safetensors with the reference's names).
 fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::VarStore, tch::Device)> {
-    let device = trainer::train::select_device(&cfg.train.device)?;
+    let device = trainer::device::select_device(cfg.train.device)?;
     let mut vs = tch::nn::VarStore::new(device);
     let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
     vs.load(weights).with_context(|| format!("loading weights {}", weights.display()))?;

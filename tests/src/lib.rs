@@ -1,1 +1,33 @@
+//! Test support shared by the workspace's tests (the library of the `bd3-integration` package,
+//! which the trainer's tests use too): where the repository and its `bd3` binary are, the
+//! overrides that point a run at the embedded corpus, and scratch directories.
 
+use std::path::{Path, PathBuf};
+
+/// The root of the repository.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the repository").to_path_buf()
+}
+
+/// The `bd3` binary, which `make test` builds before running the tests.
+pub fn bd3_binary() -> PathBuf {
+    let bin = repo_root().join("target/debug/bd3");
+    assert!(bin.exists(), "{} is missing: `make test` builds it first", bin.display());
+    bin
+}
+
+/// A fresh directory under the system's temporary directory, removed when dropped (also when
+/// the test fails).
+pub fn scratch_dir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("bd3-{what}-")).tempdir().expect("creating a scratch directory")
+}
+
+/// `--set` overrides for a run named `name` in `run_dir` on the embedded corpus (installed by
+/// scripts/setup.sh).
+pub fn run_overrides(run_dir: &Path, name: &str) -> Vec<String> {
+    vec![
+        format!("data.corpus={:?}", repo_root().join("data/shakespeare").display().to_string()),
+        format!("run.dir={:?}", run_dir.display().to_string()),
+        format!("run.name={name:?}"),
+    ]
+}

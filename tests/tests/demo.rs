@@ -2,13 +2,15 @@
 //! train the tiny model on the embedded corpus, report the validation NELBO, sample text from the
 //! saved weights.
 
-use std::path::PathBuf;
 use std::process::Command;
+
+use test_support::{repo_root, scratch_dir};
 
 #[test]
 fn make_demo_runs_end_to_end() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let run_dir = std::env::temp_dir().join(format!("bd3-demo-{}", std::process::id()));
+    let root = repo_root();
+    let scratch = scratch_dir("demo");
+    let run_dir = scratch.path();
     let mut make = Command::new("make");
     make.current_dir(&root).args([
         "demo",
@@ -33,5 +35,4 @@ fn make_demo_runs_end_to_end() {
     assert!(sample.starts_with("<|endoftext|>") && sample.len() > "<|endoftext|>".len(), "{stdout}");
     assert!(run_dir.join("tiny/model.safetensors").exists());
     assert!(run_dir.join("tiny/metrics.jsonl").exists());
-    std::fs::remove_dir_all(&run_dir).unwrap();
 }

@@ -1,24 +1,17 @@
 //! `bd3 launch local --nproc 2`: the `bd3` binary (built by `make test`) starts itself on two
 //! ranks through mpirun (as root too: the machines that run the tests often are root) and trains.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use test_support::{bd3_binary, repo_root, run_overrides, scratch_dir};
 
 #[test]
 fn launch_local_trains_on_two_ranks() {
     let root = repo_root();
-    let bin = root.join("target/debug/bd3");
-    assert!(bin.exists(), "{} is missing: `make test` builds it first", bin.display());
-    let run_dir = std::env::temp_dir().join(format!("bd3-launch-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run_dir);
-    let sets = [
-        format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string()),
-        format!("run.dir={:?}", run_dir.display().to_string()),
-        "run.name=\"launch\"".into(),
+    let scratch = scratch_dir("launch");
+    let run_dir = scratch.path();
+    let mut sets = run_overrides(run_dir, "launch");
+    sets.extend([
         "model.layers=2".into(),
         "model.seq_len=64".into(),
         "train.micro_batch=2".into(),
@@ -29,8 +22,8 @@ fn launch_local_trains_on_two_ranks() {
         "train.threads=1".into(),
         "train.device=\"cpu\"".into(),
         "diffusion.clip_search=false".into(),
-    ];
-    let mut cmd = Command::new(&bin);
+    ]);
+    let mut cmd = Command::new(bd3_binary());
     cmd.current_dir(&root).args(["launch", "local", "--nproc", "2", "train", "--config", "configs/tiny.toml"]);
     for s in &sets {
         cmd.args(["--set", s]);
@@ -49,5 +42,4 @@ fn launch_local_trains_on_two_ranks() {
     let last: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(last["step"], 3);
     assert_eq!(last["tokens_seen"], 3 * 2 * 2 * 64, "3 steps × micro-batch 2 × 2 ranks × 64 tokens");
-    std::fs::remove_dir_all(&run_dir).unwrap();
 }

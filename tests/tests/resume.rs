@@ -2,17 +2,13 @@
 //! each run in a new process as after a preemption.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use test_support::{bd3_binary, repo_root, run_overrides, scratch_dir};
 
 fn bd3(args: &[&str]) -> Output {
-    let bin = repo_root().join("target/debug/bd3");
-    assert!(bin.exists(), "{} is missing: `make test` builds it first", bin.display());
-    Command::new(bin).args(args).output().expect("running bd3")
+    Command::new(bd3_binary()).args(args).output().expect("running bd3")
 }
 
 fn ok(out: Output) -> String {
@@ -34,15 +30,13 @@ fn train(run_dir: &Path, name: &str, steps: u64, extra: &[&str]) -> Output {
 
 fn train_with_env(run_dir: &Path, name: &str, steps: u64, extra: &[&str], env: &[(String, String)]) -> Output {
     let root = repo_root();
-    let corpus = format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string());
-    let dir = format!("run.dir={:?}", run_dir.display().to_string());
-    let name = format!("run.name={name:?}");
+    let run = run_overrides(run_dir, name);
     let steps = format!("train.steps={steps}");
     let mut args = vec!["train", "--config", "configs/tiny.toml"];
     for s in [
-        corpus.as_str(),
-        &dir,
-        &name,
+        run[0].as_str(),
+        &run[1],
+        &run[2],
         &steps,
         "model.layers=2",
         "model.seq_len=64",
@@ -58,9 +52,12 @@ fn train_with_env(run_dir: &Path, name: &str, steps: u64, extra: &[&str], env: &
         args.extend(["--set", s]);
     }
     args.extend(extra);
-    let root_str = root.to_str().unwrap().to_string();
-    let bin = root.join("target/debug/bd3");
-    Command::new(bin).current_dir(root_str).args(&args).envs(env.iter().cloned()).output().expect("running bd3 train")
+    Command::new(bd3_binary())
+        .current_dir(root)
+        .args(&args)
+        .envs(env.iter().cloned())
+        .output()
+        .expect("running bd3 train")
 }
 
 /// step → training loss from a run's metrics log.
@@ -76,13 +73,13 @@ fn losses(run: &Path) -> BTreeMap<u64, f64> {
 
 #[test]
 fn resumed_training_is_bit_exact_and_exports_round_trip() {
-    let tmp = std::env::temp_dir().join(format!("bd3-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let scratch = scratch_dir("resume");
+    let tmp = scratch.path();
 
     // 6 steps straight; 3 steps, then a new process resumes for 3 more.
-    ok(train(&tmp, "straight", 6, &[]));
-    ok(train(&tmp, "split", 3, &[]));
-    let stderr = String::from_utf8_lossy(&train(&tmp, "split", 6, &["--resume", "auto"]).stderr).into_owned();
+    ok(train(tmp, "straight", 6, &[]));
+    ok(train(tmp, "split", 3, &[]));
+    let stderr = String::from_utf8_lossy(&train(tmp, "split", 6, &["--resume", "auto"]).stderr).into_owned();
     assert!(stderr.contains("resumed") && stderr.contains("step=3"), "{stderr}");
 
     let (a, b) = (losses(&tmp.join("straight")), losses(&tmp.join("split")));
@@ -105,16 +102,16 @@ fn resumed_training_is_bit_exact_and_exports_round_trip() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&newest, bytes).unwrap();
-    let out = train(&tmp, "split", 6, &["--resume", "auto"]);
+    let out = train(tmp, "split", 6, &["--resume", "auto"]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("step-0000000006/rank-00000-000.safetensors") && stderr.contains("step=3"), "{stderr}");
     assert_eq!(losses(&tmp.join("split")), a);
 
     // Starting fresh over existing checkpoints is refused; so is a model of other shapes.
-    let err = failure(train(&tmp, "split", 9, &[]));
+    let err = failure(train(tmp, "split", 9, &[]));
     assert!(err.contains("--resume auto"), "{err}");
-    let err = failure(train(&tmp, "split", 9, &["--resume", "auto", "--set", "model.hidden=64"]));
+    let err = failure(train(tmp, "split", 9, &["--resume", "auto", "--set", "model.hidden=64"]));
     assert!(err.contains("model.hidden"), "{err}");
 
     // Export → import → export gives the same bytes, under the model's own key names and shapes.
@@ -154,7 +151,6 @@ fn resumed_training_is_bit_exact_and_exports_round_trip() {
         "model.layers=3",
     ]));
     assert!(err.contains("blocks.2"), "{err}");
-    std::fs::remove_dir_all(&tmp).unwrap();
 }
 
 #[test]
@@ -163,25 +159,24 @@ fn training_resumes_exactly_from_an_s3_server() {
     server.create_bucket("runs").unwrap();
     // Credentials and endpoint reach bd3 the standard way: AWS_* environment variables.
     let env: Vec<(String, String)> = server.options().into_iter().map(|(k, v)| (k.to_uppercase(), v)).collect();
-    let tmp = std::env::temp_dir().join(format!("bd3-resume-s3-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let scratch = scratch_dir("resume-s3");
+    let tmp = scratch.path();
     let s3 = ["--set", "checkpoint.url=s3://runs/split/checkpoints"];
-    ok(train(&tmp, "straight", 6, &[]));
-    ok(train_with_env(&tmp, "split", 3, &s3, &env));
-    ok(train_with_env(&tmp, "split", 6, &[&s3[..], &["--resume", "auto"]].concat(), &env));
+    ok(train(tmp, "straight", 6, &[]));
+    ok(train_with_env(tmp, "split", 3, &s3, &env));
+    ok(train_with_env(tmp, "split", 6, &[&s3[..], &["--resume", "auto"]].concat(), &env));
     assert_eq!(losses(&tmp.join("straight")), losses(&tmp.join("split")));
     let read = |run: &str| std::fs::read(tmp.join(run).join("model.safetensors")).unwrap();
     assert_eq!(read("straight"), read("split"));
     // The checkpoints live on the server (its data directory), not on local disk.
     assert!(server.root().join("runs/split/checkpoints/step-0000000006/COMMITTED").is_file());
     assert!(!tmp.join("split/checkpoints").exists());
-    std::fs::remove_dir_all(&tmp).unwrap();
 }
 
 #[test]
 fn training_from_prepared_shards_resumes_exactly() {
-    let tmp = std::env::temp_dir().join(format!("bd3-resume-shards-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let scratch = scratch_dir("resume-shards");
+    let tmp = scratch.path();
     let data = tmp.join("data");
     let corpus = repo_root().join("data/shakespeare");
     ok(bd3(&[
@@ -199,14 +194,13 @@ fn training_from_prepared_shards_resumes_exactly() {
     ]));
     let dataset = format!("data.dataset={:?}", data.display().to_string());
     let set = ["--set", dataset.as_str()];
-    ok(train(&tmp, "straight", 6, &set));
-    ok(train(&tmp, "split", 3, &set));
-    ok(train(&tmp, "split", 6, &[&set[..], &["--resume", "auto"]].concat()));
+    ok(train(tmp, "straight", 6, &set));
+    ok(train(tmp, "split", 3, &set));
+    ok(train(tmp, "split", 6, &[&set[..], &["--resume", "auto"]].concat()));
     assert_eq!(losses(&tmp.join("straight")), losses(&tmp.join("split")));
     let read = |run: &str| std::fs::read(tmp.join(run).join("model.safetensors")).unwrap();
     assert_eq!(read("straight"), read("split"));
     // The reader's position is part of the checkpoint.
     let inspect = ok(bd3(&["ckpt", "inspect", tmp.join("split/checkpoints").to_str().unwrap()]));
     assert!(inspect.contains("\"consumed\":24"), "{inspect}");
-    std::fs::remove_dir_all(&tmp).unwrap();
 }

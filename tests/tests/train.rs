@@ -1,37 +1,31 @@
 //! End-to-end training on the embedded corpus (installed by scripts/setup.sh).
 
-use std::path::PathBuf;
-
+use test_support::{repo_root, run_overrides, scratch_dir};
 use trainer::Config;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
 /// configs/tiny.toml, shrunk so that a run takes seconds on two cores, writing to a fresh
-/// temporary run directory.
-fn quick_config(name: &str, extra: &[&str]) -> Config {
+/// temporary run directory (removed with the returned guard).
+fn quick_config(name: &str, extra: &[&str]) -> (Config, tempfile::TempDir) {
     let root = repo_root();
-    let run_dir = std::env::temp_dir().join(format!("bd3-test-{}-{name}", std::process::id()));
-    let mut sets: Vec<String> = vec![
-        format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string()),
-        format!("run.dir={:?}", run_dir.display().to_string()),
-        format!("run.name={name:?}"),
+    let scratch = scratch_dir("train");
+    let mut sets = run_overrides(scratch.path(), name);
+    sets.extend([
         "model.seq_len=64".into(),
         "train.micro_batch=8".into(),
         "train.eval_every=0".into(),
         "train.eval_batches=4".into(),
         "train.sample_tokens=0".into(),
         "train.threads=2".into(),
-    ];
+    ]);
     sets.extend(extra.iter().map(|s| s.to_string()));
-    Config::load(&root.join("configs/tiny.toml"), &sets).expect("configs/tiny.toml with test overrides")
+    let cfg = Config::load(&root.join("configs/tiny.toml"), &sets).expect("configs/tiny.toml with test overrides");
+    (cfg, scratch)
 }
 
 #[test]
 fn tiny_model_loss_falls_on_the_embedded_corpus() {
-    let cfg = quick_config("falls", &["train.steps=60"]);
-    let out = trainer::train::run(&cfg).expect("training runs");
+    let (cfg, _scratch) = quick_config("falls", &["train.steps=60"]);
+    let out = trainer::train::train(&cfg).expect("training runs");
     let first = out.losses[0];
     let last10: f64 = out.losses[50..].iter().sum::<f64>() / 10.0;
     // Uniform over 50,257 tokens costs ln(50257) ≈ 10.8 nats per masked token; learning the
@@ -52,20 +46,18 @@ fn tiny_model_loss_falls_on_the_embedded_corpus() {
     let buffer = |name: &str| weights.iter().find(|(n, _)| n == name).unwrap().1.double_value(&[]);
     assert!((buffer("sampling_eps_min") - clip["clip_beta"].as_f64().unwrap()).abs() < 1e-6);
     assert!((buffer("sampling_eps_max") - clip["clip_omega"].as_f64().unwrap()).abs() < 1e-6);
-    std::fs::remove_dir_all(cfg.run.dir).unwrap();
 }
 
 #[test]
 fn same_seed_gives_identical_losses() {
     let extra = ["train.steps=20", "model.layers=2", "train.micro_batch=4", "model.dropout=0.1"];
-    let a = trainer::train::run(&quick_config("det-a", &extra)).unwrap();
-    let b = trainer::train::run(&quick_config("det-b", &extra)).unwrap();
+    let ((cfg_a, _a), (cfg_b, _b)) = (quick_config("det-a", &extra), quick_config("det-b", &extra));
+    let a = trainer::train::train(&cfg_a).unwrap();
+    let b = trainer::train::train(&cfg_b).unwrap();
     assert_eq!(a.losses.len(), 20);
     assert_eq!(a.losses, b.losses, "bitwise identical losses");
     assert_eq!(a.final_valid_nelbo, b.final_valid_nelbo);
-    let c = trainer::train::run(&quick_config("det-c", &[&extra[..], &["train.seed=2"]].concat())).unwrap();
+    let (cfg_c, _c) = quick_config("det-c", &[&extra[..], &["train.seed=2"]].concat());
+    let c = trainer::train::train(&cfg_c).unwrap();
     assert_ne!(a.losses, c.losses, "another seed gives another run");
-    for dir in [a.run_dir, b.run_dir, c.run_dir] {
-        std::fs::remove_dir_all(dir.parent().unwrap()).unwrap();
-    }
 }

@@ -19,12 +19,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use launcher::local::mpirun_command;
 use mpi::collective::SystemOperation;
 use mpi::traits::CommunicatorCollectives;
 use tch::{Device, Kind, Tensor};
-use trainer::dist::{
-    all_reduce_bucketed, mpirun_command, Communicator, DistOptions, GradBuckets, MpiComm, Placement, ReduceOp,
-};
+use trainer::dist::{all_reduce_bucketed, Communicator, DistOptions, GradBuckets, MpiComm, Placement, ReduceOp};
 
 const BUCKET_BYTES: usize = 25 << 20;
 

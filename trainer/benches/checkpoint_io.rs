@@ -18,14 +18,16 @@ use anyhow::Result;
 use checkpoint::{AsyncSaver, CheckpointStore, SaveJob, Slice, WriteOptions};
 use tch::{nn, Device, Kind};
 use trainer::config::Config;
+use trainer::device::keep_freed_memory_for_reuse;
 use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
 use trainer::dist::SingleProcess;
 use trainer::model::Dit;
 use trainer::optim::Ema;
+use trainer::optimizer::Optimizer;
+use trainer::progress::Progress;
 use trainer::rng::NoiseRng;
 use trainer::state::TrainState;
-use trainer::train::{keep_freed_memory_for_reuse, named_parameters_in_name_order};
-use trainer::zero::Optimizer;
+use trainer::stateful::Params;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -48,13 +50,21 @@ fn main() -> Result<()> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Dit::new(&vs.root(), &cfg.model)?;
-    let (names, mut params) = named_parameters_in_name_order(&vs);
+    let params = Params::of(&vs);
     let objective = BlockDiffusion::new(&cfg.model, &cfg.diffusion)?;
-    let mut adamw = Optimizer::new(&params, &cfg.optim, false, 0, 1)?;
-    let mut ema = Ema::new(&params, cfg.optim.ema_decay);
+    let optimizer = Optimizer::new(&params.tensors, &cfg.optim, false, 0, 1)?;
+    let ema = Ema::new(&params.tensors, cfg.optim.ema_decay);
+    let data = dataloader::LoaderState { epoch: 0, consumed: 0, seed: 0 };
+    let clip = ClipInterval::FULL;
+    let (clip_beta, clip_omega) = (clip.beta, clip.omega);
+    let progress =
+        Progress { step: 0, tokens_seen: 0, optimizer_steps: 0, ema_updates: 0, clip_beta, clip_omega, data };
+    let mut state = TrainState { vs, params, optimizer, ema, progress };
     let (b, l) = (cfg.train.micro_batch, cfg.model.seq_len);
     let mut step_no = 0u64;
-    let mut train_steps = |n: usize, adamw: &mut Optimizer, ema: &mut Ema| -> Result<f64> {
+    let mut train_steps = |n: usize, state: &mut TrainState| -> Result<f64> {
+        let TrainState { params, optimizer, ema, .. } = state;
+        let params = &mut params.tensors;
         let started = Instant::now();
         for _ in 0..n {
             let mut data_rng = NoiseRng::new(0, 100, step_no, 0);
@@ -65,20 +75,17 @@ fn main() -> Result<()> {
                 p.zero_grad();
             }
             objective.token_losses(&model, &x0, &noise, true)?.mean(Kind::Float).backward();
-            adamw.step(&SingleProcess, &params, cfg.optim.lr, cfg.optim.grad_clip, 0)?;
-            ema.update(&params);
+            optimizer.step(&SingleProcess, params, cfg.optim.lr, cfg.optim.grad_clip, 0)?;
+            ema.update(params);
             step_no += 1;
         }
         Ok(started.elapsed().as_secs_f64() / n as f64)
     };
-    train_steps(1, &mut adamw, &mut ema)?; // warm-up: moments exist, allocations settled
-    let step_s = train_steps(steps, &mut adamw, &mut ema)?;
+    train_steps(1, &mut state)?; // warm-up: moments exist, allocations settled
+    let step_s = train_steps(steps, &mut state)?;
 
-    let snapshot = |adamw: &mut Optimizer, ema: &mut Ema| {
-        TrainState { vs: &vs, names: &names, optimizer: adamw, ema }.snapshot(0, 1)
-    };
     let started = Instant::now();
-    let tensors = snapshot(&mut adamw, &mut ema)?;
+    let (tensors, _) = state.snapshot(0, 1)?;
     let stall_s = started.elapsed().as_secs_f64();
     let bytes: usize = tensors.iter().map(|t| t.buffer.data.len()).sum();
     let gb = bytes as f64 / 1e9;
@@ -125,7 +132,7 @@ fn main() -> Result<()> {
     // Steps while an asynchronous save of step 2 uploads.
     let mut saver = AsyncSaver::new(store.clone());
     let started = Instant::now();
-    let tensors = snapshot(&mut adamw, &mut ema)?;
+    let (tensors, _) = state.snapshot(0, 1)?;
     let job = SaveJob {
         step: 2,
         rank: 0,
@@ -137,7 +144,7 @@ fn main() -> Result<()> {
     };
     saver.save(job)?;
     let blocked_s = started.elapsed().as_secs_f64();
-    let during_s = train_steps(steps, &mut adamw, &mut ema)?;
+    let during_s = train_steps(steps, &mut state)?;
     let waited = Instant::now();
     saver.wait()?;
     let tail_s = waited.elapsed().as_secs_f64();

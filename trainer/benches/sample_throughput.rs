@@ -31,7 +31,7 @@ fn main() -> Result<()> {
             .collect::<Result<_>>()?
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    trainer::train::keep_freed_memory_for_reuse(true);
+    trainer::device::keep_freed_memory_for_reuse(true);
     println!("threads: {}", tch::get_num_threads());
     println!("| config | tokens | L′ | KV cache | NFE | tokens/s | ratio |");
     println!("|---|---|---|---|---|---|---|");

@@ -14,11 +14,12 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{nn, Device, Kind};
 use trainer::config::Config;
+use trainer::device::keep_freed_memory_for_reuse;
 use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
 use trainer::model::{num_parameters, Dit};
 use trainer::optim::{clip_grad_norm, AdamW, Ema};
 use trainer::rng::NoiseRng;
-use trainer::train::{keep_freed_memory_for_reuse, parameters_in_name_order};
+use trainer::stateful::Params;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Variant {
@@ -81,7 +82,7 @@ fn measure(cfg: &Config, variant: Variant, steps: usize) -> Result<(i64, f64)> {
     tch::manual_seed(0);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = Dit::new(&vs.root(), &cfg.model)?;
-    let mut params = parameters_in_name_order(&vs);
+    let mut params = Params::of(&vs).tensors;
     let objective = BlockDiffusion::new(&cfg.model, &cfg.diffusion)?;
     let mut adamw = AdamW::new(&params, &cfg.optim);
     let mut ema = Ema::new(&params, cfg.optim.ema_decay);

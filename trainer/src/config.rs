@@ -1,13 +1,11 @@
 //! The run configuration: one tree of serde structs read from TOML, with `--set a.b=c`
 //! overrides. Unknown keys are errors that name the key; every section has defaults taken from
-//! the BD3-LM reference (§8), so a config file only states what differs.
+//! the paper's recipe (docs/algorithm.md §1.1, §4.2, §8), so a config file only states what differs.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-
-pub use crate::sample::{Algorithm, NucleusRule};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,11 +49,11 @@ impl Default for RunConfig {
 pub enum Arch {
     /// Block diffusion (BD3-LM; block_size = seq_len is MDLM).
     Bd3,
-    /// The autoregressive baseline: causal attention, no adaLN, next-token loss (§1.8).
+    /// The autoregressive baseline: causal attention, no adaLN, next-token loss (docs/algorithm.md §1.8).
     Ar,
 }
 
-/// The DiT backbone (§1.1). Defaults are the paper's `small` model on GPT-2's vocabulary.
+/// The DiT backbone (docs/algorithm.md §1.1). Defaults are the paper's `small` model on GPT-2's vocabulary.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -70,7 +68,7 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// Training context L.
     pub seq_len: usize,
-    /// Off for BD3-LM and MDLM (§1.3): the conditioning vector is then a learned constant.
+    /// Off for BD3-LM and MDLM (docs/algorithm.md §1.3): the conditioning vector is then a learned constant.
     pub time_conditioning: bool,
 }
 
@@ -102,7 +100,11 @@ impl ModelConfig {
     }
 }
 
-/// The block-diffusion objective (§2–§3).
+/// The lowest masking rate of the unclipped schedule t ∈ [1e-3, 1] (docs/algorithm.md §3.3): the default
+/// `diffusion.sampling_eps_min`, and the lower end of the interval likelihoods are reported on.
+pub const MIN_MASK_RATE: f64 = 1e-3;
+
+/// The block-diffusion objective (docs/algorithm.md §2–§3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiffusionConfig {
@@ -113,14 +115,14 @@ pub struct DiffusionConfig {
     pub sampling_eps_min: f64,
     /// ω: upper end of the masking-rate interval.
     pub sampling_eps_max: f64,
-    /// One stratified draw of t per (sequence, block) over the whole batch (§3.3).
+    /// One stratified draw of t per (sequence, block) over the whole batch (docs/algorithm.md §3.3).
     pub antithetic: bool,
-    /// Re-noise blocks whose masked fraction leaves [β, ω] (§3.4).
+    /// Re-noise blocks whose masked fraction leaves [β, ω] (docs/algorithm.md §3.4).
     pub resample: bool,
-    /// Keep the first token of every sequence clean (§3.5).
+    /// Keep the first token of every sequence clean (docs/algorithm.md §3.5).
     pub ignore_bos: bool,
     /// At every validation, pick the clip interval [β, ω] that minimizes the variance of the
-    /// per-block losses (§4.2) and train with it from then on.
+    /// per-block losses (docs/algorithm.md §4.2) and train with it from then on.
     pub clip_search: bool,
     pub clip_search_widths: Vec<f64>,
     pub clip_search_delta: f64,
@@ -133,7 +135,7 @@ impl Default for DiffusionConfig {
         Self {
             block_size: 16,
             mask_id: 50257,
-            sampling_eps_min: 1e-3,
+            sampling_eps_min: MIN_MASK_RATE,
             sampling_eps_max: 1.0,
             antithetic: true,
             resample: true,
@@ -165,7 +167,7 @@ impl Default for DataConfig {
     }
 }
 
-/// AdamW, LR schedule, clipping and EMA (§8).
+/// AdamW, LR schedule, clipping and EMA (docs/algorithm.md §8).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
@@ -206,7 +208,7 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     pub seed: u64,
     /// "auto" (CUDA when available), "cpu" or "cuda" / "cuda:N".
-    pub device: String,
+    pub device: DeviceSpec,
     /// bf16 autocast on CUDA (LayerNorm and the loss stay in fp32).
     pub bf16: bool,
     /// CPU threads for libtorch (0 = all cores).
@@ -227,7 +229,7 @@ impl Default for TrainConfig {
             micro_batch: 16,
             grad_accum: 1,
             seed: 1,
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
             bf16: true,
             threads: 0,
             log_every: 10,
@@ -238,7 +240,7 @@ impl Default for TrainConfig {
     }
 }
 
-/// Generation (§5); `bd3 sample` and the end-of-training sample read it.
+/// Generation (docs/algorithm.md §5); `bd3 sample` and the end-of-training sample read it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SampleConfig {
@@ -248,7 +250,7 @@ pub struct SampleConfig {
     pub steps: usize,
     /// Nucleus (top-p) mass; 1 disables the filter.
     pub nucleus_p: f64,
-    /// "standard" (keeps the token that crosses p) or "reference" (drops it, §5.4).
+    /// "standard" (keeps the token that crosses p) or "reference" (drops it, docs/algorithm.md §5.4).
     pub nucleus_rule: NucleusRule,
     pub temperature: f64,
     /// Cache the keys/values of committed blocks (off: recompute the window every call).
@@ -292,7 +294,7 @@ pub struct CheckpointConfig {
     /// Upload in a background thread while training goes on.
     pub async_save: bool,
     /// Resume from `"none"`, `"auto"` (the latest committed step that verifies) or a step number.
-    pub resume: String,
+    pub resume: ResumeFrom,
     /// A rank's state is split into safetensors files of at most this many MiB.
     pub max_file_mib: u64,
 }
@@ -305,7 +307,7 @@ impl Default for CheckpointConfig {
             keep_latest: 3,
             keep_every: 0,
             async_save: true,
-            resume: "none".into(),
+            resume: ResumeFrom::None,
             max_file_mib: 4096,
         }
     }
@@ -340,6 +342,109 @@ impl DistConfig {
 
     pub fn bucket_bytes(&self) -> usize {
         (self.bucket_mib * (1 << 20) as f64) as usize
+    }
+}
+
+/// The sampler's denoising rule (`sample.algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// One uniformly chosen masked position unmasked per network call (docs/algorithm.md §5.2).
+    FirstHitting,
+    /// T steps per block on t = 1, 1 − 1/T, …; each masked token is revealed with
+    /// probability 1 − s/t per step.
+    Ancestral,
+}
+
+/// Which tokens the nucleus (top-p) filter keeps (`sample.nucleus_rule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NucleusRule {
+    /// Standard top-p: the smallest set of most likely tokens whose mass reaches p.
+    Standard,
+    /// The reference's variant: tokens whose cumulative mass stays ≤ p, plus the top-1; the token
+    /// that crosses p is dropped (docs/algorithm.md §5.4).
+    Reference,
+}
+
+/// `train.device`: written `"auto"`, `"cpu"`, `"cuda"` or `"cuda:N"` in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    /// CUDA device 0 when one is available, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+
+    fn try_from(spec: String) -> Result<Self, String> {
+        let cuda = |index: &str| index.parse().map(DeviceSpec::Cuda).ok();
+        match spec.as_str() {
+            "auto" => Some(Self::Auto),
+            "cpu" => Some(Self::Cpu),
+            "cuda" => Some(Self::Cuda(0)),
+            other => other.strip_prefix("cuda:").and_then(cuda),
+        }
+        .ok_or_else(|| format!("expected \"auto\", \"cpu\" or \"cuda[:N]\", found {spec:?}"))
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(spec: DeviceSpec) -> String {
+        match spec {
+            DeviceSpec::Auto => "auto".into(),
+            DeviceSpec::Cpu => "cpu".into(),
+            DeviceSpec::Cuda(i) => format!("cuda:{i}"),
+        }
+    }
+}
+
+/// `checkpoint.resume`: `"none"`, `"auto"` or a step number (written as a string or a number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StepOrWord", into = "String")]
+pub enum ResumeFrom {
+    /// Start fresh; refused where committed checkpoints already exist.
+    None,
+    /// The latest committed step that verifies (half-written steps are cleaned first).
+    Auto,
+    Step(u64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StepOrWord {
+    Step(u64),
+    Word(String),
+}
+
+impl TryFrom<StepOrWord> for ResumeFrom {
+    type Error = String;
+
+    fn try_from(value: StepOrWord) -> Result<Self, String> {
+        match value {
+            StepOrWord::Step(step) => Ok(Self::Step(step)),
+            StepOrWord::Word(word) => match word.as_str() {
+                "none" => Ok(Self::None),
+                "auto" => Ok(Self::Auto),
+                _ => word
+                    .parse()
+                    .map(Self::Step)
+                    .map_err(|_| format!("expected \"none\", \"auto\" or a step number, found {word:?}")),
+            },
+        }
+    }
+}
+
+impl From<ResumeFrom> for String {
+    fn from(resume: ResumeFrom) -> String {
+        match resume {
+            ResumeFrom::None => "none".into(),
+            ResumeFrom::Auto => "auto".into(),
+            ResumeFrom::Step(step) => step.to_string(),
+        }
     }
 }
 
@@ -404,7 +509,7 @@ impl Config {
             m.vocab_size
         );
         // The σ-map exists so that the reference's checkpoints load, but BD3-LM and MDLM train
-        // with σ ≡ 0 (§1.3); feeding σ(t) is not wired through the objective and sampler.
+        // with σ ≡ 0 (docs/algorithm.md §1.3); feeding σ(t) is not wired through the objective and sampler.
         ensure!(
             !m.time_conditioning,
             "model.time_conditioning = true is not supported: BD3-LM and MDLM use a constant conditioning vector (σ ≡ 0)"
@@ -439,17 +544,9 @@ impl Config {
         let c = &self.checkpoint;
         ensure!(c.keep_latest >= 2, "checkpoint.keep_latest ({}) must be at least 2", c.keep_latest);
         ensure!(c.max_file_mib > 0, "checkpoint.max_file_mib must be positive");
-        ensure!(
-            c.resume == "none" || c.resume == "auto" || c.resume.parse::<u64>().is_ok(),
-            "checkpoint.resume ({:?}) must be \"none\", \"auto\" or a step number",
-            c.resume
-        );
         let d = &self.dist;
         ensure!(d.timeout_s > 0.0 && d.timeout_s.is_finite(), "dist.timeout_s ({}) must be positive", d.timeout_s);
         ensure!(d.bucket_mib > 0.0 && d.bucket_mib.is_finite(), "dist.bucket_mib ({}) must be positive", d.bucket_mib);
-        if !(t.device == "auto" || t.device == "cpu" || t.device.starts_with("cuda")) {
-            bail!("train.device ({:?}) must be \"auto\", \"cpu\" or \"cuda[:N]\"", t.device);
-        }
         Ok(())
     }
 }
@@ -520,5 +617,20 @@ mod tests {
         let err = Config::from_toml_str("[model]\nheads = 5\n", &[]).unwrap_err();
         assert!(err.to_string().contains("model.heads"), "{err}");
         assert!(Config::from_toml_str("", &["optim.lr".into()]).is_err());
+        let err = Config::from_toml_str("", &["train.device=\"gpu\"".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("train.device"), "{err:#}");
+        let err = Config::from_toml_str("", &["checkpoint.resume=\"latest\"".into()]).unwrap_err();
+        assert!(format!("{err:#}").contains("checkpoint.resume"), "{err:#}");
+    }
+
+    #[test]
+    fn device_and_resume_parse_once_and_round_trip() {
+        let sets = ["train.device=\"cuda:1\"".to_string(), "checkpoint.resume=7".into()];
+        let c = Config::from_toml_str("", &sets).unwrap();
+        assert_eq!((c.train.device, c.checkpoint.resume), (DeviceSpec::Cuda(1), ResumeFrom::Step(7)));
+        assert_eq!(Config::from_toml_str(&c.to_toml().unwrap(), &[]).unwrap(), c);
+        let c = Config::from_toml_str("", &["checkpoint.resume=\"auto\"".into(), "train.device=\"cuda\"".into()]);
+        let c = c.unwrap();
+        assert_eq!((c.train.device, c.checkpoint.resume), (DeviceSpec::Cuda(0), ResumeFrom::Auto));
     }
 }

@@ -1,4 +1,4 @@
-//! The block-diffusion objective (§2–§3 of the reference).
+//! The block-diffusion objective (docs/algorithm.md §2–§3).
 //!
 //! For a clean batch x_0: draw one masking rate t per (sequence, block) — stratified over the
 //! whole batch × blocks and mapped into the clip interval [β, ω] —, mask each token of block b
@@ -7,24 +7,24 @@
 //! parameterisation: ℓ_i = −(1/t_b)·log p_θ(x_0,i | x_t, x_<b) at masked positions, 0 elsewhere,
 //! averaged over all tokens.
 //!
-//! Beside the vectorized pass sit the two references it must equal: the naive two-pass
-//! Algorithm 1 ([`BlockDiffusion::token_losses_naive`]) and, for L′ = L, MDLM's single pass.
+//! The references it must equal live in the `reference` module: the naive two-pass Algorithm 1 and
+//! the full SUBS log-probabilities; for L′ = L it equals MDLM's single pass.
 
 use anyhow::{bail, ensure, Result};
 use kernels::BlockLayout;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DiffusionConfig, ModelConfig};
+use crate::config::{DiffusionConfig, ModelConfig, MIN_MASK_RATE};
 use crate::model::Dit;
 use crate::rng::NoiseRng;
 
-/// The logit added to `[MASK]` so that its probability is exactly zero (§3.6).
-const NEG_INF_LOGIT: f64 = -1e6;
+/// The logit added to `[MASK]` so that its probability is exactly zero (docs/algorithm.md §3.6).
+pub(crate) const NEG_INF_LOGIT: f64 = -1e6;
 /// Re-draws allowed per block before resampling gives up (an admissible fraction exists, so
 /// this only trips on intervals that admit a vanishingly unlikely count).
 const MAX_RESAMPLES: usize = 100_000;
 
-/// The interval [β, ω] of masking rates t is drawn from (the clipped schedule, §3.4, §4).
+/// The interval [β, ω] of masking rates t is drawn from (the clipped schedule, docs/algorithm.md §3.4, §4).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClipInterval {
     pub beta: f64,
@@ -33,7 +33,7 @@ pub struct ClipInterval {
 
 impl ClipInterval {
     /// The unclipped linear schedule, the one likelihoods are reported on.
-    pub const FULL: ClipInterval = ClipInterval { beta: 1e-3, omega: 1.0 };
+    pub const FULL: ClipInterval = ClipInterval { beta: MIN_MASK_RATE, omega: 1.0 };
 
     /// Which bounds resampling enforces: the lower one only when β is above the default 1e-3,
     /// the upper one only when ω is below 1 (as the reference does).
@@ -96,7 +96,7 @@ pub fn tokens_tensor(tokens: &[u32], batch: usize, len: usize, device: Device) -
 }
 
 /// `n` uniforms in [0, 1). Antithetic (low-discrepancy) draws put exactly one value in each of
-/// the `n` strata [i/n, (i+1)/n), i being the row-major index over (sequence, block) (§3.3).
+/// the `n` strata [i/n, (i+1)/n), i being the row-major index over (sequence, block) (docs/algorithm.md §3.3).
 pub fn stratified_uniform(rng: &mut NoiseRng, n: usize, antithetic: bool) -> Vec<f64> {
     (0..n)
         .map(|i| {
@@ -179,7 +179,7 @@ impl BlockDiffusion {
         Ok(Noise { batch, seq_len: n, block_size: bs, t, xt })
     }
 
-    /// The training loss: the mean of [`Self::token_losses`] over all tokens (§3.7).
+    /// The training loss: the mean of [`Self::token_losses`] over all tokens (docs/algorithm.md §3.7).
     pub fn loss(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
         Ok(self.token_losses(model, x0, noise, train)?.mean(Kind::Float))
     }
@@ -195,25 +195,10 @@ impl BlockDiffusion {
         }
     }
 
-    /// The vectorized pass over x_t ⊕ x_0 with the three-part mask (§2.1–2.4).
+    /// The vectorized pass over x_t ⊕ x_0 with the three-part mask (docs/algorithm.md §2.1–2.4).
     pub fn token_losses_two_stream(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
         let input = Tensor::cat(&[&noise.xt_tensor(x0.device()), x0], 1);
         self.masked_terms(model, &input, &BlockLayout::two_stream(self.seq_len, self.block_size)?, x0, noise, train)
-    }
-
-    /// The same pass with logits at every x_t position, as the reference computes them: the
-    /// baseline the masked-position path is measured and tested against.
-    pub fn token_losses_two_stream_dense(
-        &self,
-        model: &Dit,
-        x0: &Tensor,
-        noise: &Noise,
-        train: bool,
-    ) -> Result<Tensor> {
-        let xt = noise.xt_tensor(x0.device());
-        let layout = BlockLayout::two_stream(self.seq_len, self.block_size)?;
-        let logits = model.logits(&Tensor::cat(&[&xt, x0], 1), &layout, self.seq_len, train)?;
-        Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
     }
 
     /// MDLM: one bidirectional pass over x_t alone.
@@ -256,27 +241,10 @@ impl BlockDiffusion {
         Ok(terms.reshape([batch as i64, n as i64]))
     }
 
-    /// Algorithm 1 as written: a clean block-causal pass produces every layer's keys/values,
-    /// then each noisy block attends to its own tokens plus the clean keys/values of earlier
-    /// blocks. The slow, obvious reference for the vectorized pass.
-    pub fn token_losses_naive(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
-        let xt = noise.xt_tensor(x0.device());
-        let clean = model.clean_kv(x0, self.block_size, train)?;
-        let bs = self.block_size as i64;
-        let logits: Vec<Tensor> = (0..noise.num_blocks() as i64)
-            .map(|b| {
-                let prefix: Vec<_> = clean.iter().map(|l| l.narrow(0, b * bs)).collect();
-                model.logits_with_prefix(&xt.narrow(1, b * bs, bs), &prefix, train)
-            })
-            .collect::<Result<_>>()?;
-        let logits = Tensor::cat(&logits, 1);
-        Ok(self.nelbo_terms(&logits, x0, &xt, &noise.t_per_token(x0.device())))
-    }
-
     /// −(1/t)·log p(x_0 | …) under SUBS from full logits `[batch, len, vocab]`, gathering the
     /// target's log-probability instead of materializing the carry-over rows: at unmasked
     /// positions SUBS gives x_t = x_0 log-probability 0, so the term is 0 there.
-    fn nelbo_terms(&self, logits: &Tensor, x0: &Tensor, xt: &Tensor, t: &Tensor) -> Tensor {
+    pub(crate) fn nelbo_terms(&self, logits: &Tensor, x0: &Tensor, xt: &Tensor, t: &Tensor) -> Tensor {
         let log_probs = mask_logit_removed(logits, self.mask_id).log_softmax(-1, Kind::Float);
         let target = log_probs.gather(2, &x0.unsqueeze(2), false).squeeze_dim(2);
         let masked = xt.eq(self.mask_id as i64).to_kind(Kind::Float);
@@ -292,18 +260,7 @@ pub fn mask_logit_removed(logits: &Tensor, mask_id: u32) -> Tensor {
     logits.to_kind(Kind::Float) + bias
 }
 
-/// The SUBS parameterisation (§3.6): log-probabilities `[batch, len, vocab]` with zero mass on
-/// `[MASK]`, and "carry-over" rows (log-probability 0 on x_t, −1e6 elsewhere) wherever x_t is
-/// not masked.
-pub fn subs_log_probs(logits: &Tensor, xt: &Tensor, mask_id: u32) -> Tensor {
-    let vocab = *logits.size().last().expect("logits have a vocabulary axis");
-    let log_probs = mask_logit_removed(logits, mask_id).log_softmax(-1, Kind::Float);
-    let carry = (xt.one_hot(vocab).to_kind(Kind::Float) - 1.0) * -NEG_INF_LOGIT;
-    let unmasked = xt.ne(mask_id as i64).unsqueeze(2);
-    log_probs.where_self(&unmasked.logical_not(), &carry)
-}
-
-/// Next-token losses `[batch, len − 1]` of the AR model (§1.8): input x[:, :-1], targets
+/// Next-token losses `[batch, len − 1]` of the AR model (docs/algorithm.md §1.8): input x[:, :-1], targets
 /// x[:, 1:], the mask token's logit removed.
 pub fn ar_token_losses(model: &Dit, x0: &Tensor, mask_id: u32, train: bool) -> Result<Tensor> {
     let (_, len) = x0.size2()?;
@@ -382,7 +339,7 @@ mod tests {
         let logits = Tensor::randn([b, l, v], (Kind::Float, Device::Cpu)) * 3.0;
         let xt = Tensor::from_slice(&[5i64, 99, 7, 99, 99, 1, 99, 3, 99, 4, 2, 99]).reshape([b, l]);
         let x0 = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 1, 0, 3, 11, 4, 2, 12]).reshape([b, l]);
-        let lp = subs_log_probs(&logits, &xt, 99);
+        let lp = crate::reference::subs_log_probs(&logits, &xt, 99);
         let mask_prob = lp.select(2, 99).exp();
         assert_eq!(mask_prob.abs().max().double_value(&[]), 0.0, "[MASK] has probability 0");
         let at_input = lp.gather(2, &xt.clamp_max(v - 1).unsqueeze(2), false).squeeze_dim(2);

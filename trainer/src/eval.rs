@@ -1,12 +1,12 @@
-//! Evaluation: the NELBO perplexity bound (§6.1) and the data-driven clip search (§4.2).
+//! Evaluation: the NELBO perplexity bound (docs/algorithm.md §6.1) and the data-driven clip search (§4.2).
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use crate::diffusion::{BlockDiffusion, ClipInterval};
 use crate::model::Dit;
+use crate::objective::Objective;
 use crate::rng::{stream, NoiseRng};
-use crate::train::Objective;
 
 /// Token-weighted negative log-likelihood bound over a split.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -52,7 +52,7 @@ impl EvalBatches {
     }
 }
 
-/// NELBO (§6.1): one Monte-Carlo draw per sequence with t ∈ [1e-3, 1] per block (antithetic),
+/// NELBO (docs/algorithm.md §6.1): one Monte-Carlo draw per sequence with t ∈ [1e-3, 1] per block (antithetic),
 /// the first token neither masked nor counted, token-weighted over the split. The AR model's
 /// exact NLL of tokens 1..L. The noise of batch i is drawn from (seed, i), so the number is
 /// reproducible and comparable between evaluations.
@@ -79,7 +79,7 @@ pub fn nelbo(
     Ok(NelboReport { nll: total / tokens.max(1) as f64, tokens })
 }
 
-/// The clip intervals searched (§4.2): (1e-3, 1) plus, for every width w and start
+/// The clip intervals searched (docs/algorithm.md §4.2): (1e-3, 1) plus, for every width w and start
 /// s = 0, δ, 2δ, … with s + w ≤ 1, the interval (max(s, 1e-3), s + w). For L′ = 1 only linear
 /// (1e-3, 1) against full masking (1, 1).
 pub fn clip_candidates(block_size: usize, widths: &[f64], delta: f64) -> Vec<ClipInterval> {
@@ -163,7 +163,7 @@ pub fn clip_search(
     Ok(search)
 }
 
-/// Generation quality of a set of samples (§6.3–6.5).
+/// Generation quality of a set of samples (docs/algorithm.md §6.3–6.5).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GenReport {
     /// exp(mean NLL) of each sample under the judge.
@@ -205,7 +205,7 @@ pub fn judge_nll(judge: &Dit, tokens: &[u32], window: usize, eos: u32, mask_id: 
     Ok((total, count))
 }
 
-/// Scores samples with an AR judge (§6.3), and reports entropy (§6.4) and lengths (§6.5).
+/// Scores samples with an AR judge (docs/algorithm.md §6.3), and reports entropy (§6.4) and lengths (§6.5).
 pub fn generation_report(
     judge: &Dit,
     samples: &[Vec<u32>],

@@ -1,4 +1,4 @@
-//! The DiT backbone of BD3-LM (§1.3–1.7 of the reference) and its AR variant (§1.8).
+//! The DiT backbone of BD3-LM (docs/algorithm.md §1.3–1.7) and its AR variant (§1.8).
 //!
 //! Parameter names follow the reference's state dict (`backbone.blocks.0.attn_qkv.weight`, …) so
 //! released weights load without renaming. The model knows nothing about masks: it asks
@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 use kernels::{block_diffusion_attention, BlockLayout};
 use tch::{nn, Kind, Tensor};
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Arch, ModelConfig, MIN_MASK_RATE};
 
 /// Size of the sinusoidal σ features fed to the σ-map (128 frequencies, cos then sin).
 const SIGMA_FREQ_DIM: i64 = 256;
@@ -31,7 +31,7 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// Zero weight and bias: adaLN modulations and the output layer start at zero (§1.6).
+    /// Zero weight and bias: adaLN modulations and the output layer start at zero (docs/algorithm.md §1.6).
     fn zeros(p: nn::Path, fan_in: i64, fan_out: i64) -> Self {
         Self { weight: p.zeros("weight", &[fan_out, fan_in]), bias: Some(p.zeros("bias", &[fan_out])) }
     }
@@ -41,7 +41,7 @@ impl Linear {
     }
 }
 
-/// Bias-free LayerNorm computed in fp32 (§1.3).
+/// Bias-free LayerNorm computed in fp32 (docs/algorithm.md §1.3).
 fn layer_norm(x: &Tensor, weight: &Tensor) -> Tensor {
     let d = *x.size().last().expect("non-scalar input");
     x.to_kind(Kind::Float).layer_norm([d], None::<Tensor>, None::<Tensor>, LN_EPS, false) * weight
@@ -186,7 +186,7 @@ impl Dit {
             let mut eps_min = root.zeros_no_train("sampling_eps_min", &[]);
             let mut eps_max = root.zeros_no_train("sampling_eps_max", &[]);
             tch::no_grad(|| {
-                let _ = eps_min.fill_(1e-3);
+                let _ = eps_min.fill_(MIN_MASK_RATE);
                 let _ = eps_max.fill_(1.0);
             });
         }
@@ -198,7 +198,7 @@ impl Dit {
     }
 
     /// Logits `[batch, keep, vocab]` of the first `keep` positions of `tokens` `[batch, len]`
-    /// (in the two-stream layout only the x_t half's predictions are used, §2.4).
+    /// (in the two-stream layout only the x_t half's predictions are used, docs/algorithm.md §2.4).
     pub fn logits(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool) -> Result<Tensor> {
         let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
         Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), trunk.cond.as_ref(), None))
@@ -314,7 +314,7 @@ impl Dit {
         let device = tokens.device();
 
         let mut x = self.vocab_embed.index_select(0, &tokens.reshape([-1])).reshape([b, s, d]);
-        // Time conditioning is off for BD3-LM: σ ≡ 0 makes c a learned constant (§1.3).
+        // Time conditioning is off for BD3-LM: σ ≡ 0 makes c a learned constant (docs/algorithm.md §1.3).
         let c = self.sigma_map.as_ref().map(|m| m.forward(&Tensor::zeros([b], (Kind::Float, device))).silu());
 
         let positions = Tensor::from_slice(&layout.query_positions()).to_device(device);
@@ -379,7 +379,7 @@ impl Dit {
         }
     }
 
-    /// cos/sin tables `[1, len, 1, head_dim]` on [θ, θ] (rotate-half convention, §1.4). The
+    /// cos/sin tables `[1, len, 1, head_dim]` on [θ, θ] (rotate-half convention, docs/algorithm.md §1.4). The
     /// angles are formed in fp64: the KV-cache sampler keeps absolute positions, which grow past
     /// the point where an fp32 angle loses the precision of a rebased one.
     fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {

@@ -1,11 +1,14 @@
-//! AdamW, the learning-rate schedule, gradient-norm clipping and the EMA of the weights (§8).
+//! AdamW, the learning-rate schedule, gradient-norm clipping and the EMA of the weights (docs/algorithm.md §8).
 //!
 //! Written out over plain tensors rather than libtorch's C++ optimizer so that the state
 //! (moments, step) is explicit: it can be checkpointed, and later sharded across ranks.
 
+use anyhow::Result;
+use checkpoint::LocalTensor;
 use tch::{Kind, Tensor};
 
 use crate::config::OptimConfig;
+use crate::stateful::{replicated_parts, Params, Stateful, Stored};
 
 /// Linear warm-up to the base rate over `warmup` steps, then constant
 /// (`get_constant_schedule_with_warmup`). Step `s` (0-based) uses base·min(1, (s+1)/warmup):
@@ -97,17 +100,21 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     }
     let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
     let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().double_value(&[]);
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            tch::no_grad(|| {
-                for g in &grads {
-                    let _ = g.shallow_clone().g_mul_scalar_(coef);
-                }
-            });
-        }
+    if let Some(coef) = clip_coefficient(norm, max_norm) {
+        tch::no_grad(|| {
+            for g in &grads {
+                let _ = g.shallow_clone().g_mul_scalar_(coef);
+            }
+        });
     }
     norm
+}
+
+/// The factor that scales gradients of global norm `norm` down to `max_norm` (0: no clipping),
+/// or `None` when they are within it (`torch.nn.utils.clip_grad_norm_`'s rule).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> Option<f64> {
+    let coef = max_norm / (norm + 1e-6);
+    (max_norm > 0.0 && coef < 1.0).then_some(coef)
 }
 
 /// Exponential moving average of the weights with warm-up: after the n-th update
@@ -136,6 +143,21 @@ impl Ema {
         });
     }
 
+    /// Runs `f` with the EMA weights in `params` (evaluation and sampling use them, as the
+    /// reference does), then puts the live weights back; without an EMA (decay 0), with the live
+    /// weights.
+    pub fn swapped_in<T>(&mut self, params: &[Tensor], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let use_ema = self.decay > 0.0;
+        if use_ema {
+            self.swap(params);
+        }
+        let result = f();
+        if use_ema {
+            self.swap(params);
+        }
+        result
+    }
+
     /// Swaps the EMA weights into `params` (and the live weights into the shadow); calling it
     /// twice restores the original state. Evaluation and sampling run between two swaps.
     pub fn swap(&mut self, params: &[Tensor]) {
@@ -146,6 +168,32 @@ impl Ema {
                 s.copy_(&live);
             }
         });
+    }
+}
+
+/// The EMA weights are saved as `ema.<name>`, split across the ranks like the weights.
+impl Stateful for Ema {
+    fn save_tensors(&self, params: &Params, rank: usize, world: usize) -> Result<Vec<LocalTensor>> {
+        let named = params.names.iter().zip(&self.shadow).map(|(n, s)| (format!("ema.{n}"), s.shallow_clone()));
+        replicated_parts(named.collect(), rank, world)
+    }
+
+    /// A checkpoint without EMA weights (none written by bd3 lacks them) starts the EMA from the
+    /// loaded weights: load the model first.
+    fn load(&mut self, params: &Params, from: &Stored<'_>) -> Result<()> {
+        if let Some(progress) = from.progress()? {
+            self.updates = progress.ema_updates;
+        }
+        let mut present = vec![];
+        for (i, name) in params.names.iter().enumerate() {
+            let key = format!("ema.{name}");
+            if from.has(&key) {
+                present.push((key, self.shadow[i].shallow_clone()));
+            } else {
+                tch::no_grad(|| self.shadow[i].copy_(&params.tensors[i].detach()));
+            }
+        }
+        from.load_whole(&present)
     }
 }
 

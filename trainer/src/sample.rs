@@ -1,4 +1,4 @@
-//! Generation (§5 of the reference): block by block for BD3-LM, token by token for the AR model.
+//! Generation (docs/algorithm.md §5): block by block for BD3-LM, token by token for the AR model.
 //!
 //! A BD3-LM sequence starts with BOS; each block is appended as L′ `[MASK]` tokens, denoised, then
 //! committed. The denoiser sees a window of at most `seq_len` tokens ending at the current block.
@@ -18,39 +18,21 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use kernels::BlockLayout;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+pub use crate::config::{Algorithm, NucleusRule};
 use crate::config::{Arch, Config};
 use crate::model::{Dit, Heads, LayerKv, VocabProjection};
 use crate::rng::{stream, NoiseRng};
 
-/// GPT-2's `<|endoftext|>`: BOS and EOS.
-pub const BOS_ID: u32 = 50256;
-pub const EOS_ID: u32 = 50256;
-/// The entropy rule (§5.7): stop when the unigram entropy of the last 256 tokens is below 4 nats.
+/// GPT-2's `<|endoftext|>` starts every generated sequence and ends a variable-length one (the
+/// data loader's one definition of it).
+pub use dataloader::tokenizer::EOS_ID;
+pub const BOS_ID: u32 = EOS_ID;
+/// The entropy rule (docs/algorithm.md §5.7): stop when the unigram entropy of the last 256 tokens is below 4 nats.
 pub const ENTROPY_WINDOW: usize = 256;
 pub const ENTROPY_MIN_NATS: f64 = 4.0;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    /// One uniformly chosen masked position unmasked per network call (§5.2).
-    FirstHitting,
-    /// T steps per block on t = 1, 1 − 1/T, …; each masked token is revealed with
-    /// probability 1 − s/t per step.
-    Ancestral,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NucleusRule {
-    /// Standard top-p: the smallest set of most likely tokens whose mass reaches p.
-    Standard,
-    /// The reference's variant: tokens whose cumulative mass stays ≤ p, plus the top-1; the token
-    /// that crosses p is dropped (§5.4).
-    Reference,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -452,7 +434,7 @@ fn finish(
     Generation { samples, nfe, unmasked_per_call, seconds: 0.0 }
 }
 
-/// Variable-length stopping (§5.7) on a row that starts with BOS: the first generated EOS ends it
+/// Variable-length stopping (docs/algorithm.md §5.7) on a row that starts with BOS: the first generated EOS ends it
 /// (kept), or a last-256-token unigram entropy under 4 nats (those 256 tokens are dropped).
 /// Returns the reason and the length to keep.
 pub fn stop_check(row: &[u32], var_length: bool) -> Option<(StopReason, usize)> {
@@ -468,7 +450,7 @@ pub fn stop_check(row: &[u32], var_length: bool) -> Option<(StopReason, usize)> 
     None
 }
 
-/// Entropy in nats of the token-id histogram (§6.4).
+/// Entropy in nats of the token-id histogram (docs/algorithm.md §6.4).
 pub fn unigram_entropy(tokens: &[u32]) -> f64 {
     let mut counts = std::collections::HashMap::new();
     for &t in tokens {

@@ -19,14 +19,14 @@
 
 use std::ops::Range;
 
-use anyhow::{ensure, Context, Result};
-use checkpoint::{CheckpointStore, LocalTensor, Manifest, Slice};
+use anyhow::{ensure, Result};
+use checkpoint::{LocalTensor, Slice};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::OptimConfig;
 use crate::dist::{Communicator, GradBuckets, ReduceOp};
-use crate::optim::{clip_grad_norm, AdamW};
-use crate::state::{kind_of, to_buffer};
+use crate::optim::{clip_coefficient, AdamW};
+use crate::stateful::{kind_of, to_buffer, Params, Stateful, Stored};
 
 /// Where every parameter lies in the flat buffer, and which part of it this rank owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,11 +130,8 @@ impl ZeroAdamW {
         let square = Tensor::from_slice(&[grad.square().sum(Kind::Double).double_value(&[])]);
         comm.all_reduce(&square, ReduceOp::Sum)?;
         let norm = square.double_value(&[0]).sqrt();
-        if max_norm > 0.0 {
-            let coef = max_norm / (norm + 1e-6);
-            if coef < 1.0 {
-                let _ = grad.shallow_clone().g_mul_scalar_(coef);
-            }
+        if let Some(coef) = clip_coefficient(norm, max_norm) {
+            let _ = grad.shallow_clone().g_mul_scalar_(coef);
         }
 
         // 3. AdamW on the shard, over runs of consecutive pieces whose parameter has a gradient.
@@ -178,9 +175,18 @@ impl ZeroAdamW {
         Ok(norm)
     }
 
+    fn moments(&self) -> [(&'static str, &Tensor); 2] {
+        [("optim.exp_avg", &self.adam.exp_avg[0]), ("optim.exp_avg_sq", &self.adam.exp_avg_sq[0])]
+    }
+}
+
+/// Checkpoints hold the global moment tensors: this rank writes and reads the boxes its shard
+/// covers (see the module docs); the step count is in the manifest's progress.
+impl Stateful for ZeroAdamW {
     /// The boxes of the global moment tensors `optim.exp_avg.<name>` and `optim.exp_avg_sq.<name>`
     /// that this rank's shard holds, as checkpoint parts.
-    pub fn moment_parts(&self, names: &[String]) -> Result<Vec<LocalTensor>> {
+    fn save_tensors(&self, params: &Params, _rank: usize, _world: usize) -> Result<Vec<LocalTensor>> {
+        let names = &params.names;
         let mut out = vec![];
         for piece in &self.layout.pieces {
             let shape = &self.layout.shapes[piece.param];
@@ -204,14 +210,18 @@ impl ZeroAdamW {
 
     /// Loads this rank's shard of the moments from a checkpoint's global moment tensors (written
     /// by any number of ranks, with or without ZeRO). Moments the checkpoint lacks stay zero.
-    pub fn load_moments(&mut self, store: &CheckpointStore, manifest: &Manifest, names: &[String]) -> Result<()> {
+    fn load(&mut self, params: &Params, from: &Stored<'_>) -> Result<()> {
+        let names = &params.names;
+        if let Some(progress) = from.progress()? {
+            self.adam.step = progress.optimizer_steps;
+        }
         let mut requests = vec![];
         let mut targets = vec![];
         for piece in &self.layout.pieces {
             let shape = &self.layout.shapes[piece.param];
             for (prefix, moment) in self.moments() {
                 let name = format!("{prefix}.{}", names[piece.param]);
-                if !manifest.tensors.contains_key(&name) {
+                if !from.has(&name) {
                     continue;
                 }
                 // The whole rows that cover the range: one box, whatever the writers held.
@@ -220,7 +230,7 @@ impl ZeroAdamW {
                 targets.push((moment.narrow(0, piece.at as i64, piece.elems.len() as i64), skip));
             }
         }
-        let buffers = store.read_many(manifest, &requests)?;
+        let buffers = from.store.read_many(from.manifest, &requests)?;
         for ((target, skip), buffer) in targets.iter().zip(&buffers) {
             let numel = buffer.numel() as i64;
             let src = Tensor::from_data_size(&buffer.data, &[numel], kind_of(buffer.dtype))
@@ -230,10 +240,6 @@ impl ZeroAdamW {
             tch::no_grad(|| target.shallow_clone().copy_(&src));
         }
         Ok(())
-    }
-
-    fn moments(&self) -> [(&'static str, &Tensor); 2] {
-        [("optim.exp_avg", &self.adam.exp_avg[0]), ("optim.exp_avg_sq", &self.adam.exp_avg_sq[0])]
     }
 }
 
@@ -249,75 +255,11 @@ fn covering_rows(shape: &[usize], elems: &Range<usize>) -> (Slice, usize) {
     (rows, elems.start - first * inner)
 }
 
-/// The optimizer of a run: AdamW replicated on every rank after an all-reduce of the gradients,
-/// or sharded across the ranks (`dist.zero`).
-pub enum Optimizer {
-    Replicated(Replicated),
-    Zero(ZeroAdamW),
-}
-
-/// AdamW on every rank, after averaging the gradients in place in their buckets.
-pub struct Replicated {
-    pub adam: AdamW,
-    /// Created at the first step of a multi-rank run, when the gradients exist.
-    buckets: Option<GradBuckets>,
-}
-
-impl Optimizer {
-    pub fn new(params: &[Tensor], cfg: &OptimConfig, zero: bool, rank: usize, world: usize) -> Result<Self> {
-        Ok(if zero {
-            Self::Zero(ZeroAdamW::new(params, cfg, rank, world).context("dist.zero")?)
-        } else {
-            Self::Replicated(Replicated { adam: AdamW::new(params, cfg), buckets: None })
-        })
-    }
-
-    /// The hyper-parameters, the step count and the moments this rank holds.
-    pub fn adam(&self) -> &AdamW {
-        match self {
-            Self::Replicated(r) => &r.adam,
-            Self::Zero(z) => &z.adam,
-        }
-    }
-
-    pub fn adam_mut(&mut self) -> &mut AdamW {
-        match self {
-            Self::Replicated(r) => &mut r.adam,
-            Self::Zero(z) => &mut z.adam,
-        }
-    }
-
-    /// Averages the gradients over the ranks (gradient buckets of `bucket_bytes` when
-    /// replicated), clips them to the global norm `max_norm` and takes one AdamW step at rate
-    /// `lr`; returns the gradient norm before clipping.
-    pub fn step(
-        &mut self,
-        comm: &dyn Communicator,
-        params: &[Tensor],
-        lr: f64,
-        max_norm: f64,
-        bucket_bytes: usize,
-    ) -> Result<f64> {
-        match self {
-            Self::Replicated(Replicated { adam, buckets }) => {
-                if comm.world_size() > 1 {
-                    let buckets = buckets.get_or_insert_with(|| GradBuckets::new(params, bucket_bytes));
-                    buckets.adopt_gradients(params)?;
-                    buckets.all_reduce(comm, ReduceOp::Avg)?;
-                }
-                let norm = clip_grad_norm(params, max_norm);
-                adam.step(params, lr);
-                Ok(norm)
-            }
-            Self::Zero(zero) => zero.step(comm, params, lr, max_norm),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dist::SingleProcess;
+    use crate::optimizer::Optimizer;
 
     #[test]
     fn shards_tile_the_flat_buffer() {

@@ -1,17 +1,14 @@
 //! Multi-process tests with real Open MPI: `mpirun` starts the `dist-check` binary (src/bin) on 2
 //! or 3 ranks (oversubscribed on small machines) and the test checks what every rank reported.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use launcher::local::mpirun_command;
 use tch::Tensor;
-use trainer::dist::mpirun_command;
+use test_support::{repo_root, run_overrides, scratch_dir};
 
 const CHECK: &str = env!("CARGO_BIN_EXE_dist-check");
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
 
 fn output(mut cmd: Command) -> (Output, String, String) {
     let out = cmd.output().expect("starting mpirun (installed by scripts/setup.sh)");
@@ -55,28 +52,27 @@ fn a_peer_that_stops_makes_the_others_exit_with_an_error() {
 /// on the batch shape), no clip search (it would run on differently sized validation batches).
 fn train_args(run_dir: &Path, name: &str, micro_batch: usize) -> Vec<String> {
     let root = repo_root();
-    vec![
-        "train".into(),
-        root.join("configs/tiny.toml").display().to_string(),
-        format!("data.corpus={:?}", root.join("data/shakespeare").display().to_string()),
-        format!("run.dir={:?}", run_dir.display().to_string()),
-        format!("run.name={name:?}"),
-        "model.seq_len=64".into(),
-        "model.layers=2".into(),
-        "model.dropout=0.0".into(),
-        "diffusion.clip_search=false".into(),
-        format!("train.micro_batch={micro_batch}"),
-        "train.grad_accum=2".into(),
-        "train.steps=6".into(),
-        "train.log_every=1".into(),
-        "train.eval_every=0".into(),
-        "train.eval_batches=1".into(),
-        "train.sample_tokens=0".into(),
-        "train.threads=1".into(),
-        "optim.warmup_steps=2".into(),
-        "optim.lr=1e-3".into(),
-        "dist.bucket_mib=0.5".into(),
-    ]
+    vec!["train".into(), root.join("configs/tiny.toml").display().to_string()]
+        .into_iter()
+        .chain(run_overrides(run_dir, name))
+        .chain([
+            "model.seq_len=64".into(),
+            "model.layers=2".into(),
+            "model.dropout=0.0".into(),
+            "diffusion.clip_search=false".into(),
+            format!("train.micro_batch={micro_batch}"),
+            "train.grad_accum=2".into(),
+            "train.steps=6".into(),
+            "train.log_every=1".into(),
+            "train.eval_every=0".into(),
+            "train.eval_batches=1".into(),
+            "train.sample_tokens=0".into(),
+            "train.threads=1".into(),
+            "optim.warmup_steps=2".into(),
+            "optim.lr=1e-3".into(),
+            "dist.bucket_mib=0.5".into(),
+        ])
+        .collect()
 }
 
 /// The losses `rank` reported.
@@ -89,7 +85,8 @@ fn losses(stdout: &str, rank: usize) -> Vec<f64> {
 
 #[test]
 fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
-    let run_dir = std::env::temp_dir().join(format!("bd3-dist-{}", std::process::id()));
+    let scratch = scratch_dir("dist");
+    let run_dir = scratch.path().to_path_buf();
     // One plain process (no mpirun): micro-batch 4.
     let mut single = Command::new(CHECK);
     single.args(train_args(&run_dir, "one", 4));
@@ -128,7 +125,7 @@ fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
     assert_eq!(manifest.world_size, 2);
     assert!(manifest.files.values().any(|f| f.rank == 1), "{:?}", manifest.files);
     let exported = run_dir.join("two-export.safetensors");
-    trainer::state::export_weights(&store, &manifest, false, &exported).unwrap();
+    trainer::weights::export_weights(&store, &manifest, false, &exported).unwrap();
     let mut w3 = Tensor::read_safetensors(&exported).unwrap();
     w3.sort_by(|a, b| a.0.cmp(&b.0));
     for ((n2, t2), (n3, t3)) in w2.iter().zip(&w3) {
@@ -137,7 +134,6 @@ fn two_ranks_with_micro_batch_b_train_like_one_rank_with_2b() {
     }
     // And it did train.
     assert!(one[5] < one[0], "{one:?}");
-    std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
 /// The number `rank` printed after `key`.
@@ -184,8 +180,8 @@ fn copy_step_3(run_dir: &Path, from: &str, to: &str) {
 
 #[test]
 fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_world_sizes() {
-    let run_dir = std::env::temp_dir().join(format!("bd3-zero-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&run_dir);
+    let scratch = scratch_dir("zero");
+    let run_dir = scratch.path().to_path_buf();
     let run = |np: usize, name: &str, micro_batch: usize, extra: &[&str]| {
         let mut args = train_args(&run_dir, name, micro_batch);
         args.push("checkpoint.every=3".into());
@@ -239,7 +235,6 @@ fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_wor
         assert_losses_close(to, &resumed, &plain_losses[3..], 1e-5);
         assert_weights_close(to, &plain_weights, &weights, 1e-5);
     }
-    std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
 /// The rank (OMPI_COMM_WORLD_RANK) of process `pid`, from its environment.
@@ -261,7 +256,8 @@ fn alive(pid: i32) -> bool {
 
 #[test]
 fn one_of_3_ranks_killed_mid_training_ends_the_job_with_an_error_and_no_process_left() {
-    let run_dir = std::env::temp_dir().join(format!("bd3-dist-kill-{}", std::process::id()));
+    let scratch = scratch_dir("dist-kill");
+    let run_dir = scratch.path().to_path_buf();
     let (mut job, ranks) = start_endless_training(&run_dir, "kill", 3, &["dist.timeout_s=20"]);
     let victim = *ranks.iter().find(|&&pid| rank_of(pid) == Some(1)).expect("the process of rank 1");
     // SAFETY: kill only sends a signal to a process this test started.
@@ -291,7 +287,6 @@ fn one_of_3_ranks_killed_mid_training_ends_the_job_with_an_error_and_no_process_
         left.retain(|&pid| alive(pid));
     }
     assert!(left.is_empty(), "processes left behind: {left:?}\n{stderr}");
-    std::fs::remove_dir_all(&run_dir).unwrap();
 }
 
 /// Starts `np` ranks training for (nearly) ever, as run `name`, and waits until rank 0 has
@@ -327,7 +322,8 @@ fn children(pid: u32) -> Vec<i32> {
 
 #[test]
 fn sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
-    let run_dir = std::env::temp_dir().join(format!("bd3-dist-stop-{}", std::process::id()));
+    let scratch = scratch_dir("dist-stop");
+    let run_dir = scratch.path().to_path_buf();
     let (job, ranks) = start_endless_training(&run_dir, "stop", 2, &[]);
     // SAFETY: kill only sends a signal to a process this test started.
     assert_eq!(unsafe { libc::kill(ranks[1], libc::SIGTERM) }, 0);
@@ -339,5 +335,4 @@ fn sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     assert!(first.len() >= 2 && first.len() < 100_000, "stopped after {} steps", first.len());
     let store = checkpoint::CheckpointStore::open(&run_dir.join("stop/checkpoints").display().to_string()).unwrap();
     assert_eq!(store.committed_steps().unwrap().last(), Some(&(first.len() as u64)), "a checkpoint of the last step");
-    std::fs::remove_dir_all(&run_dir).unwrap();
 }

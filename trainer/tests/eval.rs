@@ -1,37 +1,23 @@
 //! `eval::nelbo` against the bound recomputed independently, and the clip search end to end.
 
+mod common;
+
 use tch::{nn, Device};
 use trainer::config::{Config, ModelConfig};
 use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
 use trainer::eval::{clip_candidates, clip_search, nelbo, EvalBatches};
 use trainer::model::Dit;
+use trainer::objective::Objective;
 use trainer::rng::{stream, NoiseRng};
-use trainer::train::Objective;
 
 const SEQ: usize = 16;
 
 fn setup(block_size: usize) -> (nn::VarStore, Dit, Config) {
     let mut cfg = Config::from_toml_str("", &[]).unwrap();
-    cfg.model = ModelConfig {
-        hidden: 32,
-        layers: 2,
-        heads: 2,
-        cond_dim: 16,
-        dropout: 0.0,
-        vocab_size: 50,
-        seq_len: SEQ,
-        ..cfg.model
-    };
+    cfg.model = common::tiny_model_config(ModelConfig { vocab_size: 50, ..cfg.model }, 2, SEQ);
     cfg.diffusion.mask_id = 49;
     cfg.diffusion.block_size = block_size;
-    tch::manual_seed(3);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Dit::new(&vs.root(), &cfg.model).unwrap();
-    tch::no_grad(|| {
-        for mut t in vs.trainable_variables() {
-            let _ = t.uniform_(-0.3, 0.3);
-        }
-    });
+    let (vs, model) = common::random_model(&cfg.model, 3, 0.3);
     (vs, model, cfg)
 }
 
@@ -112,23 +98,9 @@ fn brute_force_nll(judge: &Dit, tokens: &[u32], w: usize) -> (f64, usize) {
 #[test]
 fn generative_perplexity_scores_every_token_once_with_strided_windows() {
     let mut cfg = Config::from_toml_str("", &[]).unwrap();
-    cfg.model = ModelConfig {
-        arch: trainer::config::Arch::Ar,
-        hidden: 32,
-        layers: 2,
-        heads: 2,
-        dropout: 0.0,
-        seq_len: 8,
-        ..cfg.model
-    };
-    tch::manual_seed(4);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let judge = Dit::new(&vs.root(), &cfg.model).unwrap();
-    tch::no_grad(|| {
-        for mut t in vs.trainable_variables() {
-            let _ = t.uniform_(-0.3, 0.3);
-        }
-    });
+    let ar = ModelConfig { arch: trainer::config::Arch::Ar, ..cfg.model };
+    cfg.model = ModelConfig { cond_dim: ar.cond_dim, ..common::tiny_model_config(ar, 2, 8) };
+    let (_vs, judge) = common::random_model(&cfg.model, 4, 0.3);
     let mut rng = NoiseRng::new(2, 0, 0, 0);
     let mut sample = |n: usize| -> Vec<u32> {
         let mut s: Vec<u32> = (0..n).map(|_| rng.below(1000) as u32).collect();

@@ -1,5 +1,7 @@
-//! The vectorized block-diffusion objective against the references it must equal (§2–§3):
+//! The vectorized block-diffusion objective against the references it must equal (docs/algorithm.md §2–§3):
 //! the naive two-pass Algorithm 1, MDLM for L′ = L, next-token NLL for L′ = 1 with t ≡ 1.
+
+mod common;
 
 use kernels::BlockLayout;
 use tch::{nn, Device, Kind, Tensor};
@@ -14,32 +16,18 @@ const SEQ: usize = 16;
 const BATCH: usize = 2;
 
 fn tiny_config() -> ModelConfig {
-    ModelConfig {
+    let base = ModelConfig {
         arch: Arch::Bd3,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        cond_dim: 16,
         mlp_ratio: 4,
-        dropout: 0.0,
         vocab_size: VOCAB,
-        seq_len: SEQ,
         time_conditioning: false,
-    }
+        ..ModelConfig::small()
+    };
+    common::tiny_model_config(base, 4, SEQ)
 }
 
-/// A model whose zero-initialized parts (adaLN, output layer) are randomized too, so that every
-/// parameter shapes the loss.
 fn random_model(seed: i64) -> (nn::VarStore, Dit) {
-    tch::manual_seed(seed);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Dit::new(&vs.root(), &tiny_config()).unwrap();
-    tch::no_grad(|| {
-        for mut t in vs.trainable_variables() {
-            let _ = t.uniform_(-0.3, 0.3);
-        }
-    });
-    (vs, model)
+    common::random_model(&tiny_config(), seed, 0.3)
 }
 
 fn objective(block_size: usize) -> BlockDiffusion {
@@ -145,7 +133,7 @@ fn block_size_one_with_full_masking_is_next_token_nll() {
     assert!((loss - expected).abs() <= 1e-5, "{loss} vs {expected}");
 }
 
-/// Expected keys and shapes of the reference's `small` state dict (§1.7).
+/// Expected keys and shapes of the reference's `small` state dict (docs/algorithm.md §1.7).
 fn reference_small_keys() -> Vec<(String, Vec<i64>)> {
     let mut keys: Vec<(String, Vec<i64>)> = vec![
         ("backbone.vocab_embed.embedding".into(), vec![50258, 768]),
@@ -190,7 +178,7 @@ fn small_model_has_the_reference_keys_shapes_and_size() {
     assert_eq!(ours, reference_small_keys());
     assert_eq!(num_parameters(&vs), 169_627_218);
 
-    // The AR variant: no σ-map, no adaLN (§1.1).
+    // The AR variant: no σ-map, no adaLN (docs/algorithm.md §1.8).
     let vs = nn::VarStore::new(Device::Cpu);
     let _ar = Dit::new(&vs.root(), &ModelConfig { arch: Arch::Ar, ..ModelConfig::small() }).unwrap();
     assert_eq!(num_parameters(&vs), 162_246_482);

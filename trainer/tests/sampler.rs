@@ -1,32 +1,18 @@
-//! The KV-cache sampler against the uncached reference, and its accounting (§5).
+//! The KV-cache sampler against the uncached reference, and its accounting (docs/algorithm.md §5).
+
+mod common;
 
 use tch::{nn, Device};
-use trainer::config::{Arch, Config};
+use trainer::config::{Arch, Config, ModelConfig};
 use trainer::model::Dit;
 use trainer::sample::{generate, Algorithm, SampleOptions, StopReason};
 
 /// A small random model on the full GPT-2 vocabulary (BOS/EOS 50256, [MASK] 50257).
 fn random_model(arch: Arch, block_size: usize, seq_len: usize) -> (nn::VarStore, Dit, Config) {
     let mut cfg = Config::from_toml_str("", &[]).unwrap();
-    cfg.model = trainer::config::ModelConfig {
-        arch,
-        hidden: 32,
-        layers: 2,
-        heads: 2,
-        cond_dim: 16,
-        dropout: 0.0,
-        seq_len,
-        ..cfg.model
-    };
+    cfg.model = common::tiny_model_config(ModelConfig { arch, ..cfg.model }, 2, seq_len);
     cfg.diffusion.block_size = block_size;
-    tch::manual_seed(block_size as i64);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Dit::new(&vs.root(), &cfg.model).unwrap();
-    tch::no_grad(|| {
-        for mut t in vs.trainable_variables() {
-            let _ = t.uniform_(-0.5, 0.5);
-        }
-    });
+    let (vs, model) = common::random_model(&cfg.model, block_size as i64, 0.5);
     (vs, model, cfg)
 }
 

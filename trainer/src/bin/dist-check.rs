@@ -3,10 +3,10 @@
 //! * `dist-check collectives`: every collective, on odd sizes and every supported type, checked
 //!   against a serial reference that each rank computes from all ranks' inputs;
 //! * `dist-check nccl-collectives` (feature `cuda`, on a GPU machine): the same checks over NCCL
-//!   on CUDA device `local rank` (trainer/nccl-check.sh runs it);
+//!   on CUDA device `local rank` (kernels/gpu-check.sh runs it);
 //! * `dist-check hang TIMEOUT_S`: the last rank stops taking part, the others wait in a barrier
 //!   until the watchdog ends them;
-//! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::run`, printing the
+//! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::train`, printing the
 //!   per-step losses of this run and the number of optimizer-state elements it held, on every
 //!   rank.
 
@@ -62,7 +62,7 @@ fn run() -> Result<()> {
             let path = args.get(1).context("train CONFIG [OVERRIDES]")?;
             let cfg = trainer::Config::load(path.as_ref(), &args[2..])?;
             let rank = dist::Placement::from_env()?.unwrap_or(dist::Placement::SINGLE).rank;
-            let out = trainer::train::run(&cfg)?;
+            let out = trainer::train::train(&cfg)?;
             println!("rank {rank} LOSSES {}", serde_json::to_string(&out.losses)?);
             println!("rank {rank} OPTIMIZER_STATE_ELEMENTS {}", out.optimizer_state_elements);
             Ok(())

@@ -23,7 +23,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::{Communicator, ReduceOp, Watchdog};
+use super::watchdog::Watchdog;
+use super::{Communicator, ReduceOp};
 
 /// `ncclUniqueId`: 128 opaque bytes.
 #[repr(C)]

@@ -1,0 +1,126 @@
+//! Where training and validation tokens come from: prepared Parquet shards (`bd3 prepare`)
+//! streamed from a local path or an object store, or a text corpus tokenized in memory (the
+//! demo's).
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use dataloader::{
+    Batch, Gpt2Tokenizer, InMemoryLoader, LoaderState, PackedCorpus, Reader, ReaderConfig, SplitName, TextCorpus,
+};
+use tracing::info;
+
+use crate::config::Config;
+
+/// The training batches of a run.
+pub enum TrainData {
+    Shards(Box<Reader>),
+    Memory(InMemoryLoader),
+}
+
+impl TrainData {
+    /// The training batches and the validation tokens of `cfg.data`. Batches hold the rows of
+    /// all `world` ranks (each rank keeps its own), so the order and the saved position do not
+    /// depend on the number of ranks.
+    pub fn open(cfg: &Config, world: usize) -> Result<(Self, Vec<u32>)> {
+        let (mb, seq_len) = (cfg.train.micro_batch, cfg.model.seq_len);
+        if cfg.data.dataset.is_empty() {
+            let corpus = load_corpus(cfg)?;
+            let loader = InMemoryLoader::new(corpus.train, seq_len, mb * world, cfg.train.seed, true)?;
+            return Ok((Self::Memory(loader), corpus.valid));
+        }
+        let url = &cfg.data.dataset;
+        let global_batch = mb * world * cfg.train.grad_accum;
+        let reader = Reader::open(url, ReaderConfig::new(cfg.train.seed, 0, 1, global_batch, mb * world))
+            .with_context(|| format!("data.dataset {url}"))?;
+        ensure!(
+            reader.seq_len() == seq_len,
+            "data.dataset {url} holds sequences of {} tokens, but model.seq_len is {seq_len}",
+            reader.seq_len()
+        );
+        // Validation reads only what evaluation and the clip search use (all of it with
+        // train.eval_batches = 0), in the split's stored order.
+        let wanted = match cfg.train.eval_batches {
+            0 => None,
+            n => Some(n.max(cfg.diffusion.clip_search_batches) * mb),
+        };
+        let valid = match reader.manifest().valid.sequences {
+            0 => vec![],
+            _ => split_tokens(cfg, SplitName::Valid, wanted)?,
+        };
+        info!(
+            dataset = %url,
+            train_sequences = reader.num_sequences(),
+            valid_sequences = valid.len() / seq_len,
+            "data set opened"
+        );
+        Ok((Self::Shards(Box::new(reader)), valid))
+    }
+
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        match self {
+            Self::Shards(r) => r.next_batch(),
+            Self::Memory(m) => Ok(m.next_batch()),
+        }
+    }
+
+    pub fn state(&self) -> LoaderState {
+        match self {
+            Self::Shards(r) => r.state(),
+            Self::Memory(m) => m.state(),
+        }
+    }
+
+    pub fn restore(&mut self, state: LoaderState) -> Result<()> {
+        match self {
+            Self::Shards(r) => r.restore(state),
+            Self::Memory(m) => {
+                m.restore(state);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The tokens of a split of `cfg.data` in stored order, at most `max_sequences` sequences (from
+/// a prepared data set: whole micro-batches only).
+pub fn split_tokens(cfg: &Config, split: SplitName, max_sequences: Option<usize>) -> Result<Vec<u32>> {
+    let (mb, seq_len) = (cfg.train.micro_batch, cfg.model.seq_len);
+    let cap = |n: usize| max_sequences.map_or(n, |m| m.min(n)) / mb * mb;
+    if cfg.data.dataset.is_empty() {
+        let corpus = load_corpus(cfg)?;
+        let mut tokens = if split == SplitName::Train { corpus.train } else { corpus.valid };
+        if let Some(m) = max_sequences {
+            tokens.truncate(m * seq_len);
+        }
+        return Ok(tokens);
+    }
+    let url = &cfg.data.dataset;
+    let config = ReaderConfig { split, ..ReaderConfig::validation(0, 1, mb, mb) };
+    let mut reader = Reader::open(url, config).with_context(|| format!("data.dataset {url}: {split} split"))?;
+    let wanted = cap(reader.num_sequences() as usize);
+    let mut tokens = Vec::with_capacity(wanted * seq_len);
+    while tokens.len() < wanted * seq_len {
+        tokens.extend(reader.next_batch()?.tokens);
+    }
+    Ok(tokens)
+}
+
+/// Loads the corpus of `cfg.data`, tokenizes and packs it into `model.seq_len` sequences.
+pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
+    let started = Instant::now();
+    let corpus = TextCorpus::load_dir(&cfg.data.corpus)?;
+    let tokenizer = Gpt2Tokenizer::new()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let documents = corpus.tokenize(&tokenizer, threads);
+    let packed = PackedCorpus::pack(&documents, cfg.model.seq_len, cfg.data.valid_documents)
+        .with_context(|| format!("packing corpus {}", cfg.data.corpus.display()))?;
+    info!(
+        documents = documents.len(),
+        train_sequences = packed.num_train(),
+        valid_sequences = packed.num_valid(),
+        seconds = started.elapsed().as_secs_f64(),
+        "corpus ready"
+    );
+    Ok(packed)
+}

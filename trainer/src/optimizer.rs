@@ -1,0 +1,123 @@
+//! The optimizer of a run: AdamW replicated on every rank after an all-reduce of the gradients, or
+//! sharded across the ranks with ZeRO-1 (`dist.zero`, trainer::zero). Both save the same global
+//! moment tensors, so a checkpoint moves between them.
+
+use anyhow::{Context, Result};
+use checkpoint::LocalTensor;
+use tch::Tensor;
+
+use crate::config::OptimConfig;
+use crate::dist::{Communicator, GradBuckets, ReduceOp};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::stateful::{replicated_parts, Params, Stateful, Stored};
+use crate::zero::ZeroAdamW;
+
+/// The optimizer of a run: AdamW replicated on every rank after an all-reduce of the gradients,
+/// or sharded across the ranks (`dist.zero`).
+pub enum Optimizer {
+    Replicated(Replicated),
+    Zero(ZeroAdamW),
+}
+
+/// AdamW on every rank, after averaging the gradients in place in their buckets.
+pub struct Replicated {
+    pub adam: AdamW,
+    /// Created at the first step of a multi-rank run, when the gradients exist.
+    buckets: Option<GradBuckets>,
+}
+
+impl Optimizer {
+    pub fn new(params: &[Tensor], cfg: &OptimConfig, zero: bool, rank: usize, world: usize) -> Result<Self> {
+        Ok(if zero {
+            Self::Zero(ZeroAdamW::new(params, cfg, rank, world).context("dist.zero")?)
+        } else {
+            Self::Replicated(Replicated { adam: AdamW::new(params, cfg), buckets: None })
+        })
+    }
+
+    /// The hyper-parameters, the step count and the moments this rank holds.
+    pub fn adam(&self) -> &AdamW {
+        match self {
+            Self::Replicated(r) => &r.adam,
+            Self::Zero(z) => &z.adam,
+        }
+    }
+
+    fn as_stateful(&self) -> &dyn Stateful {
+        match self {
+            Self::Replicated(r) => r,
+            Self::Zero(z) => z,
+        }
+    }
+
+    fn as_stateful_mut(&mut self) -> &mut dyn Stateful {
+        match self {
+            Self::Replicated(r) => r,
+            Self::Zero(z) => z,
+        }
+    }
+
+    /// Averages the gradients over the ranks (gradient buckets of `bucket_bytes` when
+    /// replicated), clips them to the global norm `max_norm` and takes one AdamW step at rate
+    /// `lr`; returns the gradient norm before clipping.
+    pub fn step(
+        &mut self,
+        comm: &dyn Communicator,
+        params: &[Tensor],
+        lr: f64,
+        max_norm: f64,
+        bucket_bytes: usize,
+    ) -> Result<f64> {
+        match self {
+            Self::Replicated(Replicated { adam, buckets }) => {
+                if comm.world_size() > 1 {
+                    let buckets = buckets.get_or_insert_with(|| GradBuckets::new(params, bucket_bytes));
+                    buckets.adopt_gradients(params)?;
+                    buckets.all_reduce(comm, ReduceOp::Avg)?;
+                }
+                let norm = clip_grad_norm(params, max_norm);
+                adam.step(params, lr);
+                Ok(norm)
+            }
+            Self::Zero(zero) => zero.step(comm, params, lr, max_norm),
+        }
+    }
+}
+
+/// Every rank holds all the moments: each writes its row slice of them, like the weights.
+impl Stateful for Replicated {
+    fn save_tensors(&self, params: &Params, rank: usize, world: usize) -> Result<Vec<LocalTensor>> {
+        replicated_parts(self.named_moments(params), rank, world)
+    }
+
+    /// Moments the checkpoint lacks (imported weights) stay zero, as on a fresh start.
+    fn load(&mut self, params: &Params, from: &Stored<'_>) -> Result<()> {
+        if let Some(progress) = from.progress()? {
+            self.adam.step = progress.optimizer_steps;
+        }
+        let mut present = self.named_moments(params);
+        present.retain(|(name, _)| from.has(name));
+        from.load_whole(&present)
+    }
+}
+
+impl Replicated {
+    fn named_moments(&self, params: &Params) -> Vec<(String, Tensor)> {
+        let mut named = Vec::with_capacity(2 * params.names.len());
+        for (i, name) in params.names.iter().enumerate() {
+            named.push((format!("optim.exp_avg.{name}"), self.adam.exp_avg[i].shallow_clone()));
+            named.push((format!("optim.exp_avg_sq.{name}"), self.adam.exp_avg_sq[i].shallow_clone()));
+        }
+        named
+    }
+}
+
+impl Stateful for Optimizer {
+    fn save_tensors(&self, params: &Params, rank: usize, world: usize) -> Result<Vec<LocalTensor>> {
+        self.as_stateful().save_tensors(params, rank, world)
+    }
+
+    fn load(&mut self, params: &Params, from: &Stored<'_>) -> Result<()> {
+        self.as_stateful_mut().load(params, from)
+    }
+}

@@ -1,0 +1,61 @@
+//! Where a run starts: the checkpoint `checkpoint.resume` names (cleaning what killed writers left
+//! behind), and the attempt id that keeps a job's checkpoint writes apart from earlier jobs'.
+
+use anyhow::{bail, Result};
+use checkpoint::{CheckpointStore, Manifest};
+use tch::Tensor;
+
+use crate::config::ResumeFrom;
+use crate::dist::Communicator;
+
+/// An id shared by every rank of this job and (with overwhelming probability) by no other job:
+/// rank 0's clock and process id, broadcast. Checkpoint rank indices carry it, so that rank 0
+/// never commits an index an earlier job left at a step this job writes again.
+pub fn job_attempt(comm: &dyn Communicator) -> Result<u64> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let local = (nanos as u64 ^ (u64::from(std::process::id()) << 32)) & (i64::MAX as u64);
+    let id = Tensor::from_slice(&[local as i64]);
+    comm.broadcast(&id, 0)?;
+    Ok(id.int64_value(&[0]) as u64)
+}
+
+/// The checkpoint to start from, per `checkpoint.resume`. Starting fresh where committed
+/// checkpoints already exist is refused: their steps would be overwritten.
+pub fn resume_point(resume: ResumeFrom, store: &CheckpointStore) -> Result<Option<Manifest>> {
+    let committed = store.committed_steps()?;
+    match resume {
+        ResumeFrom::None => {
+            if let Some(last) = committed.last() {
+                bail!(
+                    "{} already holds checkpoints up to step {last}: resume with `--resume auto` \
+                     (checkpoint.resume), or choose another run.name or checkpoint.url",
+                    store.url()
+                );
+            }
+            Ok(None)
+        }
+        ResumeFrom::Auto => {
+            // Steps a killed writer left half-written are not checkpoints; remove what we wrote.
+            store.clean_partial()?;
+            let point = store.latest_valid()?;
+            if point.manifest.is_none() && !point.skipped.is_empty() {
+                bail!("no checkpoint in {} verifies: {:?}", store.url(), point.skipped);
+            }
+            // The run goes on from an earlier step and will write these steps again: they stop
+            // existing, and their files go (all written by bd3, none usable), so that no stale
+            // rank index can be mistaken for a new one.
+            for (step, _) in &point.skipped {
+                store.uncommit(*step)?;
+            }
+            if !point.skipped.is_empty() {
+                store.clean_partial()?;
+            }
+            Ok(point.manifest)
+        }
+        ResumeFrom::Step(step) => {
+            let manifest = store.manifest(step)?;
+            store.verify(&manifest)?;
+            Ok(Some(manifest))
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Weights in and out of checkpoints: export to one safetensors file with the published
+//! checkpoints' key names, and import such a file as a committed checkpoint.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use checkpoint::safetensors::TensorView;
+use checkpoint::{CheckpointMeta, CheckpointStore, LocalTensor, Manifest, Slice, TensorBuffer};
+use tch::{nn, Device};
+
+use crate::config::Config;
+
+/// Writes one safetensors file with the reference's key names (docs/algorithm.md §1.7): the EMA weights, or the
+/// raw ones with `raw`, plus the model's buffers. Keys are sorted, so the same checkpoint always
+/// exports the same bytes.
+pub fn export_weights(store: &CheckpointStore, manifest: &Manifest, raw: bool, out: &Path) -> Result<usize> {
+    let mut tensors = vec![];
+    for (name, entry) in &manifest.tensors {
+        let Some(key) = name.strip_prefix("model.") else { continue };
+        let ema = format!("ema.{key}");
+        let source = if !raw && manifest.tensors.contains_key(&ema) { ema } else { name.clone() };
+        let buffer = store.read(manifest, &source, &Slice::whole(&entry.shape))?;
+        tensors.push((key.to_string(), buffer));
+    }
+    ensure!(!tensors.is_empty(), "step {} of {} holds no model weights", manifest.step, store.url());
+    let views: Vec<TensorView<'_>> = tensors
+        .iter()
+        .map(|(key, b)| TensorView { name: key, dtype: b.dtype, shape: &b.shape, data: b.data.clone().into() })
+        .collect();
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = checkpoint::safetensors::encode(&views, &metadata)?.concat();
+    std::fs::write(out, bytes).with_context(|| format!("writing {}", out.display()))?;
+    Ok(tensors.len())
+}
+
+/// Turns a safetensors file of weights (an export, or published BD3-LM weights) into a
+/// committed checkpoint at `step`: the weights become both the model and the EMA weights; there
+/// is no optimizer state, so training from it starts the optimizer fresh. With `cfg`, every key
+/// and shape is checked against the model that config builds, and the config is recorded.
+pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Option<&Config>) -> Result<Manifest> {
+    let name = file.display().to_string();
+    let bytes = std::fs::read(file).with_context(|| format!("reading {name}"))?;
+    let header = checkpoint::safetensors::parse(&bytes, &name)?;
+    if let Some(cfg) = cfg {
+        let vs = nn::VarStore::new(Device::Cpu);
+        crate::model::Dit::new(&vs.root(), &cfg.model)?;
+        let expected: BTreeMap<String, Vec<usize>> =
+            vs.variables().into_iter().map(|(k, t)| (k, t.size().iter().map(|&d| d as usize).collect())).collect();
+        for (key, shape) in &expected {
+            let entry =
+                header.tensors.get(key).with_context(|| format!("{name}: no tensor `{key}` (the model needs it)"))?;
+            ensure!(
+                &entry.shape == shape,
+                "{name}: tensor `{key}` has shape {:?}, the model needs {shape:?}",
+                entry.shape
+            );
+        }
+        if let Some(extra) = header.tensors.keys().find(|k| !expected.contains_key(*k)) {
+            bail!("{name}: tensor `{extra}` is not part of the model this config builds");
+        }
+    }
+    let mut tensors = vec![];
+    for (key, entry) in &header.tensors {
+        let range = header.byte_range(key).expect("parsed entry");
+        let data = bytes[range.start as usize..range.end as usize].to_vec();
+        for prefix in ["model", "ema"] {
+            let buffer = TensorBuffer::new(format!("{prefix}.{key}"), entry.dtype, entry.shape.clone(), data.clone())?;
+            tensors.push(LocalTensor::whole(buffer));
+        }
+    }
+    let meta = CheckpointMeta {
+        config: cfg.map(serde_json::to_value).transpose()?.unwrap_or_default(),
+        git_commit: binary_commit().to_string(),
+        state: BTreeMap::from([("imported_from".to_string(), serde_json::json!(name))]),
+        ..Default::default()
+    };
+    let manifest = store.save(step, 0, 1, tensors, Some(meta), Default::default())?;
+    Ok(manifest.expect("rank 0 commits"))
+}
+
+static BINARY_COMMIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Records the git commit of the running binary (the launcher knows it) for manifests.
+pub fn set_binary_commit(commit: &str) {
+    let _ = BINARY_COMMIT.set(commit.to_string());
+}
+
+pub fn binary_commit() -> &'static str {
+    BINARY_COMMIT.get().map_or("unknown", String::as_str)
+}
