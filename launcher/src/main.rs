@@ -287,9 +287,9 @@ fn main() -> Result<()> {
 /// Builds the model of `cfg` and loads `weights` (safetensors with the reference's names).
 fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::VarStore, tch::Device)> {
     let device = trainer::device::select_device(cfg.train.device)?;
-    let mut vs = tch::nn::VarStore::new(device);
+    let vs = tch::nn::VarStore::new(device);
     let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
-    vs.load(weights).with_context(|| format!("loading weights {}", weights.display()))?;
+    trainer::weights::load_weights(&vs, weights)?;
     Ok((model, vs, device))
 }
 

@@ -220,6 +220,21 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Tokens generated with the EMA weights at the end of training (0 = none).
     pub sample_tokens: usize,
+    /// What a step whose loss or gradient norm is not finite (or whose loss exceeds `max_loss`)
+    /// does: "stop" the run with a diagnosis, or "skip" the step (no update) and go on.
+    pub on_nonfinite: OnNonFinite,
+    /// With "skip": this many skipped steps in a row stop the run.
+    pub max_consecutive_skips: u64,
+    /// A loss above this counts as divergence, like a non-finite one (unset: no limit).
+    pub max_loss: Option<f64>,
+}
+
+/// `train.on_nonfinite`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    Stop,
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -236,6 +251,9 @@ impl Default for TrainConfig {
             eval_every: 0,
             eval_batches: 0,
             sample_tokens: 0,
+            on_nonfinite: OnNonFinite::Stop,
+            max_consecutive_skips: 10,
+            max_loss: None,
         }
     }
 }
@@ -486,22 +504,34 @@ impl Config {
         }
     }
 
+    /// Checks every field with a range, naming the field and the range it must lie in.
     pub fn validate(&self) -> Result<()> {
-        let m = &self.model;
-        let d = &self.diffusion;
-        let t = &self.train;
-        ensure!(
-            m.hidden > 0 && m.layers > 0 && m.heads > 0,
-            "model.hidden, model.layers and model.heads must be positive"
-        );
+        let (m, d, o, t, s, c) =
+            (&self.model, &self.diffusion, &self.optim, &self.train, &self.sample, &self.checkpoint);
+        for (field, value) in [
+            ("model.hidden", m.hidden),
+            ("model.layers", m.layers),
+            ("model.heads", m.heads),
+            ("model.cond_dim", m.cond_dim),
+            ("model.mlp_ratio", m.mlp_ratio),
+            ("train.micro_batch", t.micro_batch),
+            ("train.grad_accum", t.grad_accum),
+            ("train.log_every", t.log_every as usize),
+            ("train.max_consecutive_skips", t.max_consecutive_skips as usize),
+            ("sample.steps", s.steps),
+            ("sample.batch", s.batch),
+            ("checkpoint.max_file_mib", c.max_file_mib as usize),
+        ] {
+            ensure!(value > 0, "{field} ({value}) must be positive");
+        }
         ensure!(m.hidden % m.heads == 0, "model.hidden ({}) must be a multiple of model.heads ({})", m.hidden, m.heads);
         ensure!(
             m.head_dim() % 2 == 0,
             "model.hidden / model.heads ({}) must be even for rotary embeddings",
             m.head_dim()
         );
-        ensure!((0.0..1.0).contains(&m.dropout), "model.dropout ({}) must lie in [0, 1)", m.dropout);
         ensure!(m.seq_len >= 2, "model.seq_len ({}) must be at least 2", m.seq_len);
+        ensure!(m.vocab_size >= 2, "model.vocab_size ({}) must be at least 2", m.vocab_size);
         ensure!(
             (d.mask_id as usize) < m.vocab_size,
             "diffusion.mask_id ({}) must be below model.vocab_size ({})",
@@ -527,28 +557,70 @@ impl Config {
             lo > 0.0 && lo <= hi && hi <= 1.0,
             "diffusion.sampling_eps_min/max ({lo}, {hi}) must satisfy 0 < min ≤ max ≤ 1"
         );
-        ensure!(
-            d.clip_search_delta > 0.0 && d.clip_search_widths.iter().all(|w| *w > 0.0 && *w <= 1.0),
-            "diffusion.clip_search_delta must be positive and diffusion.clip_search_widths lie in (0, 1]"
-        );
-        ensure!(t.micro_batch > 0 && t.grad_accum > 0, "train.micro_batch and train.grad_accum must be positive");
-        ensure!(t.log_every > 0, "train.log_every must be positive");
-        ensure!(
-            self.sample.nucleus_p > 0.0 && self.sample.nucleus_p <= 1.0,
-            "sample.nucleus_p ({}) must lie in (0, 1]",
-            self.sample.nucleus_p
-        );
-        ensure!(self.sample.steps > 0, "sample.steps must be positive");
-        ensure!(self.sample.batch > 0, "sample.batch must be positive");
-        ensure!(self.sample.temperature > 0.0, "sample.temperature ({}) must be positive", self.sample.temperature);
-        let c = &self.checkpoint;
+        in_range("diffusion.clip_search_delta", d.clip_search_delta, Open(0.0), Closed(1.0))?;
+        for &w in &d.clip_search_widths {
+            in_range("diffusion.clip_search_widths", w, Open(0.0), Closed(1.0))?;
+        }
+        if d.clip_search {
+            ensure!(d.clip_search_batches > 0, "diffusion.clip_search_batches must be positive with clip_search");
+        }
+        in_range("model.dropout", m.dropout, Closed(0.0), Open(1.0))?;
+        in_range("optim.lr", o.lr, Open(0.0), Unbounded)?;
+        in_range("optim.beta1", o.beta1, Closed(0.0), Open(1.0))?;
+        in_range("optim.beta2", o.beta2, Closed(0.0), Open(1.0))?;
+        in_range("optim.eps", o.eps, Open(0.0), Unbounded)?;
+        in_range("optim.weight_decay", o.weight_decay, Closed(0.0), Unbounded)?;
+        in_range("optim.grad_clip", o.grad_clip, Closed(0.0), Unbounded)?;
+        in_range("optim.ema_decay", o.ema_decay, Closed(0.0), Open(1.0))?;
+        if let Some(max_loss) = t.max_loss {
+            in_range("train.max_loss", max_loss, Open(0.0), Unbounded)?;
+        }
+        in_range("sample.nucleus_p", s.nucleus_p, Open(0.0), Closed(1.0))?;
+        in_range("sample.temperature", s.temperature, Open(0.0), Unbounded)?;
         ensure!(c.keep_latest >= 2, "checkpoint.keep_latest ({}) must be at least 2", c.keep_latest);
-        ensure!(c.max_file_mib > 0, "checkpoint.max_file_mib must be positive");
         let d = &self.dist;
-        ensure!(d.timeout_s > 0.0 && d.timeout_s.is_finite(), "dist.timeout_s ({}) must be positive", d.timeout_s);
-        ensure!(d.bucket_mib > 0.0 && d.bucket_mib.is_finite(), "dist.bucket_mib ({}) must be positive", d.bucket_mib);
+        in_range("dist.timeout_s", d.timeout_s, Open(0.0), Unbounded)?;
+        in_range("dist.bucket_mib", d.bucket_mib, Open(0.0), Unbounded)?;
         Ok(())
     }
+}
+
+/// One end of the range a config value must lie in.
+#[derive(Clone, Copy)]
+enum Bound {
+    Open(f64),
+    Closed(f64),
+    /// No limit (but the value must be finite).
+    Unbounded,
+}
+use Bound::{Closed, Open, Unbounded};
+
+/// Refuses `value` outside (or at an open end of) the range, or not finite, naming `field`.
+fn in_range(field: &str, value: f64, low: Bound, high: Bound) -> Result<()> {
+    let above = match low {
+        Open(l) => value > l,
+        Closed(l) => value >= l,
+        Unbounded => true,
+    };
+    let below = match high {
+        Open(h) => value < h,
+        Closed(h) => value <= h,
+        Unbounded => true,
+    };
+    if value.is_finite() && above && below {
+        return Ok(());
+    }
+    let low = match low {
+        Open(l) => format!("({l}"),
+        Closed(l) => format!("[{l}"),
+        Unbounded => "(-∞".to_string(),
+    };
+    let high = match high {
+        Open(h) => format!("{h})"),
+        Closed(h) => format!("{h}]"),
+        Unbounded => "∞)".to_string(),
+    };
+    bail!("{field} ({value}) must be a finite number in {low}, {high}")
 }
 
 /// `a.b.c=value`: sets a nested key, creating tables on the way. The value is parsed as TOML
@@ -621,6 +693,57 @@ mod tests {
         assert!(format!("{err:#}").contains("train.device"), "{err:#}");
         let err = Config::from_toml_str("", &["checkpoint.resume=\"latest\"".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("checkpoint.resume"), "{err:#}");
+    }
+
+    /// Every value out of its range is refused at start, naming the field.
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_field() {
+        for (set, field) in [
+            ("optim.lr=-1e-3", "optim.lr"),
+            ("optim.lr=0.0", "optim.lr"),
+            ("optim.lr=nan", "optim.lr"),
+            ("optim.lr=inf", "optim.lr"),
+            ("optim.beta1=1.0", "optim.beta1"),
+            ("optim.beta2=-0.1", "optim.beta2"),
+            ("optim.eps=0.0", "optim.eps"),
+            ("optim.weight_decay=-1.0", "optim.weight_decay"),
+            ("optim.grad_clip=-1.0", "optim.grad_clip"),
+            ("optim.ema_decay=1.5", "optim.ema_decay"),
+            ("optim.ema_decay=1.0", "optim.ema_decay"),
+            ("model.dropout=1.0", "model.dropout"),
+            ("model.cond_dim=0", "model.cond_dim"),
+            ("model.mlp_ratio=0", "model.mlp_ratio"),
+            ("model.vocab_size=1", "model.vocab_size"),
+            ("diffusion.mask_id=60000", "diffusion.mask_id"),
+            ("diffusion.sampling_eps_min=0.0", "diffusion.sampling_eps_min"),
+            ("diffusion.clip_search_delta=2.0", "diffusion.clip_search_delta"),
+            ("diffusion.clip_search_widths=[0.5, 1.5]", "diffusion.clip_search_widths"),
+            ("diffusion.clip_search_batches=0", "diffusion.clip_search_batches"),
+            ("train.micro_batch=0", "train.micro_batch"),
+            ("train.grad_accum=0", "train.grad_accum"),
+            ("train.log_every=0", "train.log_every"),
+            ("train.max_loss=-5.0", "train.max_loss"),
+            ("train.max_consecutive_skips=0", "train.max_consecutive_skips"),
+            ("train.on_nonfinite=\"ignore\"", "train.on_nonfinite"),
+            ("sample.nucleus_p=0.0", "sample.nucleus_p"),
+            ("sample.temperature=0.0", "sample.temperature"),
+            ("sample.steps=0", "sample.steps"),
+            ("checkpoint.keep_latest=1", "checkpoint.keep_latest"),
+            ("checkpoint.max_file_mib=0", "checkpoint.max_file_mib"),
+            ("dist.timeout_s=0.0", "dist.timeout_s"),
+            ("dist.bucket_mib=-1.0", "dist.bucket_mib"),
+        ] {
+            let err = match Config::from_toml_str("", &[set.to_string()]) {
+                Ok(_) => panic!("{set} was accepted"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains(field), "{set}: {err}");
+        }
+        let err = format!("{:#}", Config::from_toml_str("", &["optim.lr=-1e-3".into()]).unwrap_err());
+        assert_eq!(err, "optim.lr (-0.001) must be a finite number in (0, ∞)");
+        assert!(
+            Config::from_toml_str("", &["train.max_loss=20.0".into(), "train.on_nonfinite=\"skip\"".into()]).is_ok()
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use dataloader::{
 use tracing::info;
 
 use crate::config::Config;
+use dataloader::tokenizer::{EOS_ID, MODEL_VOCAB};
 
 /// The training batches of a run.
 pub enum TrainData {
@@ -38,6 +39,9 @@ impl TrainData {
             "data.dataset {url} holds sequences of {} tokens, but model.seq_len is {seq_len}",
             reader.seq_len()
         );
+        let index = reader.manifest();
+        let special = [("BOS", index.special_ids.bos), ("EOS", index.special_ids.eos)];
+        check_vocabulary(cfg, index.vocab_size, &special, &format!("data.dataset {url} (index.json)"))?;
         // Validation reads only what evaluation and the clip search use (all of it with
         // train.eval_batches = 0), in the split's stored order.
         let wanted = match cfg.train.eval_batches {
@@ -108,6 +112,8 @@ pub fn split_tokens(cfg: &Config, split: SplitName, max_sequences: Option<usize>
 
 /// Loads the corpus of `cfg.data`, tokenizes and packs it into `model.seq_len` sequences.
 pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
+    let source = format!("data.corpus {} (GPT-2 BPE)", cfg.data.corpus.display());
+    check_vocabulary(cfg, GPT2_VOCAB, &[("EOS", EOS_ID)], &source)?;
     let started = Instant::now();
     let corpus = TextCorpus::load_dir(&cfg.data.corpus)?;
     let tokenizer = Gpt2Tokenizer::new()?;
@@ -123,4 +129,23 @@ pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
         "corpus ready"
     );
     Ok(packed)
+}
+
+/// GPT-2's ids, which the in-memory corpus is tokenized into (the model adds `[MASK]`).
+const GPT2_VOCAB: u32 = MODEL_VOCAB as u32 - 1;
+
+/// Refuses a model whose embedding cannot hold every id of the data (`vocab_size` ids, and the
+/// special ids it records), before libtorch meets an out-of-range index deep inside a step.
+pub fn check_vocabulary(cfg: &Config, vocab_size: u32, special: &[(&str, u32)], source: &str) -> Result<()> {
+    let model = cfg.model.vocab_size;
+    ensure!(
+        vocab_size as usize <= model,
+        "model.vocab_size ({model}) is smaller than the vocabulary of {source} ({vocab_size} ids): \
+         token ids up to {} would index past the embedding",
+        vocab_size - 1
+    );
+    for (name, id) in special {
+        ensure!((*id as usize) < model, "{source}: the {name} id {id} is not below model.vocab_size ({model})");
+    }
+    Ok(())
 }

@@ -68,18 +68,43 @@ impl Optimizer {
         max_norm: f64,
         bucket_bytes: usize,
     ) -> Result<f64> {
+        let norm = self.reduce_gradients(comm, params, max_norm, bucket_bytes)?;
+        self.apply(comm, params, lr)?;
+        Ok(norm)
+    }
+
+    /// The first half of [`Optimizer::step`]: gradients averaged over the ranks and clipped;
+    /// returns the global gradient norm before clipping, the same on every rank, so that all
+    /// ranks agree on whether to take the step.
+    pub fn reduce_gradients(
+        &mut self,
+        comm: &dyn Communicator,
+        params: &[Tensor],
+        max_norm: f64,
+        bucket_bytes: usize,
+    ) -> Result<f64> {
         match self {
-            Self::Replicated(Replicated { adam, buckets }) => {
+            Self::Replicated(Replicated { buckets, .. }) => {
                 if comm.world_size() > 1 {
                     let buckets = buckets.get_or_insert_with(|| GradBuckets::new(params, bucket_bytes));
                     buckets.adopt_gradients(params)?;
                     buckets.all_reduce(comm, ReduceOp::Avg)?;
                 }
-                let norm = clip_grad_norm(params, max_norm);
-                adam.step(params, lr);
-                Ok(norm)
+                Ok(clip_grad_norm(params, max_norm))
             }
-            Self::Zero(zero) => zero.step(comm, params, lr, max_norm),
+            Self::Zero(zero) => zero.reduce_gradients(comm, params, max_norm),
+        }
+    }
+
+    /// The second half of [`Optimizer::step`]: one AdamW step at rate `lr` from the reduced
+    /// gradients; every rank ends with the same weights.
+    pub fn apply(&mut self, comm: &dyn Communicator, params: &[Tensor], lr: f64) -> Result<()> {
+        match self {
+            Self::Replicated(r) => {
+                r.adam.step(params, lr);
+                Ok(())
+            }
+            Self::Zero(zero) => zero.apply(comm, params, lr),
         }
     }
 }

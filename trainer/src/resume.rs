@@ -53,6 +53,21 @@ pub fn resume_point(resume: ResumeFrom, store: &CheckpointStore) -> Result<Optio
             Ok(point.manifest)
         }
         ResumeFrom::Step(step) => {
+            let steps = store.steps()?;
+            let committed: Vec<u64> = steps.iter().filter(|s| s.committed).map(|s| s.step).collect();
+            let listed = if committed.is_empty() { "none".to_string() } else { format!("{committed:?}") };
+            match steps.iter().find(|s| s.step == step) {
+                None => bail!(
+                    "checkpoint.resume = {step}: {} holds no step {step} (committed steps: {listed})",
+                    store.url()
+                ),
+                Some(s) if !s.committed => bail!(
+                    "checkpoint.resume = {step}: step {step} in {} was never committed (a save that did \
+                     not finish); committed steps: {listed}",
+                    store.url()
+                ),
+                Some(_) => {}
+            }
             let manifest = store.manifest(step)?;
             store.verify(&manifest)?;
             Ok(Some(manifest))

@@ -16,14 +16,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use checkpoint::{AsyncSaver, CheckpointStore, Retention, SaveJob, WriteOptions};
 use dataloader::Gpt2Tokenizer;
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
 
-use crate::config::Config;
+use crate::config::{Config, OnNonFinite};
 use crate::data::TrainData;
 use crate::device::{keep_freed_memory_for_reuse, select_device};
 use crate::diffusion::ClipInterval;
@@ -92,9 +92,10 @@ pub fn train_loop(cfg: &Config, comm: &dyn Communicator, device: Device) -> Resu
         if done % cfg.train.log_every == 0 || last {
             trainer.log(done, &stats)?;
         }
-        // The last step always validates, so a run that ends at step N is in the same state as
-        // one that goes on past N (exact resume relies on it).
-        if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 || last {
+        // Validation on its schedule and at the end of the run, not at a stop on request: its
+        // clip search would change the interval that the resumed run trains with, and a run
+        // stopped and resumed must train exactly as one that was never stopped.
+        if cfg.train.eval_every > 0 && done % cfg.train.eval_every == 0 || done == cfg.train.steps {
             trainer.validate(done)?;
         }
         let every = cfg.checkpoint.every;
@@ -130,6 +131,20 @@ pub struct StepStats {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The weights were not updated (`train.on_nonfinite = "skip"`).
+    pub skipped: bool,
+}
+
+/// What is wrong with a step whose loss or gradient norm is not finite, or whose loss is above
+/// `max_loss`; `None` for a healthy step.
+pub fn divergence(loss: f64, grad_norm: f64, max_loss: Option<f64>) -> Option<String> {
+    if !loss.is_finite() {
+        Some(format!("the loss is {loss}"))
+    } else if !grad_norm.is_finite() {
+        Some(format!("the gradient norm is {grad_norm} (loss {loss})"))
+    } else {
+        max_loss.filter(|&max| loss > max).map(|max| format!("the loss {loss} is above train.max_loss ({max})"))
+    }
 }
 
 /// Everything the loop works on, built once from the config, the communicator and the device.
@@ -153,6 +168,9 @@ pub struct Trainer<'a> {
     pub first_step: u64,
     losses: Vec<f64>,
     valid_nelbo: Option<f64>,
+    /// Steps skipped as diverged (`train.on_nonfinite = "skip"`): in a row, and in this process.
+    consecutive_skips: u64,
+    skipped_steps: u64,
     /// Tokens trained on since `window_start` (tokens/s in the step log).
     window_start: Instant,
     window_tokens: usize,
@@ -221,6 +239,8 @@ impl<'a> Trainer<'a> {
             first_step: 0,
             losses: Vec::with_capacity(cfg.train.steps as usize),
             valid_nelbo: None,
+            consecutive_skips: 0,
+            skipped_steps: 0,
             window_start: Instant::now(),
             window_tokens: 0,
         };
@@ -232,7 +252,8 @@ impl<'a> Trainer<'a> {
         if lead {
             std::fs::write(trainer.run_dir.join("config.toml"), cfg.to_toml()?)?;
         }
-        trainer.metrics = MetricsLog::open(trainer.run_dir.join("metrics.jsonl"), resumed, lead)?;
+        let resumed_at = resumed.then_some(trainer.first_step);
+        trainer.metrics = MetricsLog::open(trainer.run_dir.join("metrics.jsonl"), resumed_at, lead)?;
         let (mb, accum) = (cfg.train.micro_batch, cfg.train.grad_accum);
         info!(
             parameters = num_parameters(&trainer.state.vs),
@@ -317,25 +338,63 @@ impl<'a> Trainer<'a> {
             comm.all_reduce(&t, ReduceOp::Avg)?;
             loss = t.double_value(&[0]);
         }
-        if !loss.is_finite() {
-            bail!("step {step}: loss is {loss}; stopping before the weights are corrupted");
-        }
-        // Gradients averaged over the ranks (all-reduced, or reduce-scattered with ZeRO), clipped
-        // to the global norm, one AdamW step; every rank ends with the same full weights.
+        // Gradients averaged over the ranks (all-reduced, or reduce-scattered with ZeRO) and
+        // clipped to the global norm; the loss and the norm are the same on every rank, so all
+        // ranks agree on whether this step updates the weights.
         let params = &self.state.params.tensors;
-        let grad_norm = self.state.optimizer.step(comm, params, lr, cfg.optim.grad_clip, cfg.dist.bucket_bytes())?;
+        let bucket_bytes = cfg.dist.bucket_bytes();
+        let grad_norm = self.state.optimizer.reduce_gradients(comm, params, cfg.optim.grad_clip, bucket_bytes)?;
+        self.losses.push(loss);
+        self.window_tokens += self.tokens_per_step();
+        if let Some(problem) = divergence(loss, grad_norm, cfg.train.max_loss) {
+            self.skip_step(step, &problem)?;
+            return Ok(StepStats { loss, lr, grad_norm, skipped: true });
+        }
+        self.consecutive_skips = 0;
+        // One AdamW step; every rank ends with the same full weights.
+        let params = &self.state.params.tensors;
+        self.state.optimizer.apply(comm, params, lr)?;
         if cfg.optim.ema_decay > 0.0 {
             self.state.ema.update(params);
         }
-        self.losses.push(loss);
-        self.window_tokens += self.tokens_per_step();
-        Ok(StepStats { loss, lr, grad_norm })
+        Ok(StepStats { loss, lr, grad_norm, skipped: false })
+    }
+
+    /// A step whose loss or gradient norm says training diverged: per `train.on_nonfinite`, the
+    /// run stops (no weight has changed in this step), or the step is skipped, up to
+    /// `train.max_consecutive_skips` in a row.
+    fn skip_step(&mut self, step: u64, problem: &str) -> Result<()> {
+        let t = &self.cfg.train;
+        if t.on_nonfinite == OnNonFinite::Stop {
+            bail!(
+                "step {}: {problem}; stopping before the optimizer step, so no weight was changed \
+                 (train.on_nonfinite = \"skip\" skips such steps instead; a lower optim.lr or \
+                 optim.grad_clip may help)",
+                step + 1
+            );
+        }
+        self.consecutive_skips += 1;
+        self.skipped_steps += 1;
+        tracing::warn!(
+            step = step + 1,
+            consecutive = self.consecutive_skips,
+            skipped = self.skipped_steps,
+            "{problem}: step skipped (train.on_nonfinite = \"skip\")"
+        );
+        ensure!(
+            self.consecutive_skips < t.max_consecutive_skips,
+            "step {}: {problem}, and {} steps in a row were skipped (train.max_consecutive_skips): \
+             training has diverged; stopping",
+            step + 1,
+            self.consecutive_skips
+        );
+        Ok(())
     }
 
     /// Logs step `done` (optimizer steps completed) and the throughput since the last log.
     pub fn log(&mut self, done: u64, stats: &StepStats) -> Result<()> {
         let tokens_per_s = self.window_tokens as f64 / self.window_start.elapsed().as_secs_f64();
-        let StepStats { loss, lr, grad_norm } = *stats;
+        let StepStats { loss, lr, grad_norm, .. } = *stats;
         info!(step = done, loss, lr, grad_norm, tokens_per_s = tokens_per_s.round(), "train");
         let tokens_seen = done as usize * self.tokens_per_step();
         self.metrics.write(json!({

@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use checkpoint::safetensors::TensorView;
+use checkpoint::safetensors::{Header, TensorView};
 use checkpoint::{CheckpointMeta, CheckpointStore, LocalTensor, Manifest, Slice, TensorBuffer};
 use tch::{nn, Device};
 
 use crate::config::Config;
+use crate::stateful::load_into;
 
 /// Writes one safetensors file with the reference's key names (docs/algorithm.md §1.7): the EMA weights, or the
 /// raw ones with `raw`, plus the model's buffers. Keys are sorted, so the same checkpoint always
@@ -40,25 +41,11 @@ pub fn export_weights(store: &CheckpointStore, manifest: &Manifest, raw: bool, o
 /// and shape is checked against the model that config builds, and the config is recorded.
 pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Option<&Config>) -> Result<Manifest> {
     let name = file.display().to_string();
-    let bytes = std::fs::read(file).with_context(|| format!("reading {name}"))?;
-    let header = checkpoint::safetensors::parse(&bytes, &name)?;
+    let (bytes, header) = read_safetensors(file)?;
     if let Some(cfg) = cfg {
         let vs = nn::VarStore::new(Device::Cpu);
         crate::model::Dit::new(&vs.root(), &cfg.model)?;
-        let expected: BTreeMap<String, Vec<usize>> =
-            vs.variables().into_iter().map(|(k, t)| (k, t.size().iter().map(|&d| d as usize).collect())).collect();
-        for (key, shape) in &expected {
-            let entry =
-                header.tensors.get(key).with_context(|| format!("{name}: no tensor `{key}` (the model needs it)"))?;
-            ensure!(
-                &entry.shape == shape,
-                "{name}: tensor `{key}` has shape {:?}, the model needs {shape:?}",
-                entry.shape
-            );
-        }
-        if let Some(extra) = header.tensors.keys().find(|k| !expected.contains_key(*k)) {
-            bail!("{name}: tensor `{extra}` is not part of the model this config builds");
-        }
+        check_against_model(&name, &header, &vs, &[])?;
     }
     let mut tensors = vec![];
     for (key, entry) in &header.tensors {
@@ -77,6 +64,62 @@ pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Opti
     };
     let manifest = store.save(step, 0, 1, tensors, Some(meta), Default::default())?;
     Ok(manifest.expect("rank 0 commits"))
+}
+
+/// The model buffers a weights file may lack: the clip interval, which published backbone-only
+/// exports leave out; the model's defaults (the config's interval) stay, with a warning.
+const OPTIONAL_BUFFERS: [&str; 2] = ["sampling_eps_min", "sampling_eps_max"];
+
+/// Loads a weights file into the model's variables. Only safetensors are read (never a pickle);
+/// every tensor of the file must be a variable of the model with its shape, and every variable
+/// must be in the file (but for the clip-interval buffers): mismatches are listed by name.
+pub fn load_weights(vs: &nn::VarStore, file: &Path) -> Result<()> {
+    let name = file.display().to_string();
+    let (bytes, header) = read_safetensors(file)?;
+    check_against_model(&name, &header, vs, &OPTIONAL_BUFFERS)?;
+    for (key, target) in vs.variables() {
+        let Some(entry) = header.tensors.get(&key) else {
+            tracing::warn!(file = %name, tensor = %key, "the weights lack this buffer: the config's value stays");
+            continue;
+        };
+        let range = header.byte_range(&key).expect("parsed entry");
+        let data = bytes[range.start as usize..range.end as usize].to_vec();
+        let buffer = TensorBuffer::new(key.clone(), entry.dtype, entry.shape.clone(), data)?;
+        load_into(&target, &buffer).with_context(|| format!("loading {name}"))?;
+    }
+    Ok(())
+}
+
+/// The bytes and parsed header of a safetensors file; anything else (a pickle archive from
+/// `torch.save`, say) is refused naming the file.
+fn read_safetensors(file: &Path) -> Result<(Vec<u8>, Header)> {
+    let name = file.display().to_string();
+    let bytes = std::fs::read(file).with_context(|| format!("reading weights {name}"))?;
+    let header = checkpoint::safetensors::parse(&bytes, &name).with_context(|| {
+        format!("{name} is not a safetensors file: bd3 reads weights only as safetensors, never pickles")
+    })?;
+    Ok((bytes, header))
+}
+
+/// Checks a weights file's tensors against the model's variables: the same names (`optional`
+/// ones may be missing) and shapes. Every mismatch is named.
+fn check_against_model(name: &str, header: &Header, vs: &nn::VarStore, optional: &[&str]) -> Result<()> {
+    let expected: BTreeMap<String, Vec<usize>> =
+        vs.variables().into_iter().map(|(k, t)| (k, t.size().iter().map(|&d| d as usize).collect())).collect();
+    let extra: Vec<&String> = header.tensors.keys().filter(|k| !expected.contains_key(*k)).collect();
+    if !extra.is_empty() {
+        bail!("{name}: tensors {extra:?} are not part of the model this config builds (tensor `{}`)", extra[0]);
+    }
+    let missing: Vec<&String> =
+        expected.keys().filter(|k| !header.tensors.contains_key(*k) && !optional.contains(&k.as_str())).collect();
+    if !missing.is_empty() {
+        bail!("{name}: no tensor `{}` (the model needs it); missing: {missing:?}", missing[0]);
+    }
+    for (key, entry) in &header.tensors {
+        let shape = &expected[key];
+        ensure!(&entry.shape == shape, "{name}: tensor `{key}` has shape {:?}, the model needs {shape:?}", entry.shape);
+    }
+    Ok(())
 }
 
 static BINARY_COMMIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();

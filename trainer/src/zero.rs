@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use checkpoint::{LocalTensor, Slice};
 use tch::{Device, Kind, Tensor};
 
@@ -86,6 +86,9 @@ pub struct ZeroAdamW {
     /// The flat gradient (padded), which the parameters' gradients are views of from the first
     /// step on: reduce-scattered as it is, without packing.
     grads: Option<GradBuckets>,
+    /// This rank's shard of the reduced, clipped gradient, and which parameters had a gradient,
+    /// between `reduce_gradients` and `apply`.
+    reduced: Option<(Tensor, Vec<bool>)>,
 }
 
 fn shape_of(t: &Tensor) -> Vec<usize> {
@@ -104,13 +107,21 @@ impl ZeroAdamW {
         let moment = || Tensor::zeros([layout.shard_len() as i64], (kind, device));
         let mut adam = AdamW::new(&[], cfg);
         (adam.exp_avg, adam.exp_avg_sq) = (vec![moment()], vec![moment()]);
-        Ok(Self { adam, layout, grads: None })
+        Ok(Self { adam, layout, grads: None, reduced: None })
     }
 
     /// Averages the gradients over the ranks, clips them to `max_norm` (0: no clipping) and
     /// updates `params` on every rank (see the module docs); returns the gradient norm before
     /// clipping. Parameters without a gradient on this step are left alone, as by [`AdamW::step`].
     pub fn step(&mut self, comm: &dyn Communicator, params: &[Tensor], lr: f64, max_norm: f64) -> Result<f64> {
+        let norm = self.reduce_gradients(comm, params, max_norm)?;
+        self.apply(comm, params, lr)?;
+        Ok(norm)
+    }
+
+    /// Steps 1 and 2: reduce-scatters the gradients and clips this rank's shard of them to the
+    /// global norm, which it returns (the same on every rank); [`ZeroAdamW::apply`] uses them.
+    pub fn reduce_gradients(&mut self, comm: &dyn Communicator, params: &[Tensor], max_norm: f64) -> Result<f64> {
         let layout = &self.layout;
         ensure!(
             params.len() == layout.shapes.len(),
@@ -118,8 +129,7 @@ impl ZeroAdamW {
             layout.shapes.len(),
             params.len()
         );
-        let (kind, device) = (self.adam.exp_avg[0].kind(), self.adam.exp_avg[0].device());
-        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).collect();
+        let has_grad: Vec<bool> = params.iter().map(|p| p.grad().defined()).collect();
 
         // 1. Reduce-scatter the flat gradient.
         let flat = self.grads.get_or_insert_with(|| GradBuckets::single(params, layout.padded));
@@ -133,6 +143,16 @@ impl ZeroAdamW {
         if let Some(coef) = clip_coefficient(norm, max_norm) {
             let _ = grad.shallow_clone().g_mul_scalar_(coef);
         }
+        self.reduced = Some((grad, has_grad));
+        Ok(norm)
+    }
+
+    /// Steps 3 and 4: AdamW on this rank's shard with the gradients [`ZeroAdamW::reduce_gradients`]
+    /// left, then every rank's updated shard into every rank's parameters.
+    pub fn apply(&mut self, comm: &dyn Communicator, params: &[Tensor], lr: f64) -> Result<()> {
+        let (grad, has_grad) = self.reduced.take().context("ZeRO: an update without reduced gradients")?;
+        let layout = &self.layout;
+        let (kind, device) = (self.adam.exp_avg[0].kind(), self.adam.exp_avg[0].device());
 
         // 3. AdamW on the shard, over runs of consecutive pieces whose parameter has a gradient.
         let mut own: Vec<Tensor> = layout
@@ -151,7 +171,7 @@ impl ZeroAdamW {
         let mut i = 0;
         while i < layout.pieces.len() {
             let start = i;
-            while i < layout.pieces.len() && grads[layout.pieces[i].param].defined() {
+            while i < layout.pieces.len() && has_grad[layout.pieces[i].param] {
                 i += 1;
             }
             if i > start {
@@ -172,7 +192,7 @@ impl ZeroAdamW {
                 p.shallow_clone().copy_(&full.narrow(0, layout.offsets[i] as i64, n).view_as(p));
             }
         });
-        Ok(norm)
+        Ok(())
     }
 
     fn moments(&self) -> [(&'static str, &Tensor); 2] {

@@ -336,3 +336,95 @@ fn sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint() {
     let store = checkpoint::CheckpointStore::open(&run_dir.join("stop/checkpoints").display().to_string()).unwrap();
     assert_eq!(store.committed_steps().unwrap().last(), Some(&(first.len() as u64)), "a checkpoint of the last step");
 }
+
+/// `train_args` for a 2-rank run of `steps` steps with dropout, the clip search at the end and
+/// `extra`; the checkpoint writes and resumes of the fault tests.
+fn fault_run_args(run_dir: &Path, name: &str, steps: u64, extra: &[&str]) -> Vec<String> {
+    let mut args = train_args(run_dir, name, 2);
+    args.retain(|a| !a.starts_with("train.steps=") && !a.starts_with("model.dropout=") && !a.contains("clip_search"));
+    args.extend([format!("train.steps={steps}"), "model.dropout=0.1".into(), "checkpoint.resume=\"auto\"".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Starts `args` on 2 ranks and waits until `run`'s metrics log holds a training step past
+/// `after`; returns mpirun and its children.
+fn start_and_wait_for_step(args: &[String], run: &Path, after: u64) -> (std::process::Child, Vec<i32>) {
+    let mut cmd = mpirun_command(2);
+    cmd.arg(CHECK).args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut job = cmd.spawn().expect("starting mpirun");
+    let last_step = || -> u64 {
+        let log = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    while last_step() <= after {
+        assert!(job.try_wait().unwrap().is_none(), "the job ended before step {}", after + 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let ranks = children(job.id());
+    (job, ranks)
+}
+
+#[test]
+fn two_ranks_stopped_by_sigterm_resume_bit_for_bit() {
+    let scratch = scratch_dir("dist-sigterm");
+    let run_dir = scratch.path().to_path_buf();
+    let straight = fault_run_args(&run_dir, "straight", 30, &[]);
+    let (out, stdout, stderr) = mpirun(2, &straight.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+
+    let stopped = fault_run_args(&run_dir, "stopped", 30, &["checkpoint.every=0"]);
+    let (job, ranks) = start_and_wait_for_step(&stopped, &run_dir.join("stopped"), 2);
+    // SAFETY: kill only sends a signal to a process this test started.
+    assert_eq!(unsafe { libc::kill(ranks[1], libc::SIGTERM) }, 0);
+    assert!(job.wait_with_output().unwrap().status.success());
+    let store = checkpoint::CheckpointStore::open(&run_dir.join("stopped/checkpoints").display().to_string()).unwrap();
+    let at = *store.committed_steps().unwrap().last().expect("a checkpoint at the stop");
+    assert!(at < 30, "the signal came too late to test anything: stopped at {at}");
+
+    let (out, stdout, stderr) = mpirun(2, &stopped.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let read = |run: &str| std::fs::read(run_dir.join(run).join("model.safetensors")).unwrap();
+    assert!(read("straight") == read("stopped"), "final weights differ after a stop at step {at}");
+}
+
+/// A 2-rank run SIGKILLed at random moments (checkpoints every step and saved in the background,
+/// so most kills land inside an asynchronous save) and auto-resumed each time ends with the
+/// same weights, byte for byte, as a run that was never interrupted.
+#[test]
+fn killed_at_random_moments_and_resumed_a_run_ends_as_an_uninterrupted_one() {
+    let scratch = scratch_dir("dist-chaos");
+    let run_dir = scratch.path().to_path_buf();
+    let every_step = ["checkpoint.every=1", "checkpoint.async_save=true", "checkpoint.keep_latest=2"];
+    let straight = fault_run_args(&run_dir, "straight", 16, &every_step);
+    let (out, stdout, stderr) = mpirun(2, &straight.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+
+    let chaos = fault_run_args(&run_dir, "chaos", 16, &every_step);
+    let mut rng = trainer::rng::NoiseRng::new(2026, 0, 0, 0);
+    let mut after = 0;
+    for kill in 0..3 {
+        let (mut job, ranks) = start_and_wait_for_step(&chaos, &run_dir.join("chaos"), after);
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(300) as u64));
+        for &pid in &ranks {
+            // SAFETY: kill only sends a signal to a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = job.kill();
+        let _ = job.wait();
+        while ranks.iter().any(|&pid| alive(pid)) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let store =
+            checkpoint::CheckpointStore::open(&run_dir.join("chaos/checkpoints").display().to_string()).unwrap();
+        after = store.committed_steps().unwrap().last().copied().unwrap_or(0);
+        assert!(after < 16, "kill {kill} came after the end of training");
+    }
+    let (out, stdout, stderr) = mpirun(2, &chaos.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let read = |run: &str| std::fs::read(run_dir.join(run).join("model.safetensors")).unwrap();
+    assert!(read("straight") == read("chaos"), "final weights differ after three kills");
+}
