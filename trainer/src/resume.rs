@@ -74,3 +74,29 @@ pub fn resume_point(resume: ResumeFrom, store: &CheckpointStore) -> Result<Optio
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use checkpoint::{CheckpointMeta, DType, LocalTensor, TensorBuffer};
+
+    use super::*;
+
+    /// `--resume N` says whether step N does not exist or was never committed, and lists the
+    /// committed steps.
+    #[test]
+    fn resume_from_a_step_names_what_is_wrong_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
+        let tensor =
+            || vec![LocalTensor::whole(TensorBuffer::new("model.w", DType::F32, vec![1], vec![0; 4]).unwrap())];
+        store.save(3, 0, 1, tensor(), Some(CheckpointMeta::default()), Default::default()).unwrap();
+        // Step 5: this rank's part written, never committed (a save that was killed).
+        store.save(5, 0, 1, tensor(), None, Default::default()).unwrap();
+
+        let err = resume_point(ResumeFrom::Step(7), &store).unwrap_err().to_string();
+        assert!(err.contains("holds no step 7") && err.contains("committed steps: [3]"), "{err}");
+        let err = resume_point(ResumeFrom::Step(5), &store).unwrap_err().to_string();
+        assert!(err.contains("step 5") && err.contains("never committed") && err.contains("[3]"), "{err}");
+        assert_eq!(resume_point(ResumeFrom::Step(3), &store).unwrap().unwrap().step, 3);
+    }
+}
