@@ -88,8 +88,13 @@ pub fn list(dir: &Path, name_prefix: &str) -> io::Result<Vec<ObjectEntry>> {
             let entry = entry?;
             let Some(file) = entry.file_name().to_str().map(String::from) else { continue };
             let name = if prefix.is_empty() { file } else { format!("{prefix}/{file}") };
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
+            // Symbolic links to files are followed; links to directories are not (no cycles).
+            let meta = match std::fs::metadata(entry.path()) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // a dangling link, or just deleted
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() && !entry.file_type()?.is_symlink() {
                 todo.push((entry.path(), name));
             } else if meta.is_file() {
                 out.push(ObjectEntry { name, size: meta.len() });
@@ -99,7 +104,7 @@ pub fn list(dir: &Path, name_prefix: &str) -> io::Result<Vec<ObjectEntry>> {
     Ok(out)
 }
 
-/// The names of the directories directly in `dir`.
+/// The names of the directories directly in `dir` (symbolic links to directories included).
 pub fn list_dirs(dir: &Path) -> io::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -109,7 +114,7 @@ pub fn list_dirs(dir: &Path) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
     for entry in entries {
         let entry = entry?;
-        if entry.file_type()?.is_dir() {
+        if entry.path().is_dir() {
             out.extend(entry.file_name().to_str().map(String::from));
         }
     }
