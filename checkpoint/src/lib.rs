@@ -6,6 +6,7 @@
 //! ranks' indices into `manifest.json` and writes the commit marker last. Readers ask for any box
 //! of any tensor, so a checkpoint written by N processes loads on M.
 
+mod finite;
 pub mod manifest;
 pub mod safetensors;
 pub mod saver;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::slice::Slice;
@@ -12,6 +12,75 @@ use crate::DType;
 pub const FORMAT_VERSION: u32 = 1;
 /// Written into every manifest: retention deletes only checkpoints that carry it.
 pub const WRITER: &str = "bd3";
+
+/// `step-NNNNNNNNNN`: the directory of one step.
+pub fn step_dir(step: u64) -> String {
+    format!("step-{step:010}")
+}
+
+/// `rank-NNNNN-PPP.safetensors`: part `part` of what rank `rank` holds.
+pub fn rank_file(rank: usize, part: usize) -> String {
+    format!("rank-{rank:05}-{part:03}.safetensors")
+}
+
+/// `rank-NNNNN.json`: rank `rank`'s index.
+pub fn rank_index(rank: usize) -> String {
+    format!("rank-{rank:05}.json")
+}
+
+/// `(rank, part)` of a tensor file name exactly as [`rank_file`] spells it; `None` for anything
+/// else (other names, paths, `..`, leading zeros that were not ours).
+pub fn parse_rank_file(name: &str) -> Option<(usize, usize)> {
+    let (rank, part) = name.strip_prefix("rank-")?.strip_suffix(".safetensors")?.split_once('-')?;
+    let parsed = (parse_digits(rank)?, parse_digits(part)?);
+    (rank_file(parsed.0, parsed.1) == name).then_some(parsed)
+}
+
+/// The rank of an index name exactly as [`rank_index`] spells it.
+pub fn parse_rank_index(name: &str) -> Option<usize> {
+    let rank = parse_digits(name.strip_prefix("rank-")?.strip_suffix(".json")?)?;
+    (rank_index(rank) == name).then_some(rank)
+}
+
+fn parse_digits(s: &str) -> Option<usize> {
+    s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok()).flatten()
+}
+
+/// Checks every file name a manifest or rank index lists, before anything opens, verifies or
+/// deletes such a file: each must be a tensor file name this crate writes (one path component,
+/// `rank-NNNNN-PPP.safetensors`) of a rank that exists (`only_rank`: the index's own), and every
+/// tensor piece must name a listed file. `source` (the JSON file's URL) leads the error.
+fn check_file_names(
+    source: &str,
+    world_size: usize,
+    files: &BTreeMap<String, FileEntry>,
+    tensors: &BTreeMap<String, TensorEntry>,
+    only_rank: Option<usize>,
+) -> Result<()> {
+    for (name, entry) in files {
+        let (rank, _) = parse_rank_file(name).with_context(|| {
+            format!(
+                "{source}: field `files`: `{name}` is not a checkpoint file name (expected rank-NNNNN-PPP.safetensors)"
+            )
+        })?;
+        ensure!(
+            rank == entry.rank && rank < world_size && only_rank.is_none_or(|r| r == rank),
+            "{source}: field `files`: `{name}` is a file of rank {rank}, but its entry says rank {} (world size {world_size}{})",
+            entry.rank,
+            only_rank.map_or(String::new(), |r| format!(", index of rank {r}"))
+        );
+    }
+    for (tensor, entry) in tensors {
+        for piece in &entry.pieces {
+            ensure!(
+                files.contains_key(&piece.file),
+                "{source}: field `tensors.{tensor}.pieces`: file `{}` is not one of the listed `files`",
+                piece.file
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Run-level facts rank 0 writes into the manifest.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -121,6 +190,19 @@ impl Manifest {
 
     pub fn total_bytes(&self) -> u64 {
         self.files.values().map(|f| f.bytes).sum()
+    }
+
+    /// Refuses a manifest naming any file outside the step directory or not of this crate's
+    /// naming scheme; `source` is the manifest's URL, for the error.
+    pub fn check_file_names(&self, source: &str) -> Result<()> {
+        check_file_names(source, self.world_size, &self.files, &self.tensors, None)
+    }
+}
+
+impl RankIndex {
+    /// As [`Manifest::check_file_names`], and every file must be this rank's own.
+    pub fn check_file_names(&self, source: &str) -> Result<()> {
+        check_file_names(source, self.world_size, &self.files, &self.tensors, Some(self.rank))
     }
 }
 

@@ -9,21 +9,19 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
-use futures::TryStreamExt;
-use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use storage::StoreUrl;
 use tracing::{info, warn};
 
-use crate::manifest::{CheckpointMeta, FileEntry, Manifest, Piece, RankIndex, TensorEntry, FORMAT_VERSION, WRITER};
+use crate::finite;
+use crate::manifest::{
+    parse_rank_file, parse_rank_index, rank_file, rank_index, step_dir, CheckpointMeta, FileEntry, Manifest, Piece,
+    RankIndex, TensorEntry, FORMAT_VERSION, WRITER,
+};
 use crate::safetensors::{self, TensorView};
 use crate::slice::{copy_region, Slice};
 use crate::TensorBuffer;
@@ -97,34 +95,17 @@ pub struct ResumePoint {
 
 /// The checkpoints under one URL.
 pub struct CheckpointStore {
-    store: Arc<dyn ObjectStore>,
-    prefix: Path,
+    /// Where the steps live (bd3-storage: retries, atomic puts, plain file I/O when local).
+    dir: StoreUrl,
     url: String,
-    /// Where the steps live on disk when the URL is local (to remove emptied directories and the
-    /// staging files a killed writer leaves, which the object-store API does not list).
-    local_root: Option<PathBuf>,
-    runtime: Arc<tokio::runtime::Runtime>,
-}
-
-fn step_dir(step: u64) -> String {
-    format!("step-{step:010}")
-}
-
-fn rank_file(rank: usize, part: usize) -> String {
-    format!("rank-{rank:05}-{part:03}.safetensors")
-}
-
-fn rank_index(rank: usize) -> String {
-    format!("rank-{rank:05}.json")
 }
 
 /// Whether a file name is one this crate writes into a step directory (retention and clean-up
-/// delete nothing else). Staging files of an interrupted local write carry a `#…` suffix.
+/// delete nothing else): the marker, the manifest, a rank index or a rank's tensor file, or the
+/// staging file (`name#…`) an interrupted local write of one of those left.
 fn is_ours(name: &str) -> bool {
-    let base = name.split('#').next().unwrap_or(name);
-    base == MARKER
-        || base == MANIFEST
-        || (base.starts_with("rank-") && (base.ends_with(".safetensors") || base.ends_with(".json")))
+    let base = name.split_once(storage::STAGING_MARK).map_or(name, |(base, _)| base);
+    base == MARKER || base == MANIFEST || parse_rank_file(base).is_some() || parse_rank_index(base).is_some()
 }
 
 impl CheckpointStore {
@@ -136,28 +117,24 @@ impl CheckpointStore {
 
     /// As [`open`](Self::open), with explicit object-store options (endpoint, keys, …).
     pub fn open_with_options(url: &str, options: Vec<(String, String)>) -> Result<Self> {
-        let opened = dataloader::store::open_with_options(url, options)
-            .with_context(|| format!("opening checkpoint location {url}"))?;
-        let local_root = local_path(url);
-        Self::new(opened.store, opened.prefix, url.to_string(), local_root)
+        let dir =
+            storage::open_with_options(url, options).with_context(|| format!("opening checkpoint location {url}"))?;
+        Ok(Self::from_location(dir))
     }
 
-    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path, url: String, local_root: Option<PathBuf>) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("bd3-checkpoint")
-            .enable_all()
-            .build()
-            .context("starting the checkpoint I/O runtime")?;
-        Ok(Self { store, prefix, url, local_root, runtime: Arc::new(runtime) })
+    /// The checkpoints under an already opened location.
+    pub fn from_location(dir: StoreUrl) -> Self {
+        let url = dir.url.trim_end_matches('/').to_string();
+        Self { dir, url }
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    fn path(&self, step: u64, file: &str) -> Path {
-        self.prefix.clone().join(step_dir(step)).join(file)
+    /// `step-…/file`: the object name under the location.
+    fn name(step: u64, file: &str) -> String {
+        format!("{}/{file}", step_dir(step))
     }
 
     /// `url/step-…/file`, for messages.
@@ -166,132 +143,52 @@ impl CheckpointStore {
     }
 
     fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        self.runtime.block_on(f)
+        storage::block_on(f)
     }
 
-    // ---- I/O primitives: std::fs for local locations (object_store's local backend moved data
-    // several times slower than plain file I/O), object_store for everything else. ----------------
+    // ---- I/O primitives: bd3-storage (atomic puts, retries, plain file I/O when local). ----------
 
     /// Writes a file atomically: readers see the whole file or none.
     async fn put_file(&self, step: u64, file: &str, chunks: Vec<Bytes>) -> Result<()> {
-        let name = self.display(step, file);
-        if let Some(root) = &self.local_root {
-            let dir = root.join(step_dir(step));
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            // Staged under a `#` name (never listed as ours-and-complete), then renamed.
-            let staged = dir.join(format!("{file}#{}", std::process::id()));
-            let mut f = std::fs::File::create(&staged).with_context(|| format!("writing {name}"))?;
-            for c in &chunks {
-                f.write_all(c).with_context(|| format!("writing {name}"))?;
-            }
-            drop(f);
-            std::fs::rename(&staged, dir.join(file)).with_context(|| format!("writing {name}"))?;
-            return Ok(());
-        }
-        self.store
-            .put(&self.path(step, file), PutPayload::from_iter(chunks))
-            .await
-            .with_context(|| format!("writing {name}"))?;
-        Ok(())
+        self.dir.put(&Self::name(step, file), chunks).await
     }
 
     /// A whole file, or `None` if it does not exist.
     async fn get_file(&self, step: u64, file: &str) -> Result<Option<Bytes>> {
-        let name = self.display(step, file);
-        if let Some(root) = &self.local_root {
-            return match std::fs::read(root.join(step_dir(step)).join(file)) {
-                Ok(b) => Ok(Some(Bytes::from(b))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e).with_context(|| format!("reading {name}")),
-            };
-        }
-        match self.store.get(&self.path(step, file)).await {
-            Ok(got) => Ok(Some(got.bytes().await.with_context(|| format!("reading {name}"))?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {name}")),
-        }
+        self.dir.get_opt(&Self::name(step, file)).await
     }
 
     async fn get_ranges(&self, step: u64, file: &str, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
-        let name = self.display(step, file);
-        if let Some(root) = &self.local_root {
-            let f =
-                std::fs::File::open(root.join(step_dir(step)).join(file)).with_context(|| format!("reading {name}"))?;
-            return ranges
-                .iter()
-                .map(|r| {
-                    let mut buf = vec![0u8; (r.end - r.start) as usize];
-                    f.read_exact_at(&mut buf, r.start).with_context(|| format!("reading {name} at {r:?}"))?;
-                    Ok(Bytes::from(buf))
-                })
-                .collect();
-        }
-        self.store.get_ranges(&self.path(step, file), ranges).await.with_context(|| format!("reading {name}"))
+        self.dir.get_ranges(&Self::name(step, file), ranges).await
     }
 
     async fn get_range(&self, step: u64, file: &str, range: Range<u64>) -> Result<Bytes> {
-        let mut one = self.get_ranges(step, file, std::slice::from_ref(&range)).await?;
-        Ok(one.pop().expect("one range, one buffer"))
+        self.dir.get_range(&Self::name(step, file), range).await
     }
 
     async fn exists(&self, step: u64, file: &str) -> Result<bool> {
-        if let Some(root) = &self.local_root {
-            return Ok(root.join(step_dir(step)).join(file).is_file());
-        }
-        match self.store.head(&self.path(step, file)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e).with_context(|| format!("checking {}", self.display(step, file))),
-        }
+        Ok(self.dir.head(&Self::name(step, file)).await?.is_some())
     }
 
     async fn delete_file(&self, step: u64, file: &str) -> Result<()> {
-        let result = match &self.local_root {
-            Some(root) => match std::fs::remove_file(root.join(step_dir(step)).join(file)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow::Error::from(e)),
-                _ => Ok(()),
-            },
-            None => match self.store.delete(&self.path(step, file)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-                Err(e) => Err(e.into()),
-            },
-        };
-        result.with_context(|| format!("deleting {}", self.display(step, file)))
+        self.dir.delete(&Self::name(step, file)).await
     }
 
     /// The step numbers of every `step-…` directory.
     async fn list_steps(&self) -> Result<Vec<u64>> {
         let parse = |n: &str| n.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok());
-        if let Some(root) = &self.local_root {
-            let entries = match std::fs::read_dir(root) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-                Err(e) => return Err(e).with_context(|| format!("listing {}", self.url)),
-            };
-            return Ok(entries
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .filter_map(|e| e.file_name().to_str().and_then(parse))
-                .collect());
-        }
-        let listing = self
-            .store
-            .list_with_delimiter(Some(&self.prefix))
-            .await
-            .with_context(|| format!("listing {}", self.url))?;
-        Ok(listing.common_prefixes.iter().filter_map(|d| d.filename().and_then(parse)).collect())
+        Ok(self.dir.list_dirs("").await?.iter().filter_map(|d| parse(d)).collect())
     }
 
-    /// The names of the files in a step directory (staging files of a local writer included).
+    /// The names of the files directly in a step directory (staging files of a local writer
+    /// included).
     async fn list_files(&self, step: u64) -> Result<Vec<String>> {
-        if let Some(root) = &self.local_root {
-            let entries = std::fs::read_dir(root.join(step_dir(step)))
-                .with_context(|| format!("listing {}", self.display(step, "")))?;
-            return Ok(entries.flatten().filter_map(|e| e.file_name().to_str().map(String::from)).collect());
-        }
-        let prefix = self.prefix.clone().join(step_dir(step));
-        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
-        Ok(objects.into_iter().filter_map(|o| o.location.filename().map(String::from)).collect())
+        let dir = step_dir(step);
+        let listed = self.dir.list(&dir).await?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|e| e.name.strip_prefix(&dir)?.strip_prefix('/').filter(|n| !n.contains('/')).map(String::from))
+            .collect())
     }
 
     /// Every step directory, committed or not, in increasing order.
@@ -324,11 +221,6 @@ impl CheckpointStore {
         options: WriteOptions,
     ) -> Result<RankIndex> {
         ensure!(rank < world_size, "rank {rank} is not below the world size {world_size}");
-        if rank == 0 {
-            // Rewriting a step (a run resumed from an earlier one): it stops existing for readers
-            // before any of its files change.
-            self.uncommit(step)?;
-        }
         tensors.sort_by(|a, b| a.buffer.name.cmp(&b.buffer.name));
         let mut index = RankIndex {
             step,
@@ -360,36 +252,58 @@ impl CheckpointStore {
             size += bytes;
             groups.last_mut().expect("a group").push(t);
         }
+        // Encode every file and checksum it first, checking the floating-point data in the same
+        // pass: a state with NaN or ±Inf is refused before anything of this step changes.
+        let mut files = Vec::with_capacity(groups.len());
+        let mut non_finite = Vec::new();
+        for (part, group) in groups.into_iter().enumerate() {
+            let file = rank_file(rank, part);
+            let mut views = Vec::with_capacity(group.len());
+            for t in &group {
+                let entry = index.tensors.entry(t.buffer.name.clone()).or_insert_with(|| TensorEntry {
+                    dtype: t.buffer.dtype,
+                    shape: t.global_shape.clone(),
+                    pieces: vec![],
+                });
+                entry.pieces.push(Piece { file: file.clone(), slice: t.slice() });
+            }
+            for t in group {
+                views.push((t.buffer.name, t.buffer.dtype, t.buffer.shape, Bytes::from(t.buffer.data)));
+            }
+            let tensor_views: Vec<TensorView<'_>> = views
+                .iter()
+                .map(|(name, dtype, shape, data)| TensorView { name, dtype: *dtype, shape, data: data.clone() })
+                .collect();
+            let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+            let chunks = safetensors::encode(&tensor_views, &meta)?;
+            drop(tensor_views);
+            // chunks[0] is the header, then one chunk per tensor in `views` order.
+            let mut crc = crc32c::crc32c(&chunks[0]);
+            for ((name, dtype, _, _), data) in views.iter().zip(&chunks[1..]) {
+                let (next, bad) = finite::crc_and_count_non_finite(crc, *dtype, data);
+                crc = next;
+                if bad > 0 {
+                    non_finite
+                        .push(format!("`{name}` ({bad} of {} {dtype:?} values)", data.len() / dtype.size_bytes()));
+                }
+            }
+            let bytes = chunks.iter().map(|c| c.len() as u64).sum();
+            index.files.insert(file.clone(), FileEntry { rank, bytes, crc32c: crc });
+            files.push((file, chunks));
+        }
+        ensure!(
+            non_finite.is_empty(),
+            "refusing to checkpoint step {step} (rank {rank}): non-finite values (NaN or ±Inf) in tensor {}; nothing of this step was written",
+            non_finite.join(", tensor ")
+        );
+        if rank == 0 {
+            // Rewriting a step (a run resumed from an earlier one): it stops existing for readers
+            // before any of its files change.
+            self.uncommit(step)?;
+        }
         self.block_on(async {
-            for (part, group) in groups.into_iter().enumerate() {
-                let file = rank_file(rank, part);
-                let mut views = Vec::with_capacity(group.len());
-                for t in &group {
-                    let entry = index.tensors.entry(t.buffer.name.clone()).or_insert_with(|| TensorEntry {
-                        dtype: t.buffer.dtype,
-                        shape: t.global_shape.clone(),
-                        pieces: vec![],
-                    });
-                    entry.pieces.push(Piece { file: file.clone(), slice: t.slice() });
-                }
-                for t in group {
-                    views.push((t.buffer.name, t.buffer.dtype, t.buffer.shape, Bytes::from(t.buffer.data)));
-                }
-                let views: Vec<TensorView<'_>> = views
-                    .iter()
-                    .map(|(name, dtype, shape, data)| TensorView { name, dtype: *dtype, shape, data: data.clone() })
-                    .collect();
-                let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-                let chunks = safetensors::encode(&views, &meta)?;
-                drop(views);
-                let mut crc = 0u32;
-                let mut bytes = 0u64;
-                for c in &chunks {
-                    crc = crc32c::crc32c_append(crc, c);
-                    bytes += c.len() as u64;
-                }
+            for (file, chunks) in files {
                 self.put_file(step, &file, chunks).await?;
-                index.files.insert(file, FileEntry { rank, bytes, crc32c: crc });
             }
             let json = serde_json::to_vec_pretty(&index)?;
             self.put_file(step, &rank_index(rank), vec![json.into()]).await?;
@@ -416,9 +330,12 @@ impl CheckpointStore {
                 loop {
                     let mut stale = None;
                     if let Some(bytes) = self.get_file(step, &rank_index(rank)).await? {
-                        let index: RankIndex = serde_json::from_slice(&bytes)
-                            .with_context(|| format!("{}: not a rank index", self.display(step, &rank_index(rank))))?;
+                        let source = self.display(step, &rank_index(rank));
+                        let index: RankIndex =
+                            serde_json::from_slice(&bytes).with_context(|| format!("{source}: not a rank index"))?;
+                        ensure!(index.rank == rank, "{source}: field `rank`: says {}, expected {rank}", index.rank);
                         if index.attempt == attempt {
+                            index.check_file_names(&source)?;
                             ranks.push(index);
                             break;
                         }
@@ -496,12 +413,14 @@ impl CheckpointStore {
             manifest.format_version
         );
         ensure!(manifest.step == step, "{file}: says step {}", manifest.step);
+        manifest.check_file_names(&file)?;
         Ok(manifest)
     }
 
     /// Reads every file of a step and compares sizes and checksums with the manifest; the error
     /// names the first bad file.
     pub fn verify(&self, manifest: &Manifest) -> Result<()> {
+        manifest.check_file_names(&self.display(manifest.step, MANIFEST))?;
         self.block_on(async {
             for (file, entry) in &manifest.files {
                 let name = self.display(manifest.step, file);
@@ -551,6 +470,7 @@ impl CheckpointStore {
     /// Reads several boxes at once: each file's header is read once and all the byte ranges
     /// needed from a file are fetched in one request (a rank's whole state loads this way).
     pub fn read_many(&self, manifest: &Manifest, requests: &[(String, Slice)]) -> Result<Vec<TensorBuffer>> {
+        manifest.check_file_names(&self.display(manifest.step, MANIFEST))?;
         let step_url = format!("{}/{}", self.url, step_dir(manifest.step));
         // Which piece of which file each request needs: (request, piece).
         let mut by_file: BTreeMap<&str, Vec<(usize, &Piece)>> = BTreeMap::new();
@@ -652,6 +572,7 @@ impl CheckpointStore {
 
     fn delete_committed(&self, manifest: &Manifest) -> Result<()> {
         let step = manifest.step;
+        manifest.check_file_names(&self.display(step, MANIFEST))?;
         let mut files = vec![MARKER.to_string(), MANIFEST.to_string()];
         files.extend(manifest.files.keys().cloned());
         files.extend((0..manifest.world_size).map(rank_index));
@@ -660,16 +581,19 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Deletes files of a step directory; names that are not ours are refused before anything
+    /// is deleted.
     fn delete_files(&self, step: u64, files: &[String]) -> Result<()> {
+        if let Some(bad) = files.iter().find(|f| !is_ours(f)) {
+            bail!("refusing to delete `{bad}` in {}: not a file bd3 writes into a checkpoint", self.display(step, ""));
+        }
         self.block_on(async {
             for file in files {
                 self.delete_file(step, file).await?;
             }
             Ok::<_, anyhow::Error>(())
         })?;
-        if let Some(root) = &self.local_root {
-            let _ = std::fs::remove_dir(root.join(step_dir(step))); // only succeeds when nothing foreign is left
-        }
+        self.dir.remove_empty_dir(&step_dir(step)); // only succeeds when nothing foreign is left
         Ok(())
     }
 
@@ -686,12 +610,4 @@ impl CheckpointStore {
         }
         Ok(cleaned)
     }
-}
-
-/// The directory a local checkpoint URL points at.
-fn local_path(url: &str) -> Option<PathBuf> {
-    if let Some(rest) = url.strip_prefix("file://") {
-        return Some(PathBuf::from(rest));
-    }
-    (!url.contains("://")).then(|| PathBuf::from(url))
 }

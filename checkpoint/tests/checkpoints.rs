@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use checkpoint::manifest::CheckpointMeta;
 use checkpoint::store::{LocalTensor, Retention, WriteOptions};
 use checkpoint::{AsyncSaver, CheckpointStore, DType, SaveJob, Slice, TensorBuffer};
-use dataloader::testing::{S3TestServer, TempDir};
+use storage::testing::{S3TestServer, TempDir};
 
-/// Deterministic test tensors: global shapes with odd row counts, a scalar, several dtypes.
+/// Deterministic test tensors: global shapes with odd row counts, a scalar, several dtypes, all
+/// values finite.
 fn global_tensors(seed: u8) -> Vec<TensorBuffer> {
     let specs: [(&str, DType, &[usize]); 5] = [
         ("model.blocks.0.attn_qkv.weight", DType::F32, &[7, 5]),
@@ -25,7 +26,13 @@ fn global_tensors(seed: u8) -> Vec<TensorBuffer> {
         .enumerate()
         .map(|(i, (name, dtype, shape))| {
             let n = shape.iter().product::<usize>() * dtype.size_bytes();
-            let data = (0..n).map(|j| (j as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add(i as u8)).collect();
+            let mut data: Vec<u8> =
+                (0..n).map(|j| (j as u8).wrapping_mul(31).wrapping_add(seed).wrapping_add(i as u8)).collect();
+            // Finite floats (a checkpoint refuses NaN and ±Inf): clear the top exponent bit, which
+            // sits in each value's last (most significant) byte.
+            for value in data.chunks_mut(dtype.size_bytes()) {
+                value[value.len() - 1] &= 0xbf;
+            }
             TensorBuffer::new(*name, *dtype, shape.to_vec(), data).unwrap()
         })
         .collect()
@@ -381,4 +388,195 @@ fn rank_zero_commits_only_indices_of_its_own_attempt() {
     for t in &new {
         assert_eq!(&store.read(&manifest, &t.name, &Slice::whole(&t.shape)).unwrap(), t);
     }
+}
+
+// ---- Names in manifests and indices never leave the step directory. ----------------------------
+
+const EVIL: &str = "../../victim.txt";
+
+/// The victim: a file outside the checkpoint directory holding exactly the bytes of step
+/// `step`'s first tensor file, so that a manifest naming it by a traversal path has a matching
+/// size and checksum.
+fn plant_victim(tmp: &Path, ckpt: &Path, step: u64) -> (std::path::PathBuf, Vec<u8>) {
+    let bytes = std::fs::read(ckpt.join(format!("step-{step:010}/rank-00000-000.safetensors"))).unwrap();
+    let victim = tmp.join("victim.txt");
+    std::fs::write(&victim, &bytes).unwrap();
+    assert_eq!(
+        ckpt.join(format!("step-{step:010}")).join(EVIL).canonicalize().unwrap(),
+        victim.canonicalize().unwrap()
+    );
+    (victim, bytes)
+}
+
+/// Renames `old` to `new` in a manifest or index (its `files` and every piece), as JSON.
+fn rename_file_in(json: &mut serde_json::Value, old: &str, new: &str) {
+    let files = json["files"].as_object_mut().unwrap();
+    let entry = files.remove(old).unwrap();
+    files.insert(new.to_string(), entry);
+    for tensor in json["tensors"].as_object_mut().unwrap().values_mut() {
+        for piece in tensor["pieces"].as_array_mut().unwrap() {
+            if piece["file"] == old {
+                piece["file"] = new.into();
+            }
+        }
+    }
+}
+
+/// Rewrites committed step `step`'s manifest to name its first file `new`, with `COMMITTED`
+/// updated to match: everything but the name is still consistent.
+fn craft_manifest(ckpt: &Path, step: u64, new: &str) {
+    let dir = ckpt.join(format!("step-{step:010}"));
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    rename_file_in(&mut json, "rank-00000-000.safetensors", new);
+    let text = serde_json::to_vec_pretty(&json).unwrap();
+    std::fs::write(dir.join("manifest.json"), &text).unwrap();
+    std::fs::write(dir.join("COMMITTED"), format!("{{\"manifest_crc32c\": {}}}\n", crc32c::crc32c(&text))).unwrap();
+}
+
+/// A local checkpoint location (inside a temporary directory, where the victim goes) with step 1.
+fn evil_setup() -> (TempDir, std::path::PathBuf, CheckpointStore) {
+    let tmp = TempDir::new("ckpt-evil").unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let store = CheckpointStore::open(ckpt.to_str().unwrap()).unwrap();
+    save_whole(&store, 1, 1);
+    (tmp, ckpt, store)
+}
+
+fn assert_untouched(victim: &Path, bytes: &[u8]) {
+    assert_eq!(std::fs::read(victim).expect("the victim still exists"), bytes, "the victim's bytes changed");
+}
+
+fn assert_names_the_traversal(msg: &str) {
+    assert!(
+        msg.contains("manifest.json") && msg.contains("field `files`") && msg.contains(EVIL),
+        "the error names the manifest, the field and the value: {msg}"
+    );
+}
+
+#[test]
+fn a_traversal_name_in_a_manifest_is_refused_by_verify_and_readers() {
+    let (tmp, ckpt, store) = evil_setup();
+    let (victim, bytes) = plant_victim(tmp.path(), &ckpt, 1);
+    let good = store.manifest(1).unwrap();
+    // A manifest handed to verify or a reader directly (as `bd3 ckpt` does after loading one).
+    let mut json = serde_json::to_value(&good).unwrap();
+    rename_file_in(&mut json, "rank-00000-000.safetensors", EVIL);
+    let evil: checkpoint::Manifest = serde_json::from_value(json).unwrap();
+    assert_names_the_traversal(&format!("{:#}", store.verify(&evil).unwrap_err()));
+    let (name, shape) =
+        evil.tensors.iter().find(|(_, t)| t.pieces[0].file == EVIL).map(|(n, t)| (n, &t.shape)).unwrap();
+    let err = store.read(&evil, name, &Slice::whole(shape)).unwrap_err();
+    assert_names_the_traversal(&format!("{err:#}"));
+    // The same manifest on disk, committed: loading it is refused.
+    craft_manifest(&ckpt, 1, EVIL);
+    assert_names_the_traversal(&format!("{:#}", store.manifest(1).unwrap_err()));
+    for other in ["rank-00000-000.safetensors/../x", "/etc/passwd", "", "rank-0-0.safetensors", "rank-00000-000.json"] {
+        let mut json = serde_json::to_value(&good).unwrap();
+        rename_file_in(&mut json, "rank-00000-000.safetensors", other);
+        let m: checkpoint::Manifest = serde_json::from_value(json).unwrap();
+        let msg = format!("{:#}", store.verify(&m).unwrap_err());
+        assert!(msg.contains("not a checkpoint file name"), "{other:?}: {msg}");
+    }
+    assert_untouched(&victim, &bytes);
+}
+
+#[test]
+fn resume_and_retention_skip_a_manifest_with_a_traversal_name() {
+    let tmp = TempDir::new("ckpt-evil").unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let store = CheckpointStore::open(ckpt.to_str().unwrap()).unwrap();
+    for step in 1..=4 {
+        save_whole(&store, step, step as u8);
+    }
+    // Resume: the newest step is the crafted one; it is skipped, naming why.
+    let (victim, bytes) = plant_victim(tmp.path(), &ckpt, 4);
+    craft_manifest(&ckpt, 4, EVIL);
+    let resume = store.latest_valid().unwrap();
+    assert_eq!(resume.manifest.unwrap().step, 3);
+    assert_eq!(resume.skipped.len(), 1);
+    assert_names_the_traversal(&resume.skipped[0].1);
+    assert_untouched(&victim, &bytes);
+    // Retention: the crafted step is one to delete, but bd3 cannot vouch for it: kept, victim too.
+    let (victim, bytes) = plant_victim(tmp.path(), &ckpt, 1);
+    craft_manifest(&ckpt, 1, EVIL);
+    let deleted = store.apply_retention(Retention { keep_latest: 2, keep_every: 0 }).unwrap();
+    assert_eq!(deleted, vec![2]);
+    assert_untouched(&victim, &bytes);
+    assert!(ckpt.join("step-0000000001/manifest.json").exists());
+}
+
+#[test]
+fn clean_partial_and_commit_touch_only_names_of_their_own() {
+    let (tmp, ckpt, store) = evil_setup();
+    let (victim, bytes) = plant_victim(tmp.path(), &ckpt, 1);
+    // Rank 0 wrote its part of step 2; its index is then rewritten to name the victim.
+    let tensors = global_tensors(2).into_iter().map(LocalTensor::whole).collect();
+    store.write_rank(2, 0, 1, tensors, WriteOptions::default()).unwrap();
+    let index = ckpt.join("step-0000000002/rank-00000.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    rename_file_in(&mut json, "rank-00000-000.safetensors", EVIL);
+    std::fs::write(&index, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let err = store.commit(2, 1, meta(200), 0, Duration::from_secs(5)).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("rank-00000.json") && msg.contains("field `files`") && msg.contains(EVIL), "{msg}");
+    assert_eq!(store.committed_steps().unwrap(), vec![1]);
+    // clean_partial removes the uncommitted step's own files (a staging file too), nothing else.
+    let step2 = ckpt.join("step-0000000002");
+    std::fs::write(step2.join("rank-00000-001.safetensors#123.0"), "staged").unwrap();
+    std::fs::write(step2.join("notes.txt"), "foreign").unwrap();
+    std::fs::write(step2.join("rank-00000-000.safetensors.bak"), "foreign").unwrap();
+    assert_eq!(store.clean_partial().unwrap(), vec![2]);
+    let mut left: Vec<String> =
+        std::fs::read_dir(&step2).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    left.sort();
+    assert_eq!(left, ["notes.txt", "rank-00000-000.safetensors.bak"]);
+    assert_untouched(&victim, &bytes);
+    assert_round_trip(&store, 1, 1);
+}
+
+// ---- Non-finite values never reach a checkpoint. ------------------------------------------------
+
+#[test]
+fn a_state_with_nan_is_refused_and_the_previous_step_stays_the_latest() {
+    let dir = TempDir::new("ckpt-nan").unwrap();
+    let store = std::sync::Arc::new(CheckpointStore::open(dir.path().to_str().unwrap()).unwrap());
+    save_whole(&store, 1, 1);
+    let mut tensors = global_tensors(2);
+    // One NaN in a bf16 tensor (an f32 NaN's top half) and one in an f32 tensor.
+    let bf16 = tensors.iter_mut().find(|t| t.dtype == DType::BF16).unwrap();
+    bf16.data[4..6].copy_from_slice(&((f32::NAN.to_bits() >> 16) as u16).to_le_bytes());
+    let bf16_name = bf16.name.clone();
+    let f32 = tensors.iter_mut().find(|t| t.name == "optim.exp_avg.bias").unwrap();
+    f32.data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let with_nan: Vec<LocalTensor> = tensors.into_iter().map(LocalTensor::whole).collect();
+
+    let err = store.save(2, 0, 1, with_nan.clone(), Some(meta(200)), WriteOptions::default()).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!("`{bf16_name}` (1 of 33 BF16 values)"))
+            && msg.contains("`optim.exp_avg.bias` (1 of 5 F32 values)")
+            && msg.contains("step 2"),
+        "{msg}"
+    );
+    assert_eq!(store.committed_steps().unwrap(), vec![1]);
+    assert!(!dir.path().join("step-0000000002/rank-00000-000.safetensors").exists(), "nothing was written");
+    assert_eq!(store.latest_valid().unwrap().manifest.unwrap().step, 1);
+
+    // The same through the asynchronous saver, rewriting a step that exists: it stays committed.
+    let mut saver = AsyncSaver::new(store.clone());
+    let job = SaveJob {
+        step: 1,
+        rank: 0,
+        world_size: 1,
+        tensors: with_nan,
+        meta: Some(meta(100)),
+        options: WriteOptions::default(),
+        retention: None,
+    };
+    saver.save(job).unwrap();
+    let msg = format!("{:#}", saver.wait().unwrap_err());
+    assert!(msg.contains("non-finite") && msg.contains("step 1"), "{msg}");
+    assert_eq!(store.committed_steps().unwrap(), vec![1]);
+    assert_round_trip(&store, 1, 1);
 }

@@ -10,16 +10,18 @@ pub mod manifest;
 pub mod prepare;
 pub mod reader;
 pub mod shard;
-pub mod store;
 pub mod testing;
 pub mod tokenizer;
 
 pub use corpus::{PackedCorpus, TextCorpus};
 pub use loader::{Batch, InMemoryLoader, LoaderState};
 pub use manifest::{Manifest, SplitName};
-pub use object_store;
 pub use prepare::{prepare, Framing, PrepareConfig, PrepareSummary};
-pub use reader::{Reader, ReaderConfig, RetryConfig};
+pub use reader::{Reader, ReaderConfig};
+/// Object stores by URL (bd3-storage, under the name this crate always gave it).
+pub use storage as store;
+pub use storage::object_store;
+pub use storage::RetryConfig;
 pub use tokenizer::Gpt2Tokenizer;
 
 #[cfg(test)]

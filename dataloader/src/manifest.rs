@@ -1,7 +1,6 @@
 //! `index.json`: what `bd3 prepare` wrote and what the reader checks its shards against.
 
 use anyhow::{ensure, Context, Result};
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
 
 use crate::store::StoreUrl;
@@ -72,14 +71,7 @@ impl Manifest {
     /// Reads `index.json` under `dir` and checks that it is self-consistent.
     pub async fn load(dir: &StoreUrl) -> Result<Self> {
         let name = dir.display(MANIFEST_NAME);
-        let bytes = dir
-            .store
-            .get(&dir.child(MANIFEST_NAME))
-            .await
-            .with_context(|| format!("reading dataset manifest {name}"))?
-            .bytes()
-            .await
-            .with_context(|| format!("reading dataset manifest {name}"))?;
+        let bytes = dir.get(MANIFEST_NAME).await.with_context(|| format!("reading dataset manifest {name}"))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).with_context(|| format!("parsing dataset manifest {name}"))?;
         manifest.check().with_context(|| format!("in dataset manifest {name}"))?;

@@ -167,11 +167,7 @@ struct Position {
 pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
     config.check()?;
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the I/O runtime")?;
+    let rt = storage::runtime();
     let (input, names) = rt.block_on(list_input(config))?;
     let out = store::open_with_options(&config.output, config.store_options.clone())?;
     let files = rt.block_on(count_documents(&input, names, &config.text_field))?;
@@ -195,8 +191,15 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
     };
     let resumed_shards = journal.train.len() + journal.valid.len();
     if journal.complete {
-        tracing::info!(output = %config.output, "already prepared; nothing to do");
         let manifest = rt.block_on(Manifest::load(&out))?;
+        // "Nothing to do" only once every shard still matches the index.
+        rt.block_on(verify_shards(&out, &manifest)).with_context(|| {
+            format!(
+                "output {} was prepared before but no longer matches its {MANIFEST_NAME}: remove the output and run bd3 prepare again",
+                config.output
+            )
+        })?;
+        tracing::info!(output = %config.output, "already prepared and every shard verified; nothing to do");
         return Ok(PrepareSummary {
             manifest,
             resumed_shards,
@@ -208,8 +211,8 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
         tracing::info!(shards = resumed_shards, "continuing an interrupted prepare");
     }
     let train_docs = total_docs - config.valid_documents;
-    let mut packer = Packer::new(config, &rt, &out, journal, train_docs);
-    let text_bytes = run_pipeline(config, &rt, &input, &files, &mut packer)?;
+    let mut packer = Packer::new(config, rt, &out, journal, train_docs);
+    let text_bytes = run_pipeline(config, rt, &input, &files, &mut packer)?;
     let journal = packer.finish()?;
     let split = |shards: Vec<ShardInfo>, documents: u64| {
         let sequences = shards.iter().map(|s| s.sequences).sum::<u64>();
@@ -238,10 +241,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
         config.seq_len
     );
     rt.block_on(async {
-        out.store
-            .put(&out.child(MANIFEST_NAME), manifest.to_json().into())
-            .await
-            .with_context(|| format!("writing {}", out.display(MANIFEST_NAME)))?;
+        out.put(MANIFEST_NAME, vec![manifest.to_json().into()]).await?;
         write_journal(&out, &Journal { complete: true, ..journal }).await
     })?;
     let seconds = started.elapsed().as_secs_f64();
@@ -367,23 +367,13 @@ fn fingerprint(config: &PrepareConfig, files: &[InputFile]) -> String {
 }
 
 async fn read_journal(out: &StoreUrl) -> Result<Option<Journal>> {
-    match out.store.get(&out.child(JOURNAL)).await {
-        Ok(r) => {
-            let bytes = r.bytes().await.with_context(|| format!("reading {}", out.display(JOURNAL)))?;
-            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", out.display(JOURNAL)))?))
-        }
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(anyhow::Error::new(e).context(format!("reading {}", out.display(JOURNAL)))),
-    }
+    let Some(bytes) = out.get_opt(JOURNAL).await? else { return Ok(None) };
+    Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", out.display(JOURNAL)))?))
 }
 
 async fn write_journal(out: &StoreUrl, journal: &Journal) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(journal).expect("a journal serializes");
-    out.store
-        .put(&out.child(JOURNAL), bytes.into())
-        .await
-        .with_context(|| format!("writing {}", out.display(JOURNAL)))?;
-    Ok(())
+    out.put(JOURNAL, vec![bytes.into()]).await
 }
 
 /// A run of consecutive documents, numbered from `first`, with what they weigh in the input.
@@ -749,14 +739,8 @@ impl ShardWriter {
             for job in rx {
                 let (bytes, info) = shard::encode_with_info(&job.sequences, seq_len, group, &job.name)?;
                 drop(job.sequences);
-                rt.block_on(async {
-                    // One put: the shard appears whole or not at all (a local file is renamed into place).
-                    let path = out.child(&job.name);
-                    out.store
-                        .put(&path, bytes.into())
-                        .await
-                        .with_context(|| format!("writing shard {}", out.display(&job.name)))
-                })?;
+                // One put: the shard appears whole or not at all (a local file is renamed into place).
+                rt.block_on(out.put(&job.name, vec![bytes.into()]))?;
                 match job.split {
                     SplitName::Train => journal.train.push(info),
                     SplitName::Valid => journal.valid.push(info),
@@ -856,18 +840,29 @@ impl Progress {
     }
 }
 
-/// Reads every shard of `url`'s manifest whole and checks its SHA-256.
+/// Reads every shard of `url`'s manifest whole and checks its size and SHA-256.
 pub fn verify(url: &str, options: Vec<(String, String)>) -> Result<Manifest> {
     let dir = store::open_with_options(url.strip_suffix(MANIFEST_NAME).unwrap_or(url).trim_end_matches('/'), options)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
+    storage::block_on(async {
         let manifest = Manifest::load(&dir).await?;
-        for info in manifest.train.shards.iter().chain(&manifest.valid.shards) {
-            let name = dir.display(&info.path);
-            let bytes = fetch(&dir, &dir.child(&info.path)).await?;
-            let sum = hex(&Sha256::digest(&bytes));
-            ensure!(sum == info.sha256, "shard {name}: SHA-256 {sum}, the manifest says {}", info.sha256);
-        }
+        verify_shards(&dir, &manifest).await?;
         Ok(manifest)
     })
+}
+
+/// Checks every shard's size and SHA-256 against the manifest; the error names the first bad one.
+async fn verify_shards(dir: &StoreUrl, manifest: &Manifest) -> Result<()> {
+    for info in manifest.train.shards.iter().chain(&manifest.valid.shards) {
+        let name = dir.display(&info.path);
+        let bytes = dir.get_opt(&info.path).await?.with_context(|| format!("shard {name} is missing"))?;
+        ensure!(
+            bytes.len() as u64 == info.bytes,
+            "shard {name}: {} bytes, the manifest says {}",
+            bytes.len(),
+            info.bytes
+        );
+        let sum = hex(&Sha256::digest(&bytes));
+        ensure!(sum == info.sha256, "shard {name}: SHA-256 {sum}, the manifest says {}", info.sha256);
+    }
+    Ok(())
 }

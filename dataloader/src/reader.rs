@@ -8,9 +8,10 @@
 //! depend on `W`, the state (epoch, sequences consumed globally, seed) resumes on any world size
 //! with the same `G`. The last `N mod G` positions of an epoch's order are dropped.
 //!
-//! A background task on a small tokio runtime reads ahead window by window: for each window it
-//! works out which of its sequences this rank needs, reads each row group holding some of them
-//! once (a ranged read of the token column; retried with back-off on transient errors), decodes
+//! A background task on the process's shared storage runtime reads ahead window by window: for
+//! each window it works out which of its sequences this rank needs, reads each row group holding
+//! some of them once (a ranged read of the token column; bd3-storage retries it with back-off on
+//! transient errors), decodes
 //! it and hands the decoded row groups over a bounded channel; `next_batch` copies its sequences
 //! straight out of them. Memory stays at `prefetch_windows + 2` windows of decoded row groups
 //! (queued, being consumed, being read): with the defaults about 4 × 8 × 4 MB.
@@ -21,14 +22,12 @@
 //! any dependence on `W`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use arrow_array::UInt32Array;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::ObjectStoreExt;
-use tokio::runtime::Runtime;
+use storage::RetryConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -36,20 +35,6 @@ use crate::loader::{shuffle, Batch, LoaderState};
 use crate::manifest::{Manifest, ShardInfo, SplitName};
 use crate::shard::{footer_len, ShardMeta};
 use crate::store::{self, StoreUrl};
-
-/// Retries of one read: `attempts` in all, waiting `base_delay · 2^k` (at most `max_delay`).
-#[derive(Debug, Clone)]
-pub struct RetryConfig {
-    pub attempts: u32,
-    pub base_delay: Duration,
-    pub max_delay: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self { attempts: 8, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(10) }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
@@ -70,7 +55,7 @@ pub struct ReaderConfig {
     pub prefetch_windows: usize,
     /// Row groups read at once.
     pub concurrent_reads: usize,
-    pub io_threads: usize,
+    /// How each read is retried (bd3-storage's policy: transient errors only).
     pub retry: RetryConfig,
     /// Object-store options (endpoint, keys, …) over what the environment says.
     pub store_options: Vec<(String, String)>,
@@ -90,7 +75,6 @@ impl ReaderConfig {
             shuffle_window: 8,
             prefetch_windows: 2,
             concurrent_reads: 8,
-            io_threads: 2,
             retry: RetryConfig::default(),
             store_options: Vec::new(),
         }
@@ -154,7 +138,6 @@ struct Chunk {
 }
 
 pub struct Reader {
-    rt: Runtime,
     source: Arc<Source>,
     rx: mpsc::Receiver<Result<Chunk>>,
     task: JoinHandle<()>,
@@ -171,17 +154,12 @@ impl Reader {
     pub fn open(manifest_url: &str, config: ReaderConfig) -> Result<Self> {
         config.check()?;
         let dir_url = manifest_url.strip_suffix(crate::manifest::MANIFEST_NAME).unwrap_or(manifest_url);
-        let dir = store::open_with_options(dir_url.trim_end_matches('/'), config.store_options.clone())?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.io_threads.max(1))
-            .thread_name("bd3-reader")
-            .enable_all()
-            .build()
-            .context("starting the reader's I/O runtime")?;
-        let source = rt.block_on(open_source(dir, config))?;
+        let dir = store::open_with_options(dir_url.trim_end_matches('/'), config.store_options.clone())?
+            .with_retry(config.retry.clone());
+        let source = storage::block_on(open_source(dir, config))?;
         let seed = source.config.seed;
-        let (rx, task) = spawn_reader(&rt, &source, 0, 0, seed);
-        Ok(Self { rt, source, rx, task, chunk: None, epoch: 0, local: 0, seed })
+        let (rx, task) = spawn_reader(&source, 0, 0, seed);
+        Ok(Self { source, rx, task, chunk: None, epoch: 0, local: 0, seed })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -216,7 +194,7 @@ impl Reader {
         let mut tokens = Vec::with_capacity(micro * seq_len);
         while tokens.len() < micro * seq_len {
             if self.chunk.as_ref().is_none_or(|(c, used)| *used == c.slots.len()) {
-                let next = self.rt.block_on(self.rx.recv()).context("the reader's read-ahead task stopped")??;
+                let next = storage::block_on(self.rx.recv()).context("the reader's read-ahead task stopped")??;
                 let at = self.local + (tokens.len() / seq_len) as u64;
                 ensure!(
                     next.epoch == self.epoch && next.first == at,
@@ -280,15 +258,35 @@ impl Reader {
         self.local = b * c.per_rank() as u64 + rem / c.world_size as u64;
         self.seed = state.seed;
         self.chunk = None;
-        let (rx, task) = spawn_reader(&self.rt, &self.source, self.epoch, self.local, self.seed);
+        let (rx, task) = spawn_reader(&self.source, self.epoch, self.local, self.seed);
         (self.rx, self.task) = (rx, task);
         Ok(())
     }
 }
 
 impl Drop for Reader {
+    /// Stops the read-ahead (and, through [`AbortOnDrop`], the reads it started) quietly: a
+    /// cancelled task is not a failed read, so nothing is retried or logged.
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped, so that aborting the read-ahead
+/// task also stops the row-group reads it spawned (the runtime outlives every reader).
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
     }
 }
 
@@ -305,7 +303,7 @@ async fn open_source(dir: StoreUrl, config: ReaderConfig) -> Result<Arc<Source>>
         config.global_batch
     );
     let metas: Vec<Arc<ShardMeta>> = futures::stream::iter(split.shards.iter())
-        .map(|info| read_meta(&dir, info, &manifest, &config.retry))
+        .map(|info| read_meta(&dir, info, &manifest))
         .buffered(16)
         .try_collect()
         .await?;
@@ -313,64 +311,22 @@ async fn open_source(dir: StoreUrl, config: ReaderConfig) -> Result<Arc<Source>>
 }
 
 /// Checks a shard's size and footer against the manifest.
-async fn read_meta(
-    dir: &StoreUrl,
-    info: &ShardInfo,
-    manifest: &Manifest,
-    retry: &RetryConfig,
-) -> Result<Arc<ShardMeta>> {
+async fn read_meta(dir: &StoreUrl, info: &ShardInfo, manifest: &Manifest) -> Result<Arc<ShardMeta>> {
     let name = dir.display(&info.path);
-    let path = dir.child(&info.path);
-    let head = with_retry(&name, retry, || dir.store.head(&path)).await?;
-    ensure!(head.size == info.bytes, "shard {name} is {} bytes, the manifest says {}", head.size, info.bytes);
+    let size = dir.head(&info.path).await?.with_context(|| format!("shard {name} is missing"))?;
+    ensure!(size == info.bytes, "shard {name} is {size} bytes, the manifest says {}", info.bytes);
     ensure!(info.bytes >= 12, "shard {name} is {} bytes, too short for a Parquet file", info.bytes);
     let mut start = info.bytes.saturating_sub(64 * 1024);
-    let mut tail = with_retry(&name, retry, || dir.store.get_range(&path, start..info.bytes)).await?;
+    let mut tail = dir.get_range(&info.path, start..info.bytes).await?;
     if let Some(len) = footer_len(&tail).filter(|&l| (l + 8) as u64 > info.bytes - start) {
         start = info.bytes.saturating_sub(len as u64 + 8);
-        tail = with_retry(&name, retry, || dir.store.get_range(&path, start..info.bytes)).await?;
+        tail = dir.get_range(&info.path, start..info.bytes).await?;
     }
     let meta = ShardMeta::parse(&name, &tail, info, manifest.seq_len, manifest.row_group_sequences)?;
     Ok(Arc::new(meta))
 }
 
-/// Runs `op` until it succeeds, fails permanently (not found, bad request) or runs out of
-/// attempts. object_store retries transient HTTP failures itself; this covers what outlasts its
-/// retries, such as a server that restarts.
-async fn with_retry<T, F, Fut>(what: &str, retry: &RetryConfig, mut op: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = object_store::Result<T>>,
-{
-    let mut delay = retry.base_delay;
-    for attempt in 1.. {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < retry.attempts && is_transient(&e) => {
-                tracing::warn!(object = what, attempt, error = %e, "read failed, retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(retry.max_delay);
-            }
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {what}"))),
-        }
-    }
-    unreachable!("the loop returns")
-}
-
-fn is_transient(e: &object_store::Error) -> bool {
-    use object_store::Error as E;
-    !matches!(
-        e,
-        E::NotFound { .. }
-            | E::InvalidPath { .. }
-            | E::NotSupported { .. }
-            | E::PermissionDenied { .. }
-            | E::Unauthenticated { .. }
-    )
-}
-
 fn spawn_reader(
-    rt: &Runtime,
     source: &Arc<Source>,
     epoch: u64,
     local: u64,
@@ -378,7 +334,7 @@ fn spawn_reader(
 ) -> (mpsc::Receiver<Result<Chunk>>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(source.config.prefetch_windows.max(1));
     let source = source.clone();
-    let task = rt.spawn(async move {
+    let task = storage::spawn(async move {
         if let Err(e) = read_ahead(&source, epoch, local, seed, &tx).await {
             let _ = tx.send(Err(e)).await;
         }
@@ -490,7 +446,7 @@ async fn read_window(
     let mut reads = futures::stream::iter(needed)
         .map(|u| {
             let (source, unit) = (source.clone(), units[u]);
-            tokio::spawn(async move { read_group(&source, unit).await.map(|t| (u, t)) })
+            AbortOnDrop(storage::spawn(async move { read_group(&source, unit).await.map(|t| (u, t)) }))
         })
         .buffer_unordered(source.config.concurrent_reads.max(1));
     let mut index = vec![u32::MAX; units.len()];
@@ -506,7 +462,6 @@ async fn read_window(
 async fn read_group(source: &Source, unit: Unit) -> Result<UInt32Array> {
     let meta = &source.metas[unit.shard];
     let info = &source.shards[unit.shard];
-    let path = source.dir.child(&info.path);
     let range = meta.group_range(unit.group);
     if range.end > info.bytes {
         bail!(
@@ -517,8 +472,7 @@ async fn read_group(source: &Source, unit: Unit) -> Result<UInt32Array> {
             info.bytes
         );
     }
-    let chunk: Bytes =
-        with_retry(&meta.name, &source.config.retry, || source.dir.store.get_range(&path, range.clone())).await?;
+    let chunk: Bytes = source.dir.get_range(&info.path, range).await?;
     // decode_group checks the row count against the footer, which was checked against the manifest.
     meta.decode_group(unit.group, chunk, info, source.manifest.vocab_size)
 }

@@ -145,13 +145,19 @@ fn text_jsonl_and_parquet_inputs_give_the_reference_packing() {
     assert!(manifests.iter().all(|m| m.train == manifests[0].train), "the same shards from every format");
 }
 
-#[test]
-fn prepare_is_deterministic_and_continues_after_a_crash() {
-    let docs = documents();
+/// A temporary directory holding the test documents as `docs.jsonl`, and that file's path.
+fn jsonl_input() -> (TempDir, String) {
     let tmp = TempDir::new("prepare").unwrap();
     let input = tmp.path().join("docs.jsonl");
-    std::fs::write(&input, jsonl(&docs)).unwrap();
-    let input = input.to_str().unwrap();
+    std::fs::write(&input, jsonl(&documents())).unwrap();
+    let input = input.to_str().unwrap().to_string();
+    (tmp, input)
+}
+
+#[test]
+fn prepare_is_deterministic_and_continues_after_a_crash() {
+    let (tmp, input) = jsonl_input();
+    let input = input.as_str();
     let out = |name: &str| tmp.path().join(name).to_str().unwrap().to_string();
     prepare(&config(input, &out("a"))).unwrap();
     prepare(&config(input, &out("b"))).unwrap();
@@ -172,6 +178,32 @@ fn prepare_is_deterministic_and_continues_after_a_crash() {
     assert_eq!(prepare(&config(input, &out("c"))).unwrap().resumed_shards, a.len() - 2);
     let err = prepare(&PrepareConfig { seq_len: 16, ..config(input, &out("c")) }).unwrap_err();
     assert!(format!("{err:#}").contains("other input or settings"), "{err:#}");
+}
+
+#[test]
+fn a_rerun_over_a_damaged_output_names_the_bad_shard_instead_of_doing_nothing() {
+    let (tmp, input) = jsonl_input();
+    let out = tmp.path().join("out");
+    let c = config(&input, out.to_str().unwrap());
+    prepare(&c).unwrap();
+    assert!(prepare(&c).is_ok(), "an intact output: nothing to do");
+    // The same size, one byte flipped: only the SHA-256 can tell.
+    let shard = out.join("train-00001.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[20] ^= 0x01;
+    std::fs::write(&shard, &bytes).unwrap();
+    let msg = format!("{:#}", prepare(&c).unwrap_err());
+    assert!(
+        msg.contains("train-00001.parquet") && msg.contains("SHA-256") && msg.contains("remove the output"),
+        "{msg}"
+    );
+    // A truncated shard is named by its size.
+    std::fs::write(&shard, &bytes[..bytes.len() - 1]).unwrap();
+    let msg = format!("{:#}", prepare(&c).unwrap_err());
+    assert!(msg.contains("train-00001.parquet") && msg.contains("the manifest says"), "{msg}");
+    std::fs::remove_file(&shard).unwrap();
+    let msg = format!("{:#}", prepare(&c).unwrap_err());
+    assert!(msg.contains("train-00001.parquet is missing"), "{msg}");
 }
 
 #[test]

@@ -165,3 +165,55 @@ fn streams_from_s3_and_survives_a_server_restart_and_an_outage() {
     drop(outage.map(|t| t.join().unwrap()));
     assert_eq!(order, reference, "the same sequences as from local shards, through restart and outage");
 }
+
+/// Every warning logged in this test process, by any thread.
+fn captured_warnings() -> &'static std::sync::Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<std::sync::Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    let log = LOG.get_or_init(Default::default);
+    INSTALL.call_once(|| {
+        struct Sink;
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                captured_warnings().lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        // Fails only if another subscriber is installed already; then nothing is captured and
+        // the assertion below cannot fail, which the first assertion rules out.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(|| Sink)
+            .try_init();
+    });
+    log
+}
+
+#[test]
+fn dropping_readers_mid_read_ahead_logs_no_retries() {
+    let log = captured_warnings();
+    tracing::warn!(probe = "dropping-readers", "capture works");
+    assert!(String::from_utf8_lossy(&log.lock().unwrap()).contains("dropping-readers"), "warnings are captured");
+    let (dir, url) = local_dataset(600, 0);
+    // Small windows and several reads in flight: each reader is dropped (or restored) while its
+    // read-ahead task and row-group reads are still running.
+    let c = ReaderConfig { shuffle_window: 1, prefetch_windows: 4, concurrent_reads: 4, ..config(3, 0, 1, 3) };
+    for i in 0..40 {
+        let mut reader = Reader::open(&url, c.clone()).unwrap();
+        reader.next_batch().unwrap();
+        if i % 4 == 0 {
+            reader.restore(LoaderState { epoch: 1, consumed: 24, seed: 3 }).unwrap();
+            reader.next_batch().unwrap();
+        }
+        drop(reader);
+    }
+    // Let any task still running after its reader was dropped finish (and log, if it would).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains(dir.path().to_str().unwrap())).collect();
+    assert!(ours.is_empty(), "warnings while dropping readers: {ours:#?}");
+}
