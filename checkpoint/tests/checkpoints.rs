@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use checkpoint::manifest::CheckpointMeta;
 use checkpoint::store::{LocalTensor, Retention, WriteOptions};
 use checkpoint::{AsyncSaver, CheckpointStore, DType, SaveJob, Slice, TensorBuffer};
-use storage::testing::{S3TestServer, TempDir};
+use storage::testing::{temp_dir, S3TestServer, TempDir};
 
 /// Deterministic test tensors: global shapes with odd row counts, a scalar, several dtypes, all
 /// values finite.
@@ -75,7 +75,7 @@ fn assert_round_trip(store: &CheckpointStore, step: u64, seed: u8) {
 
 #[test]
 fn round_trip_on_local_disk_with_small_files() {
-    let dir = TempDir::new("ckpt-rt").unwrap();
+    let dir = temp_dir("ckpt-rt").unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     let tensors = global_tensors(1).into_iter().map(LocalTensor::whole).collect();
     // Tiny files force one tensor per file: the manifest must still find each.
@@ -152,14 +152,14 @@ fn reshard(store: &CheckpointStore, url: &str, s3: Option<&S3TestServer>) {
 
 #[test]
 fn written_by_two_processes_loads_on_one_and_three() {
-    let dir = TempDir::new("ckpt-reshard").unwrap();
+    let dir = temp_dir("ckpt-reshard").unwrap();
     let url = dir.path().to_str().unwrap().to_string();
     reshard(&CheckpointStore::open(&url).unwrap(), &url, None);
 }
 
 #[test]
 fn a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable() {
-    let dir = TempDir::new("ckpt-kill").unwrap();
+    let dir = temp_dir("ckpt-kill").unwrap();
     let url = dir.path().to_str().unwrap().to_string();
     let store = CheckpointStore::open(&url).unwrap();
     save_whole(&store, 1, 1);
@@ -185,7 +185,7 @@ fn a_writer_killed_mid_save_leaves_the_previous_checkpoint_loadable() {
 
 #[test]
 fn a_flipped_byte_is_detected_and_resume_falls_back_naming_the_shard() {
-    let dir = TempDir::new("ckpt-flip").unwrap();
+    let dir = temp_dir("ckpt-flip").unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     save_whole(&store, 1, 1);
     save_whole(&store, 2, 2);
@@ -206,7 +206,7 @@ fn a_flipped_byte_is_detected_and_resume_falls_back_naming_the_shard() {
 
 #[test]
 fn retention_keeps_the_latest_and_every_nth_and_only_deletes_its_own() {
-    let dir = TempDir::new("ckpt-keep").unwrap();
+    let dir = temp_dir("ckpt-keep").unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     for step in 1..=6 {
         save_whole(&store, step, step as u8);
@@ -232,7 +232,7 @@ fn retention_keeps_the_latest_and_every_nth_and_only_deletes_its_own() {
 
 #[test]
 fn async_save_errors_surface_later_and_leave_the_previous_checkpoint() {
-    let dir = TempDir::new("ckpt-async").unwrap();
+    let dir = temp_dir("ckpt-async").unwrap();
     let store = std::sync::Arc::new(CheckpointStore::open(dir.path().to_str().unwrap()).unwrap());
     let mut saver = AsyncSaver::new(store.clone());
     let job = |step: u64, seed: u8| SaveJob {
@@ -327,7 +327,7 @@ fn flip_last_byte(path: &Path) {
 /// boxes of one tensor by one rank, and reads back whole and as any other box.
 #[test]
 fn flat_ranges_written_as_several_boxes_per_rank_read_back_whole() {
-    let dir = TempDir::new("ckpt-flat").unwrap();
+    let dir = temp_dir("ckpt-flat").unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     let t = &global_tensors(4)[4]; // [2, 3, 4] f16
     let elem = t.dtype.size_bytes();
@@ -359,7 +359,7 @@ fn flat_ranges_written_as_several_boxes_per_rank_read_back_whole() {
 /// instead of merging the leftover, and names the leftover if it times out.
 #[test]
 fn rank_zero_commits_only_indices_of_its_own_attempt() {
-    let dir = TempDir::new("ckpt-attempt").unwrap();
+    let dir = temp_dir("ckpt-attempt").unwrap();
     let store = CheckpointStore::open(dir.path().to_str().unwrap()).unwrap();
     let (old, new) = (global_tensors(1), global_tensors(2));
     let first = WriteOptions { attempt: 11, ..Default::default() };
@@ -436,7 +436,7 @@ fn craft_manifest(ckpt: &Path, step: u64, new: &str) {
 
 /// A local checkpoint location (inside a temporary directory, where the victim goes) with step 1.
 fn evil_setup() -> (TempDir, std::path::PathBuf, CheckpointStore) {
-    let tmp = TempDir::new("ckpt-evil").unwrap();
+    let tmp = temp_dir("ckpt-evil").unwrap();
     let ckpt = tmp.path().join("ckpt");
     let store = CheckpointStore::open(ckpt.to_str().unwrap()).unwrap();
     save_whole(&store, 1, 1);
@@ -483,7 +483,7 @@ fn a_traversal_name_in_a_manifest_is_refused_by_verify_and_readers() {
 
 #[test]
 fn resume_and_retention_skip_a_manifest_with_a_traversal_name() {
-    let tmp = TempDir::new("ckpt-evil").unwrap();
+    let tmp = temp_dir("ckpt-evil").unwrap();
     let ckpt = tmp.path().join("ckpt");
     let store = CheckpointStore::open(ckpt.to_str().unwrap()).unwrap();
     for step in 1..=4 {
@@ -539,7 +539,7 @@ fn clean_partial_and_commit_touch_only_names_of_their_own() {
 
 #[test]
 fn a_state_with_nan_is_refused_and_the_previous_step_stays_the_latest() {
-    let dir = TempDir::new("ckpt-nan").unwrap();
+    let dir = temp_dir("ckpt-nan").unwrap();
     let store = std::sync::Arc::new(CheckpointStore::open(dir.path().to_str().unwrap()).unwrap());
     save_whole(&store, 1, 1);
     let mut tensors = global_tensors(2);

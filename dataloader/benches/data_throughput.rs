@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use dataloader::testing::{write_token_dataset, S3TestServer, TempDir, ACCESS_KEY, SECRET_KEY};
+use dataloader::testing::{temp_dir, write_token_dataset, S3TestServer, ACCESS_KEY, SECRET_KEY};
 use dataloader::{prepare, PrepareConfig, Reader, ReaderConfig, SplitName};
 
 /// Copies of the Shakespeare corpus (5 MB each) tokenized by prepare.
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
     {
         bail!("the Python baselines are missing: run scripts/setup-bench.sh");
     }
-    let tmp = TempDir::new("bench")?;
+    let tmp = temp_dir("bench")?;
 
     // --- prepare -------------------------------------------------------------------------
     let mut docs = Vec::new();

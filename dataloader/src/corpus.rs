@@ -1,4 +1,4 @@
-//! A directory of plain-text documents, tokenized and packed ("wrapped", §7 of the reference):
+//! A directory of plain-text documents, tokenized and packed ("wrapped", docs/algorithm.md §7 of the reference):
 //! EOS after every document, everything concatenated and cut into sequences of `seq_len`
 //! tokens, the remainder dropped. The last documents (in file-name order) are held out for
 //! validation, as OpenWebText's last 100k documents are in the paper.

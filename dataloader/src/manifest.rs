@@ -20,7 +20,7 @@ pub struct Manifest {
     pub vocab_size: u32,
     pub special_ids: SpecialIds,
     pub seq_len: usize,
-    /// "wrap" (plain pieces of `seq_len`) or "bos_eos" (BOS, `seq_len - 2` tokens, EOS: §7).
+    /// "wrap" (plain pieces of `seq_len`) or "bos_eos" (BOS, `seq_len - 2` tokens, EOS: docs/algorithm.md §7).
     pub framing: String,
     /// Sequences per row group; the last row group of a shard may hold fewer.
     pub row_group_sequences: usize,

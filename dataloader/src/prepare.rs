@@ -4,7 +4,7 @@
 //! `*.txt` (one document per file), `*.jsonl` (one JSON object per line, the document in a text
 //! field) and `*.parquet` (one document per row of a string column, as in the public OpenWebText
 //! export). Documents are tokenized on all cores with GPT-2 BPE, EOS is appended to each, and
-//! the stream is cut into sequences (§7's "wrap"; optionally BOS…EOS around pieces of L−2).
+//! the stream is cut into sequences (docs/algorithm.md §7's "wrap"; optionally BOS…EOS around pieces of L−2).
 //! The last `valid_documents` documents form the validation split.
 //!
 //! Re-running after a crash continues: every shard is written whole in one atomic put, and then

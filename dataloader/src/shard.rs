@@ -1,5 +1,5 @@
 //! One Parquet shard: a single flat `uint32` column `tokens`, one row per token, row groups of
-//! whole sequences, zstd. setup.md measured this layout: a flat integer column decodes 2.5–5×
+//! whole sequences, zstd. Measured on 7 M GPT-2 tokens: a flat integer column decodes 2.5–5×
 //! faster than `list<uint32>`, and a row group is the unit of one ranged read.
 
 use std::sync::Arc;

@@ -5,7 +5,7 @@ use tiktoken_rs::CoreBPE;
 
 /// `<|endoftext|>`: GPT-2's BOS and EOS.
 pub const EOS_ID: u32 = 50256;
-/// GPT-2 has no mask token, so `[MASK]` is appended after the last id (§1.2).
+/// GPT-2 has no mask token, so `[MASK]` is appended after the last id (docs/algorithm.md §1.2).
 pub const MASK_ID: u32 = 50257;
 /// Model vocabulary: GPT-2's 50257 ids plus `[MASK]`.
 pub const MODEL_VOCAB: usize = 50258;

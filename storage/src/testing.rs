@@ -5,33 +5,18 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let name = format!("bd3-{tag}-{}-{nanos}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let dir = std::env::temp_dir().join(name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory `bd3-<tag>-…` under the system temp dir, removed on drop.
+pub fn temp_dir(tag: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("bd3-{tag}-"))
+        .tempdir()
+        .with_context(|| format!("creating a {tag} directory"))
 }
 
 /// The test server's fixed credentials (for clients other than object_store, such as a benchmark's pyarrow).
@@ -61,7 +46,7 @@ impl S3TestServer {
         // Ask the OS for a free port, then release it for the server. Another process could take
         // it in between; start() then fails with the server's message rather than hanging.
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("finding a free port")?.port();
-        let mut server = Self { child: None, port, root: TempDir::new("s3")? };
+        let mut server = Self { child: None, port, root: temp_dir("s3")? };
         server.spawn()?;
         Ok(server)
     }

@@ -16,7 +16,7 @@ use object_store::{
     PutOptions, PutPayload, PutResult,
 };
 
-use crate::testing::{S3TestServer, TempDir};
+use crate::testing::{temp_dir, S3TestServer};
 use crate::*;
 
 fn quick_retries(attempts: u32) -> RetryConfig {
@@ -70,7 +70,7 @@ fn exercise(s: &StoreUrl) {
 
 #[test]
 fn local_paths_and_file_urls() {
-    let dir = TempDir::new("storage").unwrap();
+    let dir = temp_dir("storage").unwrap();
     let plain = dir.path().join("a/b");
     let s = open(plain.to_str().unwrap()).unwrap();
     assert_eq!(s.local.as_deref(), Some(plain.as_path()), "a plain path is local");
@@ -110,7 +110,7 @@ fn bad_urls_are_named() {
 
 #[test]
 fn a_local_put_is_never_seen_half_written() {
-    let dir = TempDir::new("storage-atomic").unwrap();
+    let dir = temp_dir("storage-atomic").unwrap();
     let s = open(dir.path().to_str().unwrap()).unwrap();
     let big = |b: u8| vec![Bytes::from(vec![b; 1 << 20]), Bytes::from(vec![b; 1 << 20])];
     block_on(s.put("f.bin", big(1))).unwrap();

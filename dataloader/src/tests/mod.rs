@@ -4,7 +4,7 @@ mod bad_input;
 mod prepare;
 mod reader;
 
-use crate::testing::{write_token_dataset, TempDir};
+use crate::testing::{temp_dir, write_token_dataset, TempDir};
 
 /// `n` sequences of `seq_len` tokens; sequence `i` starts with `i` (its identity) and is
 /// otherwise distinct from its neighbours.
@@ -22,7 +22,7 @@ fn ids(tokens: &[u32], seq_len: usize) -> Vec<u32> {
 /// A local data set of `n` train and `v` valid numbered sequences of 4 tokens, in shards of 7
 /// sequences (the last one shorter) and row groups of 3.
 fn local_dataset(n: usize, v: usize) -> (TempDir, String) {
-    let dir = TempDir::new("reader").unwrap();
+    let dir = temp_dir("reader").unwrap();
     let url = dir.path().to_str().unwrap().to_string();
     let valid: Vec<u32> = numbered(n + v, 4).split_off(n * 4);
     write_token_dataset(&url, vec![], 4, [&numbered(n, 4), &valid], 7, 3).unwrap();

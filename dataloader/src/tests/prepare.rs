@@ -120,7 +120,7 @@ fn text_jsonl_and_parquet_inputs_give_the_reference_packing() {
     let docs = documents();
     let expected = reference(&docs, L);
     assert!(expected.num_train() > 16 && expected.num_valid() > 1, "the test spans several shards");
-    let tmp = TempDir::new("prepare").unwrap();
+    let tmp = temp_dir("prepare").unwrap();
     write_txt_dir(&tmp.path().join("txt"), &docs);
     let (a, b) = docs.split_at(17);
     std::fs::create_dir_all(tmp.path().join("jsonl")).unwrap();
@@ -147,7 +147,7 @@ fn text_jsonl_and_parquet_inputs_give_the_reference_packing() {
 
 /// A temporary directory holding the test documents as `docs.jsonl`, and that file's path.
 fn jsonl_input() -> (TempDir, String) {
-    let tmp = TempDir::new("prepare").unwrap();
+    let tmp = temp_dir("prepare").unwrap();
     let input = tmp.path().join("docs.jsonl");
     std::fs::write(&input, jsonl(&documents())).unwrap();
     let input = input.to_str().unwrap().to_string();
@@ -209,7 +209,7 @@ fn a_rerun_over_a_damaged_output_names_the_bad_shard_instead_of_doing_nothing() 
 #[test]
 fn a_crash_in_the_validation_split_continues_too() {
     let docs = documents();
-    let tmp = TempDir::new("prepare").unwrap();
+    let tmp = temp_dir("prepare").unwrap();
     write_txt_dir(&tmp.path().join("txt"), &docs);
     let input = tmp.path().join("txt");
     let input = input.to_str().unwrap();
@@ -235,7 +235,7 @@ fn a_crash_in_the_validation_split_continues_too() {
 #[test]
 fn bos_eos_framing_wraps_pieces_of_l_minus_2() {
     let docs = documents();
-    let tmp = TempDir::new("prepare").unwrap();
+    let tmp = temp_dir("prepare").unwrap();
     write_txt_dir(&tmp.path().join("txt"), &docs);
     let out = tmp.path().join("out");
     let c = PrepareConfig {
@@ -273,7 +273,7 @@ fn prepare_reads_from_and_writes_to_s3() {
 
 #[test]
 fn bad_text_input_names_the_file_and_line() {
-    let tmp = TempDir::new("prepare").unwrap();
+    let tmp = temp_dir("prepare").unwrap();
     let config = |input: &str, output: &str| PrepareConfig { valid_documents: 0, ..config(input, output) };
     std::fs::write(tmp.path().join("a.jsonl"), "{\"text\": \"fine\"}\n{\"body\": \"no text\"}\n").unwrap();
     let err = prepare(&config(tmp.path().join("a.jsonl").to_str().unwrap(), tmp.path().join("o").to_str().unwrap()))
