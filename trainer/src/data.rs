@@ -39,9 +39,7 @@ impl TrainData {
             "data.dataset {url} holds sequences of {} tokens, but model.seq_len is {seq_len}",
             reader.seq_len()
         );
-        let index = reader.manifest();
-        let special = [("BOS", index.special_ids.bos), ("EOS", index.special_ids.eos)];
-        check_vocabulary(cfg, index.vocab_size, &special, &format!("data.dataset {url} (index.json)"))?;
+        check_data_set_vocabulary(cfg, url, &reader)?;
         // Validation reads only what evaluation and the clip search use (all of it with
         // train.eval_batches = 0), in the split's stored order.
         let wanted = match cfg.train.eval_batches {
@@ -102,6 +100,7 @@ pub fn split_tokens(cfg: &Config, split: SplitName, max_sequences: Option<usize>
     let url = &cfg.data.dataset;
     let config = ReaderConfig { split, ..ReaderConfig::validation(0, 1, mb, mb) };
     let mut reader = Reader::open(url, config).with_context(|| format!("data.dataset {url}: {split} split"))?;
+    check_data_set_vocabulary(cfg, url, &reader)?;
     let wanted = cap(reader.num_sequences() as usize);
     let mut tokens = Vec::with_capacity(wanted * seq_len);
     while tokens.len() < wanted * seq_len {
@@ -133,6 +132,13 @@ pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
 
 /// GPT-2's ids, which the in-memory corpus is tokenized into (the model adds `[MASK]`).
 const GPT2_VOCAB: u32 = MODEL_VOCAB as u32 - 1;
+
+/// [`check_vocabulary`] against a prepared data set's `index.json`.
+fn check_data_set_vocabulary(cfg: &Config, url: &str, reader: &Reader) -> Result<()> {
+    let index = reader.manifest();
+    let special = [("BOS", index.special_ids.bos), ("EOS", index.special_ids.eos)];
+    check_vocabulary(cfg, index.vocab_size, &special, &format!("data.dataset {url} (index.json)"))
+}
 
 /// Refuses a model whose embedding cannot hold every id of the data (`vocab_size` ids, and the
 /// special ids it records), before libtorch meets an out-of-range index deep inside a step.

@@ -112,6 +112,12 @@ pub fn generate(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device)
     ensure!(opts.len >= 2, "generate at least 2 tokens");
     ensure!(opts.batch >= 1, "sample.batch must be at least 1");
     ensure!(opts.temperature > 0.0, "sample.temperature must be positive");
+    // Sequences start from GPT-2's BOS: a model with a smaller vocabulary cannot embed it.
+    ensure!(
+        (BOS_ID as usize) < cfg.model.vocab_size,
+        "sampling starts every sequence with BOS id {BOS_ID} (GPT-2's), which is not below model.vocab_size ({})",
+        cfg.model.vocab_size
+    );
     let started = Instant::now();
     let mut rng = NoiseRng::new(opts.seed, stream::SAMPLE, 0, 0);
     let mut generation = tch::no_grad(|| {

@@ -120,3 +120,14 @@ fn variable_length_stops_on_low_entropy_and_drops_the_last_256_tokens() {
     assert_eq!(g.samples[0].tokens.len(), 272 - 256);
     assert_eq!(g.nfe, 271);
 }
+
+/// A model whose vocabulary does not hold GPT-2's BOS gets an error, not a panic in libtorch.
+#[test]
+fn a_vocabulary_without_the_bos_id_is_a_clear_error() {
+    let sets = ["model.vocab_size=1000".to_string(), "diffusion.mask_id=999".into()];
+    let mut cfg = Config::from_toml_str("", &sets).unwrap();
+    cfg.model = common::tiny_model_config(cfg.model, 2, 64);
+    let (_vs, model) = common::random_model(&cfg.model, 1, 0.5);
+    let err = generate(&model, &cfg, &options(&cfg, 8, 1), Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("BOS id 50256") && err.contains("model.vocab_size (1000)"), "{err}");
+}
