@@ -84,9 +84,10 @@ pub fn train_loop(cfg: &Config, comm: &dyn Communicator, device: Device) -> Resu
     let mut trainer = Trainer::new(cfg, comm, device)?;
     for step in trainer.first_step..cfg.train.steps {
         let stats = trainer.step(step)?;
-        let done = step + 1; // optimizer steps completed
-                             // SIGTERM or SIGUSR1 on any rank: every rank ends the run after this step, as at its
-                             // last step (validation, checkpoint, weights), and exits 0 for the scheduler's requeue.
+        // Steps completed (skipped ones included).
+        let done = step + 1;
+        // SIGTERM or SIGUSR1 on any rank: every rank ends the run after this step with a
+        // checkpoint and the weights, and exits 0 for the scheduler's requeue.
         let stop = preemption::stop_requested(comm)?;
         let last = done == cfg.train.steps || stop;
         if done % cfg.train.log_every == 0 || last {
