@@ -287,8 +287,9 @@ impl<'a> Trainer<'a> {
         };
         let Some(manifest) = manifest else { return Ok(false) };
         state::check_compatible(cfg, &manifest)?;
-        let had_progress = Stored { store: &self.store, manifest: &manifest }.progress()?.is_some();
-        self.state.load(&Stored { store: &self.store, manifest: &manifest })?;
+        let stored = Stored { store: &self.store, manifest: &manifest };
+        let had_progress = stored.progress()?.is_some();
+        self.state.load(&stored)?;
         if had_progress {
             self.first_step = self.state.progress.step;
             self.data.restore(self.state.progress.data)?;
