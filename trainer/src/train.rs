@@ -305,8 +305,9 @@ impl<'a> Trainer<'a> {
         let (cfg, comm) = (self.cfg, self.comm);
         let (rank, world) = (comm.rank(), comm.world_size());
         let (mb, accum) = (cfg.train.micro_batch, cfg.train.grad_accum);
-        self.saver.poll()?; // a failed background save stops the run here, one step later
-                            // Ranks other than 0 draw other dropout masks (rank 0's are those of a single process).
+        // A failed background save stops the run here, one step later.
+        self.saver.poll()?;
+        // Ranks other than 0 draw other dropout masks (rank 0's are those of a single process).
         tch::manual_seed(step_seed(cfg.train.seed, step) ^ ((rank as i64) << 40));
         let lr = self.schedule.lr(step);
         for p in self.state.params.tensors.iter_mut() {
