@@ -14,7 +14,7 @@ pub mod slice;
 pub mod store;
 
 pub use manifest::{CheckpointMeta, Manifest};
-pub use saver::{AsyncSaver, SaveJob};
+pub use saver::{AsyncSaver, SaveJob, SaveReport};
 use serde::{Deserialize, Serialize};
 pub use slice::Slice;
 pub use store::{CheckpointStore, LocalTensor, ResumePoint, Retention, StepStatus, WriteOptions};

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 
@@ -25,23 +26,34 @@ pub struct SaveJob {
     pub retention: Option<Retention>,
 }
 
+/// What one rank's save of one step cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SaveReport {
+    pub step: u64,
+    /// Tensor bytes this rank wrote.
+    pub bytes: u64,
+    /// Writing, committing (rank 0) and retention, in seconds.
+    pub seconds: f64,
+}
+
 impl SaveJob {
     /// Writes, commits (rank 0) and applies retention, in the calling thread.
-    pub fn run(self, store: &CheckpointStore) -> Result<()> {
-        let step = self.step;
+    pub fn run(self, store: &CheckpointStore) -> Result<SaveReport> {
+        let (step, started) = (self.step, Instant::now());
+        let bytes = self.tensors.iter().map(|t| t.buffer.data.len() as u64).sum();
         let committed = store
             .save(self.step, self.rank, self.world_size, self.tensors, self.meta, self.options)
             .with_context(|| format!("saving checkpoint step {step}"))?;
         if let (Some(_), Some(policy)) = (committed, self.retention) {
             store.apply_retention(policy)?;
         }
-        Ok(())
+        Ok(SaveReport { step, bytes, seconds: started.elapsed().as_secs_f64() })
     }
 }
 
 pub struct AsyncSaver {
     store: Arc<CheckpointStore>,
-    in_flight: Option<(u64, JoinHandle<Result<()>>)>,
+    in_flight: Option<(u64, JoinHandle<Result<SaveReport>>)>,
 }
 
 impl AsyncSaver {
@@ -67,19 +79,20 @@ impl AsyncSaver {
         Ok(())
     }
 
-    /// Without blocking: the step of a save that has finished since the last call, or its error.
-    pub fn poll(&mut self) -> Result<Option<u64>> {
+    /// Without blocking: the report of a save that has finished since the last call, or its
+    /// error.
+    pub fn poll(&mut self) -> Result<Option<SaveReport>> {
         match &self.in_flight {
             Some((_, handle)) if handle.is_finished() => self.wait(),
             _ => Ok(None),
         }
     }
 
-    /// Blocks until the save in flight (if any) is done; returns its step.
-    pub fn wait(&mut self) -> Result<Option<u64>> {
+    /// Blocks until the save in flight (if any) is done; returns its report.
+    pub fn wait(&mut self) -> Result<Option<SaveReport>> {
         let Some((step, handle)) = self.in_flight.take() else { return Ok(None) };
-        handle.join().map_err(|_| anyhow!("the checkpoint writer for step {step} panicked"))??;
-        Ok(Some(step))
+        let report = handle.join().map_err(|_| anyhow!("the checkpoint writer for step {step} panicked"))??;
+        Ok(Some(report))
     }
 
     pub fn in_flight(&self) -> Option<u64> {

@@ -78,6 +78,12 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// [`Manifest::load`] of the data set at `url` (its directory or its `index.json`), blocking.
+    pub fn load_url(url: &str) -> Result<Self> {
+        let dir = crate::store::open(url.strip_suffix(MANIFEST_NAME).unwrap_or(url).trim_end_matches('/'))?;
+        storage::block_on(Self::load(&dir))
+    }
+
     pub fn to_json(&self) -> Vec<u8> {
         let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
         out.push(b'\n');

@@ -135,6 +135,28 @@ impl BlockLayout {
         visible_in(&self.quadrants(), q, k)
     }
 
+    /// The (query, key) pairs the mask lets attend: what attention costs in model FLOPs
+    /// (4·d per pair, forward). Counted per query block, so it is cheap for any length.
+    pub fn visible_pairs(&self) -> u64 {
+        let mut pairs = 0u64;
+        for quad in self.quadrants() {
+            let b = quad.block_size;
+            let key_blocks = quad.keys.len().div_ceil(b);
+            for bq in 0..quad.queries.len().div_ceil(b) {
+                let keys = match quad.rule {
+                    Rule::Never => 0,
+                    Rule::Always => key_blocks,
+                    Rule::SameBlock => usize::from(bq < key_blocks),
+                    Rule::EarlierBlock => bq.min(key_blocks),
+                    Rule::SameOrEarlierBlock => (bq + 1).min(key_blocks),
+                };
+                // Every stream length is a multiple of its block size (two_stream, block_causal).
+                pairs += (b * b * keys) as u64;
+            }
+        }
+        pairs
+    }
+
     /// Classifies the tile `queries × keys` (non-empty ranges inside the layout) from the block
     /// ranges it spans in each quadrant.
     pub fn classify(&self, queries: Range<usize>, keys: Range<usize>) -> TileKind {

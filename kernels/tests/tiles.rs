@@ -26,6 +26,18 @@ fn visible_matches_the_dense_mask() {
     }
 }
 
+/// The pair count that FLOP and MFU figures use is the number of visible mask elements, and
+/// for L = 1024, L′ = 16 it is L·L′ + L² (block diagonal, plus the two block-triangular halves).
+#[test]
+fn visible_pairs_count_the_dense_mask() {
+    for layout in layouts() {
+        let visible: usize = dense(&layout).iter().map(|row| row.iter().filter(|&&v| v).count()).sum();
+        assert_eq!(layout.visible_pairs(), visible as u64, "{layout:?}");
+    }
+    let paper = BlockLayout::two_stream(1024, 16).unwrap();
+    assert_eq!(paper.visible_pairs(), 1024 * 16 + 1024 * 1024);
+}
+
 /// Every rectangle of every small layout: the classification is exactly what counting its
 /// visible elements says.
 #[test]

@@ -115,15 +115,19 @@ pub fn run(command: Ckpt) -> Result<()> {
                 None => store.committed_steps()?,
             };
             let mut bad = 0;
+            let bar = launcher::counter(steps.len() as u64, "checkpoints verified");
             for s in steps {
-                match store.manifest(s).and_then(|m| store.verify(&m)) {
-                    Ok(()) => println!("step {s}: ok"),
+                let verified = store.manifest(s).and_then(|m| store.verify(&m));
+                bar.inc(1);
+                match verified {
+                    Ok(()) => bar.suspend(|| println!("step {s}: ok")),
                     Err(e) => {
                         bad += 1;
-                        println!("step {s}: BAD: {e:#}");
+                        bar.suspend(|| println!("step {s}: BAD: {e:#}"));
                     }
                 }
             }
+            bar.finish_and_clear();
             if bad > 0 {
                 bail!("{bad} checkpoint(s) failed verification");
             }
@@ -131,8 +135,10 @@ pub fn run(command: Ckpt) -> Result<()> {
         Ckpt::Export { url, step, out, raw } => {
             let store = CheckpointStore::open(&url)?;
             let m = manifest_at(&store, step)?;
+            let busy = launcher::spinner(&format!("verifying and exporting step {}", m.step));
             store.verify(&m)?;
             let n = trainer::weights::export_weights(&store, &m, raw, &out)?;
+            busy.finish_and_clear();
             let which = if raw { "raw" } else { "EMA" };
             println!("wrote {n} tensors ({which} weights of step {}) to {}", m.step, out.display());
         }
@@ -142,7 +148,9 @@ pub fn run(command: Ckpt) -> Result<()> {
             if store.committed_steps()?.contains(&step) {
                 bail!("{url} already holds step {step}; choose another --step or location");
             }
+            let busy = launcher::spinner(&format!("importing {}", file.display()));
             let m = trainer::weights::import_weights(&file, &store, step, cfg.as_ref())?;
+            busy.finish_and_clear();
             println!("imported {} tensors from {} as step {step} of {url}", m.tensors.len() / 2, file.display());
         }
     }

@@ -17,6 +17,15 @@ use trainer::Config;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// `text` log lines, or `json`: one JSON object per line, for log collectors.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -41,6 +50,16 @@ enum Command {
     /// Evaluate trained weights.
     #[command(subcommand)]
     Eval(Eval),
+    /// Charts (PNG) of runs' metrics against step and tokens, several runs overlaid, and a
+    /// report.md with provenance, final metrics and config differences.
+    Report {
+        /// Run directories (each with metrics.jsonl, config.toml, run.json).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write (default: `report/` inside the first run directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Generate text with trained weights (a run's model.safetensors). Sampler settings come
     /// from the config's [sample] section (--set sample.algorithm=ancestral, sample.batch=4, ...).
     Sample {
@@ -147,13 +166,15 @@ impl ConfigArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     trainer::weights::set_binary_commit(env!("BD3_GIT_COMMIT"));
-    match Cli::parse().command {
+    match cli.command {
         Command::Train { mut config, resume } => {
             if let Some(r) = resume {
                 config.overrides.push(format!("checkpoint.resume={r:?}"));
@@ -169,6 +190,12 @@ fn main() -> Result<()> {
             println!("run directory: {}", outcome.run_dir.display());
         }
         Command::Ckpt(c) => ckpt::run(c)?,
+        Command::Report { runs, out } => {
+            let loaded = runs.iter().map(|dir| launcher::report::Run::load(dir)).collect::<Result<Vec<_>>>()?;
+            let out = out.unwrap_or_else(|| runs[0].join("report"));
+            let files = launcher::report::write_report(&loaded, &out)?;
+            println!("wrote {} files to {} (report.md and the charts)", files.len(), out.display());
+        }
         Command::Launch(Launch::Local { nproc, command }) => {
             anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
             let bd3 = std::env::current_exe().context("locating the bd3 binary")?;
@@ -197,7 +224,9 @@ fn main() -> Result<()> {
                 micro_batch: cfg.train.micro_batch,
                 max_batches: batches,
             };
+            let busy = launcher::spinner("evaluating the NELBO");
             let report = trainer::eval::nelbo(&model, &objective, sequences, batches, cfg.train.seed)?;
+            busy.finish_and_clear();
             println!(
                 "NLL {:.4} nats/token  PPL {:.2}  {:.4} bits/token  over {} tokens",
                 report.nll,
@@ -216,13 +245,16 @@ fn main() -> Result<()> {
                     let cfg = Config::load(config, &args.overrides)?;
                     let (model, _vs, device) = load_model(&cfg, weights)?;
                     let mut samples = Vec::new();
-                    let mut opts = SampleOptions::from_config(&cfg, args.tokens);
+                    let mut opts = SampleOptions::for_run(&cfg, args.tokens)?;
+                    let bar = launcher::counter(args.samples as u64, "samples");
                     while samples.len() < args.samples {
                         opts.batch = opts.batch.min(args.samples - samples.len());
                         let g = trainer::sample::generate(&model, &cfg, &opts, device)?;
                         samples.extend(g.samples.into_iter().map(|s| s.tokens));
+                        bar.set_position(samples.len() as u64);
                         opts.seed += 1;
                     }
+                    bar.finish_and_clear();
                     samples
                 }
             };
@@ -237,7 +269,7 @@ fn main() -> Result<()> {
                 &judge,
                 &samples,
                 judge_cfg.model.seq_len,
-                trainer::sample::EOS_ID,
+                trainer::data::special_ids(&judge_cfg)?.eos,
                 judge_cfg.diffusion.mask_id,
             )?;
             println!("{}", serde_json::to_string(&report)?);
@@ -254,8 +286,10 @@ fn main() -> Result<()> {
         Command::Sample { config, weights, tokens, format } => {
             let cfg = config.load()?;
             let (model, _vs, device) = load_model(&cfg, &weights)?;
-            let opts = SampleOptions::from_config(&cfg, tokens);
+            let opts = SampleOptions::for_run(&cfg, tokens)?;
+            let busy = launcher::spinner("sampling");
             let generation = trainer::sample::generate(&model, &cfg, &opts, device)?;
+            busy.finish_and_clear();
             let tokenizer = dataloader::Gpt2Tokenizer::new()?;
             for sample in &generation.samples {
                 let text = tokenizer.decode(&sample.tokens);
@@ -289,7 +323,7 @@ fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::Va
     let device = trainer::device::select_device(cfg.train.device)?;
     let vs = tch::nn::VarStore::new(device);
     let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
-    trainer::weights::load_weights(&vs, weights)?;
+    trainer::weights::load_weights(&vs, weights, &cfg.diffusion)?;
     Ok((model, vs, device))
 }
 

@@ -3,6 +3,7 @@
 //! overrides that point a run at the embedded corpus, and scratch directories.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// The root of the repository.
 pub fn repo_root() -> PathBuf {
@@ -23,11 +24,39 @@ pub fn scratch_dir(what: &str) -> tempfile::TempDir {
 }
 
 /// `--set` overrides for a run named `name` in `run_dir` on the embedded corpus (installed by
-/// scripts/setup.sh).
+/// scripts/setup.sh). The Prometheus endpoint takes a free port, so that runs of tests in
+/// parallel never compete for the default one.
 pub fn run_overrides(run_dir: &Path, name: &str) -> Vec<String> {
     vec![
         format!("data.corpus={:?}", repo_root().join("data/shakespeare").display().to_string()),
         format!("run.dir={:?}", run_dir.display().to_string()),
         format!("run.name={name:?}"),
+        "metrics.listen=\"127.0.0.1:0\"".to_string(),
     ]
+}
+
+/// `bd3 <command> --config configs/tiny.toml` shrunk to seconds (2 layers, L = 64, micro-batch
+/// 4, one thread, a log line every step), as run `name` in `run_dir`, with `extra` overrides
+/// (later ones win).
+pub fn tiny_command(command: &str, run_dir: &Path, name: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bd3_binary());
+    cmd.current_dir(repo_root()).args([command, "--config", "configs/tiny.toml"]);
+    let mut sets = run_overrides(run_dir, name);
+    sets.extend(
+        [
+            "model.layers=2",
+            "model.seq_len=64",
+            "train.micro_batch=4",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.eval_batches=2",
+            "train.threads=1",
+        ]
+        .map(String::from),
+    );
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    cmd
 }

@@ -6,31 +6,11 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use test_support::{bd3_binary, repo_root, run_overrides, scratch_dir};
+use test_support::{repo_root, scratch_dir, tiny_command};
 
-/// `bd3 <command> --config configs/tiny.toml` shrunk to seconds, as run `name` in `run_dir`,
-/// with `extra` overrides (later ones win).
+/// The shared tiny command of the test support.
 fn tiny(command: &str, run_dir: &Path, name: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(bd3_binary());
-    cmd.current_dir(repo_root()).args([command, "--config", "configs/tiny.toml"]);
-    let mut sets = run_overrides(run_dir, name);
-    sets.extend(
-        [
-            "model.layers=2",
-            "model.seq_len=64",
-            "train.micro_batch=4",
-            "train.log_every=1",
-            "train.eval_every=0",
-            "train.eval_batches=2",
-            "train.threads=1",
-        ]
-        .map(String::from),
-    );
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    for s in &sets {
-        cmd.args(["--set", s]);
-    }
-    cmd
+    tiny_command(command, run_dir, name, extra)
 }
 
 fn run(mut cmd: Command) -> (Output, String) {

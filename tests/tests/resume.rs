@@ -37,6 +37,7 @@ fn train_with_env(run_dir: &Path, name: &str, steps: u64, extra: &[&str], env: &
         run[0].as_str(),
         &run[1],
         &run[2],
+        &run[3],
         &steps,
         "model.layers=2",
         "model.seq_len=64",

@@ -28,6 +28,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub dist: DistConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,11 +161,22 @@ pub struct DataConfig {
     pub corpus: PathBuf,
     /// With `corpus`: the last documents (by file name) held out for validation.
     pub valid_documents: usize,
+    /// The id every generated sequence starts with. Unset: the data set's (`special_ids` of its
+    /// `index.json`), or GPT-2's `<|endoftext|>` (50256) without a data set.
+    pub bos_id: Option<u32>,
+    /// The id that ends a variable-length sample; unset as `bos_id`.
+    pub eos_id: Option<u32>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { dataset: String::new(), corpus: "data/shakespeare".into(), valid_documents: 2 }
+        Self {
+            dataset: String::new(),
+            corpus: "data/shakespeare".into(),
+            valid_documents: 2,
+            bos_id: None,
+            eos_id: None,
+        }
     }
 }
 
@@ -360,6 +373,24 @@ impl DistConfig {
 
     pub fn bucket_bytes(&self) -> usize {
         (self.bucket_mib * (1 << 20) as f64) as usize
+    }
+}
+
+/// What a run tells the outside world while it trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` of the Prometheus endpoint (`GET /metrics`) of local rank 0; local rank r
+    /// serves port + r. Empty: no endpoint. Port 0: each rank takes a free port and logs it.
+    pub listen: String,
+    /// Peak FLOP/s (in TFLOP/s) of one device for MFU. Unset: the bf16 peak of a known GPU
+    /// (trainer::flops); on the CPU only FLOP/s are reported.
+    pub peak_tflops: Option<f64>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:9400".into(), peak_tflops: None }
     }
 }
 
@@ -581,6 +612,15 @@ impl Config {
         let d = &self.dist;
         in_range("dist.timeout_s", d.timeout_s, Open(0.0), Unbounded)?;
         in_range("dist.bucket_mib", d.bucket_mib, Open(0.0), Unbounded)?;
+        for (field, id) in [("data.bos_id", self.data.bos_id), ("data.eos_id", self.data.eos_id)] {
+            if let Some(id) = id {
+                ensure!((id as usize) < m.vocab_size, "{field} ({id}) must be below model.vocab_size ({})", m.vocab_size);
+            }
+        }
+        crate::telemetry::listen_address(&self.metrics.listen, 0)?;
+        if let Some(peak) = self.metrics.peak_tflops {
+            in_range("metrics.peak_tflops", peak, Open(0.0), Unbounded)?;
+        }
         Ok(())
     }
 }

@@ -5,8 +5,10 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use dataloader::manifest::SpecialIds;
 use dataloader::{
-    Batch, Gpt2Tokenizer, InMemoryLoader, LoaderState, PackedCorpus, Reader, ReaderConfig, SplitName, TextCorpus,
+    Batch, Gpt2Tokenizer, InMemoryLoader, LoaderState, Manifest, PackedCorpus, Reader, ReaderConfig, SplitName,
+    TextCorpus,
 };
 use tracing::info;
 
@@ -132,6 +134,35 @@ pub fn load_corpus(cfg: &Config) -> Result<PackedCorpus> {
 
 /// GPT-2's ids, which the in-memory corpus is tokenized into (the model adds `[MASK]`).
 const GPT2_VOCAB: u32 = MODEL_VOCAB as u32 - 1;
+
+/// The BOS and EOS ids of a run, each from `data.bos_id`/`data.eos_id` when set, else from the
+/// data set's `index.json`, else GPT-2's `<|endoftext|>`; refused (naming where the id came
+/// from) when the model cannot embed it.
+pub fn special_ids(cfg: &Config) -> Result<SpecialIds> {
+    let d = &cfg.data;
+    let index = match (d.bos_id, d.eos_id) {
+        (Some(_), Some(_)) => None,
+        _ if d.dataset.is_empty() => None,
+        _ => Some(Manifest::load_url(&d.dataset).with_context(|| format!("data.dataset {}", d.dataset))?.special_ids),
+    };
+    let pick = |name: &str, field: &str, set: Option<u32>, from_index: Option<u32>| -> Result<u32> {
+        let (id, source) = match (set, from_index) {
+            (Some(id), _) => (id, format!("{field} ({id})")),
+            (None, Some(id)) => (id, format!("the {name} id {id} of data.dataset {} (index.json)", d.dataset)),
+            (None, None) => (EOS_ID, format!("the {name} id {EOS_ID} (GPT-2's <|endoftext|>; set {field})")),
+        };
+        ensure!(
+            (id as usize) < cfg.model.vocab_size,
+            "{source} is not below model.vocab_size ({}): the model cannot embed it",
+            cfg.model.vocab_size
+        );
+        Ok(id)
+    };
+    Ok(SpecialIds {
+        bos: pick("BOS", "data.bos_id", d.bos_id, index.as_ref().map(|i| i.bos))?,
+        eos: pick("EOS", "data.eos_id", d.eos_id, index.as_ref().map(|i| i.eos))?,
+    })
+}
 
 /// [`check_vocabulary`] against a prepared data set's `index.json`.
 fn check_data_set_vocabulary(cfg: &Config, url: &str, reader: &Reader) -> Result<()> {

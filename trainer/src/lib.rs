@@ -22,6 +22,9 @@
 //! | [`resume`] | which checkpoint a run starts from, and job attempt ids |
 //! | [`weights`] | weights in and out of checkpoints (`bd3 ckpt export/import`) |
 //! | [`metrics`] | `metrics.jsonl` |
+//! | [`telemetry`] | the Prometheus endpoint (`metrics.listen`) and its gauges |
+//! | [`flops`] | model FLOPs of a step, GPU peaks, MFU |
+//! | [`run_stamp`] | `run.json` (commit, config hash, versions, hosts) and the progress bar |
 //! | [`dist`] | collectives: the communicator trait, MPI, NCCL, gradient buckets, watchdog |
 //! | [`preemption`] | SIGTERM/SIGUSR1 as a coordinated stop of every rank |
 //! | [`device`] | device selection and the host allocator's tuning |
@@ -34,6 +37,7 @@ pub mod device;
 pub mod diffusion;
 pub mod dist;
 pub mod eval;
+pub mod flops;
 pub mod metrics;
 pub mod model;
 pub mod objective;
@@ -44,9 +48,11 @@ pub mod progress;
 pub mod reference;
 pub mod resume;
 pub mod rng;
+pub mod run_stamp;
 pub mod sample;
 pub mod state;
 pub mod stateful;
+pub mod telemetry;
 pub mod train;
 pub mod validation;
 pub mod weights;

@@ -26,10 +26,10 @@ use crate::config::{Arch, Config};
 use crate::model::{Dit, Heads, LayerKv, VocabProjection};
 use crate::rng::{stream, NoiseRng};
 
-/// GPT-2's `<|endoftext|>` starts every generated sequence and ends a variable-length one (the
-/// data loader's one definition of it).
+/// GPT-2's `<|endoftext|>`: the BOS and EOS ids where neither the config nor the data set names
+/// others (the data loader's one definition of it).
 pub use dataloader::tokenizer::EOS_ID;
-pub const BOS_ID: u32 = EOS_ID;
+pub use dataloader::manifest::SpecialIds;
 /// The entropy rule (docs/algorithm.md §5.7): stop when the unigram entropy of the last 256 tokens is below 4 nats.
 pub const ENTROPY_WINDOW: usize = 256;
 pub const ENTROPY_MIN_NATS: f64 = 4.0;
@@ -59,11 +59,16 @@ pub struct SampleOptions {
     pub nucleus_rule: NucleusRule,
     pub temperature: f64,
     pub seed: u64,
+    /// Every sequence starts with `ids.bos`; `ids.eos` ends a variable-length one.
+    pub ids: SpecialIds,
 }
 
 impl SampleOptions {
+    /// The `[sample]` settings, with the BOS/EOS ids of `data.bos_id/eos_id` or GPT-2's
+    /// (use [`SampleOptions::for_run`] to take them from the data set's `index.json` too).
     pub fn from_config(cfg: &Config, len: usize) -> Self {
         let s = &cfg.sample;
+        let ids = SpecialIds { bos: cfg.data.bos_id.unwrap_or(EOS_ID), eos: cfg.data.eos_id.unwrap_or(EOS_ID) };
         Self {
             len,
             batch: s.batch,
@@ -76,7 +81,14 @@ impl SampleOptions {
             nucleus_rule: s.nucleus_rule,
             temperature: s.temperature,
             seed: s.seed,
+            ids,
         }
+    }
+
+    /// [`SampleOptions::from_config`] with the ids of `crate::data::special_ids` (the config's,
+    /// the data set's or GPT-2's), checked against the model's vocabulary.
+    pub fn for_run(cfg: &Config, len: usize) -> Result<Self> {
+        Ok(Self { ids: crate::data::special_ids(cfg)?, ..Self::from_config(cfg, len) })
     }
 }
 
@@ -112,12 +124,15 @@ pub fn generate(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device)
     ensure!(opts.len >= 2, "generate at least 2 tokens");
     ensure!(opts.batch >= 1, "sample.batch must be at least 1");
     ensure!(opts.temperature > 0.0, "sample.temperature must be positive");
-    // Sequences start from GPT-2's BOS: a model with a smaller vocabulary cannot embed it.
-    ensure!(
-        (BOS_ID as usize) < cfg.model.vocab_size,
-        "sampling starts every sequence with BOS id {BOS_ID} (GPT-2's), which is not below model.vocab_size ({})",
-        cfg.model.vocab_size
-    );
+    // An id the embedding cannot hold would fail deep inside libtorch; say which one it is.
+    let vocab = cfg.model.vocab_size;
+    for (name, id) in [("BOS", opts.ids.bos), ("EOS", opts.ids.eos), ("[MASK] (diffusion.mask_id)", cfg.diffusion.mask_id)] {
+        ensure!(
+            (id as usize) < vocab,
+            "sampling uses the {name} id {id}, which is not below model.vocab_size ({vocab}): set data.bos_id / \
+             data.eos_id (or prepare the data set with its tokenizer's ids)"
+        );
+    }
     let started = Instant::now();
     let mut rng = NoiseRng::new(opts.seed, stream::SAMPLE, 0, 0);
     let mut generation = tch::no_grad(|| {
@@ -309,7 +324,7 @@ fn generate_blocks(
     while rows[0].len() < opts.len && stops.iter().any(Option::is_none) {
         let mut state = BlockState { tokens: vec![vec![mask; bs]; batch] };
         if rows[0].is_empty() {
-            state.tokens.iter_mut().for_each(|b| b[0] = BOS_ID);
+            state.tokens.iter_mut().for_each(|b| b[0] = opts.ids.bos);
         }
         let mut probs: Option<Tensor> = None;
         let mut step = 0;
@@ -369,7 +384,7 @@ fn generate_blocks(
         for (r, row) in rows.iter_mut().enumerate() {
             row.extend_from_slice(&state.tokens[r]);
             if stops[r].is_none() {
-                stops[r] = stop_check(row, opts.var_length);
+                stops[r] = stop_check(row, opts.ids.eos, opts.var_length);
             }
         }
     }
@@ -386,7 +401,7 @@ fn generate_tokens(
     rng: &mut NoiseRng,
 ) -> Result<Generation> {
     let batch = opts.batch;
-    let mut rows: Vec<Vec<u32>> = vec![vec![BOS_ID]; batch];
+    let mut rows: Vec<Vec<u32>> = vec![vec![opts.ids.bos]; batch];
     let mut stops: Vec<Option<(StopReason, usize)>> = vec![None; batch];
     // The cache keeps the newest seq_len − 1 positions, so the fed token sees a window of seq_len.
     let mut cache = KvCache::new(cfg.model.seq_len - 1);
@@ -413,7 +428,7 @@ fn generate_tokens(
         for (r, row) in rows.iter_mut().enumerate() {
             row.push(sample_from(&probs.get(r as i64), opts, rng)?);
             if stops[r].is_none() {
-                stops[r] = stop_check(row, opts.var_length);
+                stops[r] = stop_check(row, opts.ids.eos, opts.var_length);
             }
         }
     }
@@ -440,14 +455,14 @@ fn finish(
     Generation { samples, nfe, unmasked_per_call, seconds: 0.0 }
 }
 
-/// Variable-length stopping (docs/algorithm.md §5.7) on a row that starts with BOS: the first generated EOS ends it
+/// Variable-length stopping (docs/algorithm.md §5.7) on a row that starts with BOS: the first generated `eos` ends it
 /// (kept), or a last-256-token unigram entropy under 4 nats (those 256 tokens are dropped).
 /// Returns the reason and the length to keep.
-pub fn stop_check(row: &[u32], var_length: bool) -> Option<(StopReason, usize)> {
+pub fn stop_check(row: &[u32], eos: u32, var_length: bool) -> Option<(StopReason, usize)> {
     if !var_length {
         return None;
     }
-    if let Some(i) = row.iter().skip(1).position(|&t| t == EOS_ID) {
+    if let Some(i) = row.iter().skip(1).position(|&t| t == eos) {
         return Some((StopReason::Eos, i + 2));
     }
     if row.len() > ENTROPY_WINDOW && unigram_entropy(&row[row.len() - ENTROPY_WINDOW..]) < ENTROPY_MIN_NATS {
@@ -566,6 +581,7 @@ mod tests {
             nucleus_rule: NucleusRule::Standard,
             temperature: 1.0,
             seed: 0,
+            ids: SpecialIds { bos: EOS_ID, eos: EOS_ID },
         };
         let t = Tensor::from_slice(&probs);
         let mut rng = NoiseRng::new(0, 0, 0, 0);
@@ -580,15 +596,18 @@ mod tests {
 
     #[test]
     fn stopping_rules_truncate_as_specified() {
-        assert_eq!(stop_check(&[BOS_ID, 5, 6, EOS_ID, 7], false), None);
-        assert_eq!(stop_check(&[BOS_ID, 5, 6, EOS_ID, 7, EOS_ID], true), Some((StopReason::Eos, 4)));
-        assert_eq!(stop_check(&[BOS_ID, 5, 6], true), None);
+        // Distinct ids (GPT-2 uses one for both), outside the ranges of the rows below.
+        const BOS: u32 = 1000;
+        const EOS: u32 = 1001;
+        assert_eq!(stop_check(&[BOS, 5, 6, EOS, 7], EOS, false), None);
+        assert_eq!(stop_check(&[BOS, 5, 6, EOS, 7, EOS], EOS, true), Some((StopReason::Eos, 4)));
+        assert_eq!(stop_check(&[BOS, 5, 6], EOS, true), None);
         // 300 tokens cycling over 40 ids: entropy ln 40 ≈ 3.7 < 4 → drop the last 256.
-        let low: Vec<u32> = std::iter::once(BOS_ID).chain((0..299).map(|i| (i % 40) as u32)).collect();
-        assert_eq!(stop_check(&low, true), Some((StopReason::LowEntropy, 300 - 256)));
+        let low: Vec<u32> = std::iter::once(BOS).chain((0..299).map(|i| (i % 40) as u32)).collect();
+        assert_eq!(stop_check(&low, EOS, true), Some((StopReason::LowEntropy, 300 - 256)));
         // Cycling over 100 ids: ln 100 ≈ 4.6 ≥ 4 → go on.
-        let high: Vec<u32> = std::iter::once(BOS_ID).chain((0..299).map(|i| (i % 100) as u32)).collect();
-        assert_eq!(stop_check(&high, true), None);
+        let high: Vec<u32> = std::iter::once(BOS).chain((0..299).map(|i| (i % 100) as u32)).collect();
+        assert_eq!(stop_check(&high, EOS, true), None);
         assert!((unigram_entropy(&[1, 2, 3, 4]) - 4f64.ln()).abs() < 1e-12);
     }
 }

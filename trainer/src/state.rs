@@ -126,7 +126,6 @@ pub fn checkpoint_meta(
     values: BTreeMap<String, serde_json::Value>,
 ) -> Result<CheckpointMeta> {
     let config = serde_json::to_value(cfg)?;
-    let canonical = serde_json::to_vec(&config)?;
     let mut state = values;
     // The diffusion noise is a function of (seed, stream, step, micro-batch) and libtorch's
     // generator is re-seeded from (seed, step) every step, so the step is the whole RNG state.
@@ -138,10 +137,15 @@ pub fn checkpoint_meta(
     Ok(CheckpointMeta {
         tokens_seen,
         config,
-        config_hash: format!("{:016x}", fnv1a(&canonical)),
+        config_hash: config_hash(cfg)?,
         git_commit: crate::weights::binary_commit().to_string(),
         state,
     })
+}
+
+/// The hash that identifies a config in manifests and `run.json` (FNV-1a of its JSON form).
+pub fn config_hash(cfg: &Config) -> Result<String> {
+    Ok(format!("{:016x}", fnv1a(&serde_json::to_vec(&serde_json::to_value(cfg)?)?)))
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

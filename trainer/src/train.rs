@@ -12,20 +12,23 @@
 //! what the loop works on and does each part of a step: [`Trainer::step`], [`Trainer::validate`],
 //! [`Trainer::save`], [`Trainer::finish`].
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use checkpoint::{AsyncSaver, CheckpointStore, Retention, SaveJob, WriteOptions};
+use checkpoint::{AsyncSaver, CheckpointStore, Retention, SaveJob, SaveReport, WriteOptions};
 use dataloader::Gpt2Tokenizer;
 use serde_json::json;
+use indicatif::ProgressBar;
 use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::{Config, OnNonFinite};
 use crate::data::TrainData;
 use crate::device::{keep_freed_memory_for_reuse, select_device};
+use crate::flops::{device_peak_flops, training_flops_per_step};
 use crate::diffusion::ClipInterval;
 use crate::dist::{self, Communicator, ReduceOp};
 use crate::metrics::MetricsLog;
@@ -36,10 +39,12 @@ use crate::optimizer::Optimizer;
 use crate::preemption;
 use crate::progress::Progress;
 use crate::resume::{job_attempt, resume_point};
+use crate::run_stamp::{progress_bar, RunStamp};
 use crate::rng::{stream, NoiseRng};
 use crate::sample::{generate, SampleOptions};
 use crate::state::{self, TrainState};
 use crate::stateful::{Params, Stored};
+use crate::telemetry::Telemetry;
 use crate::validation::{validation, Validation};
 
 /// Trains as one rank of the job this process was started in (trainer::dist): a plain process
@@ -61,14 +66,16 @@ pub fn train(cfg: &Config) -> Result<TrainOutcome> {
 fn train_on_device(cfg: &Config, dist: &dist::Dist) -> Result<TrainOutcome> {
     let comm = dist.comm();
     let device = select_device(cfg.train.device)?;
+    let local = dist.placement.local_rank;
+    // Before anything heavy: a port in use is a clear error at start.
+    let telemetry = Telemetry::start(&cfg.metrics.listen, &cfg.run.name, comm.rank(), local)?;
     if comm.world_size() == 1 || !device.is_cuda() {
-        return train_loop(cfg, comm, device);
+        return train_loop(cfg, comm, device, telemetry);
     }
     #[cfg(feature = "cuda")]
     {
-        let local = dist.placement.local_rank;
         let routed = dist::nccl::Routed::new(comm, local, cfg.dist.options().timeout)?;
-        train_loop(cfg, &routed, Device::Cuda(local))
+        train_loop(cfg, &routed, Device::Cuda(local), telemetry)
     }
     #[cfg(not(feature = "cuda"))]
     bail!(
@@ -79,13 +86,14 @@ fn train_on_device(cfg: &Config, dist: &dist::Dist) -> Result<TrainOutcome> {
 }
 
 /// The loop: from the step a checkpoint left off at (or 0) to `train.steps`, or to the step at
-/// which any rank was asked to stop.
-pub fn train_loop(cfg: &Config, comm: &dyn Communicator, device: Device) -> Result<TrainOutcome> {
-    let mut trainer = Trainer::new(cfg, comm, device)?;
+/// which any rank was asked to stop. Live metrics go to `telemetry` too.
+pub fn train_loop(cfg: &Config, comm: &dyn Communicator, device: Device, telemetry: Telemetry) -> Result<TrainOutcome> {
+    let mut trainer = Trainer::new(cfg, comm, device, telemetry)?;
     for step in trainer.first_step..cfg.train.steps {
         let stats = trainer.step(step)?;
         // Steps completed (skipped ones included).
         let done = step + 1;
+        trainer.observe(done, &stats);
         // SIGTERM or SIGUSR1 on any rank: every rank ends the run after this step with a
         // checkpoint and the weights, and exits 0 for the scheduler's requeue.
         let stop = preemption::stop_requested(comm)?;
@@ -134,6 +142,11 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// The weights were not updated (`train.on_nonfinite = "skip"`).
     pub skipped: bool,
+    /// Wall-clock seconds of the whole step, of waiting for batches, and of reducing the
+    /// gradients across ranks.
+    pub seconds: f64,
+    pub data_wait_seconds: f64,
+    pub reduce_seconds: f64,
 }
 
 /// What is wrong with a step whose loss or gradient norm is not finite, or whose loss is above
@@ -165,6 +178,12 @@ pub struct Trainer<'a> {
     saver: AsyncSaver,
     save_options: WriteOptions,
     metrics: MetricsLog,
+    telemetry: Telemetry,
+    /// Model FLOPs of one step of the whole job (crate::flops), and this rank's device peak.
+    flops_per_step: f64,
+    peak_flops: Option<f64>,
+    /// A progress bar on rank 0 when stderr is a terminal (log lines otherwise).
+    bar: Option<ProgressBar>,
     /// The first step this process trains (after a resume, the checkpoint's).
     pub first_step: u64,
     losses: Vec<f64>,
@@ -180,7 +199,7 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     /// Sets up the run: seeds, run directory, data, model, optimizer, EMA, and the state of the
     /// checkpoint `checkpoint.resume` names.
-    pub fn new(cfg: &'a Config, comm: &'a dyn Communicator, device: Device) -> Result<Self> {
+    pub fn new(cfg: &'a Config, comm: &'a dyn Communicator, device: Device, telemetry: Telemetry) -> Result<Self> {
         let lead = comm.rank() == 0; // the rank that writes
         if device == Device::Cpu {
             keep_freed_memory_for_reuse(true);
@@ -237,6 +256,10 @@ impl<'a> Trainer<'a> {
             store,
             save_options,
             metrics: MetricsLog::disabled(),
+            telemetry,
+            flops_per_step: training_flops_per_step(cfg, comm.world_size())?,
+            peak_flops: device_peak_flops(cfg.metrics.peak_tflops, device),
+            bar: None,
             first_step: 0,
             losses: Vec::with_capacity(cfg.train.steps as usize),
             valid_nelbo: None,
@@ -268,6 +291,14 @@ impl<'a> Trainer<'a> {
             checkpoints = trainer.store.url(),
             "training"
         );
+        if lead {
+            let stamp = RunStamp::collect(cfg, comm, device)?;
+            stamp.write(&trainer.run_dir)?;
+        } else {
+            RunStamp::collect(cfg, comm, device)?; // the host-name gather needs every rank
+        }
+        trainer.bar = (lead && std::io::stderr().is_terminal())
+            .then(|| progress_bar(cfg.train.steps, trainer.first_step));
         trainer.window_start = Instant::now();
         Ok(trainer)
     }
@@ -305,8 +336,11 @@ impl<'a> Trainer<'a> {
         let (cfg, comm) = (self.cfg, self.comm);
         let (rank, world) = (comm.rank(), comm.world_size());
         let (mb, accum) = (cfg.train.micro_batch, cfg.train.grad_accum);
+        let started = Instant::now();
         // A failed background save stops the run here, one step later.
-        self.saver.poll()?;
+        if let Some(report) = self.saver.poll()? {
+            self.record_save(report);
+        }
         // Ranks other than 0 draw other dropout masks (rank 0's are those of a single process).
         tch::manual_seed(step_seed(cfg.train.seed, step) ^ ((rank as i64) << 40));
         let lr = self.schedule.lr(step);
@@ -315,9 +349,11 @@ impl<'a> Trainer<'a> {
         }
         let clip = self.state.progress.clip();
         let autocast = cfg.train.bf16 && self.device.is_cuda();
-        let mut loss_sum = 0.0;
+        let (mut loss_sum, mut data_wait_seconds) = (0.0, 0.0);
         for micro in 0..accum {
+            let waited = Instant::now();
             let batch = self.data.next_batch()?;
+            data_wait_seconds += waited.elapsed().as_secs_f64();
             let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
             let loss = tch::autocast(autocast, || {
                 self.objective.token_losses_of_rows(
@@ -346,12 +382,24 @@ impl<'a> Trainer<'a> {
         // ranks agree on whether this step updates the weights.
         let params = &self.state.params.tensors;
         let bucket_bytes = cfg.dist.bucket_bytes();
+        let reducing = Instant::now();
         let grad_norm = self.state.optimizer.reduce_gradients(comm, params, cfg.optim.grad_clip, bucket_bytes)?;
+        let reduce_seconds = reducing.elapsed().as_secs_f64();
         self.losses.push(loss);
         self.window_tokens += self.tokens_per_step();
+        let mut stats = StepStats {
+            loss,
+            lr,
+            grad_norm,
+            skipped: true,
+            seconds: 0.0,
+            data_wait_seconds,
+            reduce_seconds,
+        };
         if let Some(problem) = divergence(loss, grad_norm, cfg.train.max_loss) {
             self.skip_step(step, &problem)?;
-            return Ok(StepStats { loss, lr, grad_norm, skipped: true });
+            stats.seconds = started.elapsed().as_secs_f64();
+            return Ok(stats);
         }
         self.consecutive_skips = 0;
         // One AdamW step; every rank ends with the same full weights.
@@ -360,7 +408,9 @@ impl<'a> Trainer<'a> {
         if cfg.optim.ema_decay > 0.0 {
             self.state.ema.update(params);
         }
-        Ok(StepStats { loss, lr, grad_norm, skipped: false })
+        stats.skipped = false;
+        stats.seconds = started.elapsed().as_secs_f64();
+        Ok(stats)
     }
 
     /// A step whose loss or gradient norm says training diverged: per `train.on_nonfinite`, the
@@ -378,6 +428,7 @@ impl<'a> Trainer<'a> {
         }
         self.consecutive_skips += 1;
         self.skipped_steps += 1;
+        self.telemetry.skipped_steps.inc();
         tracing::warn!(
             step = step + 1,
             consecutive = self.consecutive_skips,
@@ -394,16 +445,49 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// Logs step `done` (optimizer steps completed) and the throughput since the last log.
+    /// Sets the live gauges after step `done`; every step, on every rank.
+    pub fn observe(&mut self, done: u64, stats: &StepStats) {
+        let t = &self.telemetry;
+        t.step.set(done as i64);
+        t.loss.set(stats.loss);
+        t.learning_rate.set(stats.lr);
+        t.grad_norm.set(stats.grad_norm);
+        t.step_seconds.set(stats.seconds);
+        t.data_wait_seconds.set(stats.data_wait_seconds);
+        t.allreduce_seconds.set(stats.reduce_seconds);
+        t.tokens.inc_by(self.tokens_per_step() as u64);
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+    }
+
+    /// Logs step `done` (optimizer steps completed) with the throughput and MFU since the last
+    /// log.
     pub fn log(&mut self, done: u64, stats: &StepStats) -> Result<()> {
-        let tokens_per_s = self.window_tokens as f64 / self.window_start.elapsed().as_secs_f64();
-        let StepStats { loss, lr, grad_norm, .. } = *stats;
-        info!(step = done, loss, lr, grad_norm, tokens_per_s = tokens_per_s.round(), "train");
+        let seconds = self.window_start.elapsed().as_secs_f64();
+        let tokens_per_s = self.window_tokens as f64 / seconds;
+        // Model FLOPs per second of this rank (crate::flops), and MFU against its device's peak.
+        let steps = self.window_tokens as f64 / self.tokens_per_step() as f64;
+        let flops_per_s = self.flops_per_step * steps / seconds / self.comm.world_size() as f64;
+        let mfu = self.peak_flops.map(|peak| flops_per_s / peak);
+        let StepStats { loss, lr, grad_norm, seconds: step_time_s, .. } = *stats;
+        match &self.bar {
+            Some(bar) => bar.set_message(format!(
+                "loss {loss:.4}  {:.0} tok/s{}",
+                tokens_per_s,
+                mfu.map(|u| format!("  MFU {:.1}%", 100.0 * u)).unwrap_or_default()
+            )),
+            None => info!(step = done, loss, lr, grad_norm, tokens_per_s = tokens_per_s.round(), mfu, "train"),
+        }
         let tokens_seen = done as usize * self.tokens_per_step();
         self.metrics.write(json!({
             "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen,
+            "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen, "step_time_s": step_time_s,
+            "model_flops_per_s": flops_per_s, "mfu": mfu,
         }))?;
+        self.telemetry.tokens_per_second.set(tokens_per_s);
+        self.telemetry.model_flops_per_second.set(flops_per_s);
+        self.telemetry.mfu.set(mfu.unwrap_or(0.0));
         (self.window_start, self.window_tokens) = (Instant::now(), 0);
         Ok(())
     }
@@ -421,6 +505,7 @@ impl<'a> Trainer<'a> {
         let nll = nelbo.nll;
         info!(step = done, valid_nelbo = nll, valid_ppl = nll.exp(), tokens = nelbo.tokens, "validation");
         self.metrics.write(json!({ "step": done, "valid_nelbo": nll, "valid_ppl": nll.exp() }))?;
+        self.telemetry.valid_nelbo.set(nll);
         if let Some((clip, variance)) = clip {
             info!(step = done, beta = clip.beta, omega = clip.omega, variance, "clip search");
             self.metrics.write(json!({
@@ -446,7 +531,9 @@ impl<'a> Trainer<'a> {
         progress.optimizer_steps = self.state.optimizer.adam().step;
         progress.ema_updates = self.state.ema.updates;
         progress.data = self.data.state();
+        let snapshot_started = Instant::now();
         let (tensors, values) = self.state.snapshot(rank, world)?;
+        self.telemetry.checkpoint_snapshot_seconds.set(snapshot_started.elapsed().as_secs_f64());
         let job = SaveJob {
             step: done,
             rank,
@@ -460,16 +547,34 @@ impl<'a> Trainer<'a> {
             }),
         };
         if cfg.checkpoint.async_save {
+            // The previous save, which `save` waits for, is reported at the next poll instead.
+            if let Some(report) = self.saver.wait()? {
+                self.record_save(report);
+            }
             self.saver.save(job)
         } else {
-            job.run(&self.store)
+            let report = job.run(&self.store)?;
+            self.record_save(report);
+            Ok(())
         }
+    }
+
+    fn record_save(&self, report: SaveReport) {
+        let t = &self.telemetry;
+        t.checkpoint_write_seconds.set(report.seconds);
+        t.checkpoint_bytes.set(report.bytes as i64);
+        t.checkpoint_step.set(report.step as i64);
     }
 
     /// Ends the run: waits for the last save; rank 0 writes the EMA weights and, if asked for,
     /// a sample generated with them.
     pub fn finish(mut self) -> Result<TrainOutcome> {
-        self.saver.wait()?;
+        if let Some(report) = self.saver.wait()? {
+            self.record_save(report);
+        }
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
         let optimizer_state_elements = self.state.optimizer.adam().state_elements();
         let (run_dir, losses, final_valid_nelbo) =
             (self.run_dir.clone(), std::mem::take(&mut self.losses), self.valid_nelbo);
@@ -482,7 +587,7 @@ impl<'a> Trainer<'a> {
         ema.swapped_in(&params.tensors, || Ok(vs.save(&weights)?))?;
         info!(path = %weights.display(), "saved EMA weights");
         let sample = if cfg.train.sample_tokens > 0 {
-            let opts = SampleOptions { batch: 1, ..SampleOptions::from_config(cfg, cfg.train.sample_tokens) };
+            let opts = SampleOptions { batch: 1, ..SampleOptions::for_run(cfg, cfg.train.sample_tokens)? };
             let (model, device) = (&self.model, self.device);
             let generation = ema.swapped_in(&params.tensors, || generate(model, cfg, &opts, device))?;
             let text = Gpt2Tokenizer::new()?.decode(&generation.samples[0].tokens);
@@ -505,6 +610,8 @@ impl<'a> Trainer<'a> {
     /// buffers, which are saved with the weights as in the published checkpoints.
     fn set_clip(&mut self, clip: ClipInterval) {
         (self.state.progress.clip_beta, self.state.progress.clip_omega) = (clip.beta, clip.omega);
+        self.telemetry.clip_beta.set(clip.beta);
+        self.telemetry.clip_omega.set(clip.omega);
         let vars = self.state.vs.variables();
         tch::no_grad(|| {
             for (name, value) in [("sampling_eps_min", clip.beta), ("sampling_eps_max", clip.omega)] {

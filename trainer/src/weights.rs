@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use checkpoint::safetensors::{Header, TensorView};
 use checkpoint::{CheckpointMeta, CheckpointStore, LocalTensor, Manifest, Slice, TensorBuffer};
-use tch::{nn, Device};
+use tch::{nn, Device, Tensor};
 
-use crate::config::Config;
-use crate::stateful::load_into;
+use crate::config::{Config, DiffusionConfig};
+use crate::stateful::{load_into, to_buffer};
 
 /// Writes one safetensors file with the reference's key names (docs/algorithm.md §1.7): the EMA weights, or the
 /// raw ones with `raw`, plus the model's buffers. Keys are sorted, so the same checkpoint always
@@ -42,12 +42,22 @@ pub fn export_weights(store: &CheckpointStore, manifest: &Manifest, raw: bool, o
 pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Option<&Config>) -> Result<Manifest> {
     let name = file.display().to_string();
     let (bytes, header) = read_safetensors(file)?;
+    let mut tensors = vec![];
     if let Some(cfg) = cfg {
         let vs = nn::VarStore::new(Device::Cpu);
         crate::model::Dit::new(&vs.root(), &cfg.model)?;
-        check_against_model(&name, &header, &vs, &[])?;
+        check_against_model(&name, &header, &vs, &OPTIONAL_BUFFERS)?;
+        // What the file lacks comes from the model this config builds.
+        for (key, t) in vs.variables() {
+            if header.tensors.contains_key(&key) {
+                continue;
+            }
+            fill_missing(&name, &key, &t, &cfg.diffusion);
+            for prefix in ["model", "ema"] {
+                tensors.push(LocalTensor::whole(to_buffer(&format!("{prefix}.{key}"), &t)?));
+            }
+        }
     }
-    let mut tensors = vec![];
     for (key, entry) in &header.tensors {
         let range = header.byte_range(key).expect("parsed entry");
         let data = bytes[range.start as usize..range.end as usize].to_vec();
@@ -66,20 +76,21 @@ pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Opti
     Ok(manifest.expect("rank 0 commits"))
 }
 
-/// The model buffers a weights file may lack: the clip interval, which published backbone-only
-/// exports leave out; the model's defaults (the config's interval) stay, with a warning.
-const OPTIONAL_BUFFERS: [&str; 2] = ["sampling_eps_min", "sampling_eps_max"];
+/// The model buffers a weights file may lack: the clip interval, which backbone-only exports
+/// leave out (the config's interval is used, with a warning), and the rotary frequencies, which
+/// are a function of the head size.
+const OPTIONAL_BUFFERS: [&str; 3] = ["sampling_eps_min", "sampling_eps_max", "backbone.rotary_emb.inv_freq"];
 
 /// Loads a weights file into the model's variables. Only safetensors are read (never a pickle);
 /// every tensor of the file must be a variable of the model with its shape, and every variable
-/// must be in the file (but for the clip-interval buffers): mismatches are listed by name.
-pub fn load_weights(vs: &nn::VarStore, file: &Path) -> Result<()> {
+/// must be in the file (but for [`OPTIONAL_BUFFERS`]): mismatches are listed by name.
+pub fn load_weights(vs: &nn::VarStore, file: &Path, diffusion: &DiffusionConfig) -> Result<()> {
     let name = file.display().to_string();
     let (bytes, header) = read_safetensors(file)?;
     check_against_model(&name, &header, vs, &OPTIONAL_BUFFERS)?;
     for (key, target) in vs.variables() {
         let Some(entry) = header.tensors.get(&key) else {
-            tracing::warn!(file = %name, tensor = %key, "the weights lack this buffer: the config's value stays");
+            fill_missing(&name, &key, &target, diffusion);
             continue;
         };
         let range = header.byte_range(&key).expect("parsed entry");
@@ -88,6 +99,19 @@ pub fn load_weights(vs: &nn::VarStore, file: &Path) -> Result<()> {
         load_into(&target, &buffer).with_context(|| format!("loading {name}"))?;
     }
     Ok(())
+}
+
+/// A model variable that the weights file `file` lacks (one of [`OPTIONAL_BUFFERS`]): the clip
+/// interval becomes the config's, with a warning; the rotary frequencies stay as the model
+/// computed them.
+fn fill_missing(file: &str, key: &str, target: &Tensor, diffusion: &DiffusionConfig) {
+    let value = match key {
+        "sampling_eps_min" => diffusion.sampling_eps_min,
+        "sampling_eps_max" => diffusion.sampling_eps_max,
+        _ => return,
+    };
+    tracing::warn!(file, tensor = key, value, "the weights lack this buffer: using the config's clip interval");
+    let _ = tch::no_grad(|| target.shallow_clone().fill_(value));
 }
 
 /// The bytes and parsed header of a safetensors file; anything else (a pickle archive from

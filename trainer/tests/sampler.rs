@@ -130,4 +130,17 @@ fn a_vocabulary_without_the_bos_id_is_a_clear_error() {
     let (_vs, model) = common::random_model(&cfg.model, 1, 0.5);
     let err = generate(&model, &cfg, &options(&cfg, 8, 1), Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("BOS id 50256") && err.contains("model.vocab_size (1000)"), "{err}");
+
+    // With the vocabulary's own ids (data.bos_id / data.eos_id) it samples, from that BOS.
+    (cfg.data.bos_id, cfg.data.eos_id) = (Some(3), Some(4));
+    let opts = SampleOptions { var_length: true, ..options(&cfg, 40, 2) };
+    let g = generate(&model, &cfg, &opts, Device::Cpu).unwrap();
+    for s in &g.samples {
+        assert_eq!(s.tokens[0], 3);
+        assert!(s.tokens.iter().all(|&t| t < 999), "no [MASK] and nothing past the vocabulary: {:?}", s.tokens);
+        // Variable length stops at the configured EOS, not GPT-2's.
+        if let Some(i) = s.tokens.iter().skip(1).position(|&t| t == 4) {
+            assert_eq!(s.tokens.len(), i + 2, "{:?}", s.tokens);
+        }
+    }
 }

@@ -139,6 +139,13 @@ impl Library {
     }
 }
 
+/// The version of the NCCL library bd3 would load, as `major.minor.patch` (for `run.json`).
+pub fn library_version() -> Result<String> {
+    let v = Library::load()?.version()?;
+    // NCCL ≥ 2.9 encodes major·10000 + minor·100 + patch.
+    Ok(format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100))
+}
+
 /// NCCL's type for a tensor kind.
 fn nccl_type(kind: Kind) -> Result<c_int> {
     Ok(match kind {
