@@ -168,7 +168,8 @@ impl ConfigArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let logs =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| trainer::run_stamp::StderrAboveProgress);
     match cli.log_format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().init(),

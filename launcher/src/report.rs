@@ -114,7 +114,7 @@ pub fn write_report(runs: &[Run], out: &Path) -> Result<Vec<PathBuf>> {
         for axis in [Axis::Step, Axis::Tokens] {
             let file = out.join(format!("{key}-by-{}.png", axis.name()));
             draw_chart(runs, key, title, axis, &file)?;
-            charts.push((title, file.clone()));
+            charts.push((format!("{title} by {}", axis.name()), file.clone()));
             written.push(file);
         }
     }
@@ -156,7 +156,8 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
                 Axis::Step => 1.0,
                 Axis::Tokens => run.tokens_per_step.unwrap_or(0.0),
             };
-            let points = run.series.get(key).map_or_else(Vec::new, |s| s.iter().map(|&(x, y)| (x * scale, y)).collect());
+            let points =
+                run.series.get(key).map_or_else(Vec::new, |s| s.iter().map(|&(x, y)| (x * scale, y)).collect());
             (run.name.as_str(), points)
         })
         .collect();
@@ -169,7 +170,13 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
         bail!("no data for {key}");
     }
     // A flat or single-point series still gets a visible range.
-    let pad = |lo: f64, hi: f64| if hi - lo > 0.0 { (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) } else { (lo - 1.0, hi + 1.0) };
+    let pad = |lo: f64, hi: f64| {
+        if hi - lo > 0.0 {
+            (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        } else {
+            (lo - 1.0, hi + 1.0)
+        }
+    };
     let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
     let root = BitMapBackend::new(file, CHART_SIZE).into_drawing_area();
     let draw_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", file.display());
@@ -203,6 +210,7 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
@@ -211,25 +219,30 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
     Ok(())
 }
 
-/// 1234567 → "1.23M", 0.000123 → "1.23e-4": axis labels that stay short.
+/// 1234567 → "1.23M", 7500 → "7.5k", 0.5 → "0.5", 0.000123 → "1.23e-4": axis labels that
+/// stay short.
 fn short_number(x: f64) -> String {
+    let trimmed =
+        |s: String| if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
     let a = x.abs();
     match a {
         _ if a == 0.0 => "0".into(),
-        _ if a >= 1e9 => format!("{:.3}G", x / 1e9),
-        _ if a >= 1e6 => format!("{:.3}M", x / 1e6),
-        _ if a >= 1e4 => format!("{:.1}k", x / 1e3),
-        _ if a >= 0.01 => format!("{x:.3}"),
+        _ if a >= 1e9 => trimmed(format!("{:.2}", x / 1e9)) + "G",
+        _ if a >= 1e6 => trimmed(format!("{:.2}", x / 1e6)) + "M",
+        _ if a >= 1e3 => trimmed(format!("{:.2}", x / 1e3)) + "k",
+        _ if a >= 0.01 => trimmed(format!("{x:.3}")),
         _ => format!("{x:.2e}"),
     }
 }
 
-fn markdown(runs: &[Run], charts: &[(&str, PathBuf)], out: &Path) -> String {
+fn markdown(runs: &[Run], charts: &[(String, PathBuf)], out: &Path) -> String {
     let mut md = String::from("# bd3 run report\n\n");
     let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
     let _ = writeln!(md, "Runs: {}\n", names.join(", "));
     md.push_str("## Final metrics\n\n");
-    md.push_str("| run | steps | tokens seen | final loss | final valid NELBO | valid PPL | mean tokens/s | final MFU |\n");
+    md.push_str(
+        "| run | steps | tokens seen | final loss | final valid NELBO | valid PPL | mean tokens/s | final MFU |\n",
+    );
     md.push_str("|---|---|---|---|---|---|---|---|\n");
     let fmt = |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
     for r in runs {
@@ -304,5 +317,16 @@ fn json_text(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Array(items) => items.iter().map(json_text).collect::<Vec<_>>().join(", "),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_number;
+
+    #[test]
+    fn axis_labels_stay_short() {
+        let labels: Vec<String> = [0.0, 1234567.0, 7500.0, 1000.0, 12.5, 0.5, 0.000123].map(short_number).into();
+        assert_eq!(labels, ["0", "1.23M", "7.5k", "1k", "12.5", "0.5", "1.23e-4"]);
     }
 }

@@ -203,7 +203,8 @@ fn weights_file(dir: &Path, file: &str, sets: &[&str], drop: &[&str]) -> String 
     let cfg = trainer::Config::load(&repo_root().join("configs/tiny.toml"), &overrides).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     trainer::Dit::new(&vs.root(), &cfg.model).unwrap();
-    let kept: Vec<(String, tch::Tensor)> = vs.variables().into_iter().filter(|(k, _)| !drop.contains(&k.as_str())).collect();
+    let kept: Vec<(String, tch::Tensor)> =
+        vs.variables().into_iter().filter(|(k, _)| !drop.contains(&k.as_str())).collect();
     let path = dir.join(file);
     tch::Tensor::write_safetensors(&kept, &path).unwrap();
     path.display().to_string()
@@ -217,8 +218,17 @@ fn backbone_only_weights_import_and_sample() {
     let file = weights_file(dir, "backbone.safetensors", &[], &buffers);
     let ckpts = dir.join("imported");
     let mut cmd = Command::new(bd3_binary());
-    cmd.current_dir(repo_root()).args(["ckpt", "import", &file, ckpts.to_str().unwrap(), "--config", "configs/tiny.toml"]);
-    for set in ["model.layers=2", "model.seq_len=64", "diffusion.sampling_eps_min=0.25", "diffusion.sampling_eps_max=0.75"] {
+    cmd.current_dir(repo_root()).args([
+        "ckpt",
+        "import",
+        &file,
+        ckpts.to_str().unwrap(),
+        "--config",
+        "configs/tiny.toml",
+    ]);
+    for set in
+        ["model.layers=2", "model.seq_len=64", "diffusion.sampling_eps_min=0.25", "diffusion.sampling_eps_max=0.75"]
+    {
         cmd.args(["--set", set]);
     }
     let (out, stderr) = run(cmd);
@@ -273,7 +283,8 @@ fn a_small_vocabulary_samples_with_its_own_ids() {
     let data = dir.join("data");
     let mut prepare = Command::new(bd3_binary());
     prepare.current_dir(repo_root()).args(["prepare", "--input", "data/shakespeare", "--seq-len", "64", "--output"]);
-    let (out, stderr) = run(prepare.arg(&data));
+    prepare.arg(&data);
+    let (out, stderr) = run(prepare);
     assert!(out.status.success(), "{stderr}");
     let dataset = format!("data.dataset={:?}", data.display().to_string());
     let (out, stderr) = sample(&[&dataset]);

@@ -614,7 +614,11 @@ impl Config {
         in_range("dist.bucket_mib", d.bucket_mib, Open(0.0), Unbounded)?;
         for (field, id) in [("data.bos_id", self.data.bos_id), ("data.eos_id", self.data.eos_id)] {
             if let Some(id) = id {
-                ensure!((id as usize) < m.vocab_size, "{field} ({id}) must be below model.vocab_size ({})", m.vocab_size);
+                ensure!(
+                    (id as usize) < m.vocab_size,
+                    "{field} ({id}) must be below model.vocab_size ({})",
+                    m.vocab_size
+                );
             }
         }
         crate::telemetry::listen_address(&self.metrics.listen, 0)?;

@@ -53,11 +53,7 @@ pub fn forward_flops_per_sequence(cfg: &Config) -> Result<ForwardFlops> {
         Arch::Ar => 0.0,
         // Per layer c → 6d (shift, scale, gate of attention and MLP); final layer c → 2d;
         // σ-map 256 → c → c.
-        Arch::Bd3 => {
-            layers * 2.0 * c * 6.0 * d
-                + 2.0 * c * 2.0 * d
-                + 2.0 * (SIGMA_FREQUENCY_DIM as f64 * c + c * c)
-        }
+        Arch::Bd3 => layers * 2.0 * c * 6.0 * d + 2.0 * c * 2.0 * d + 2.0 * (SIGMA_FREQUENCY_DIM as f64 * c + c * c),
     };
     Ok(ForwardFlops {
         dense: layers * tokens * per_token_layer,
@@ -78,13 +74,8 @@ pub fn training_flops_per_step(cfg: &Config, world_size: usize) -> Result<f64> {
 /// Dense bf16 tensor-core peaks (FLOP/s, without structured sparsity) of the GPUs bd3 knows,
 /// matched against the device name (`nvidia-smi --query-gpu=name`). From the vendors' data
 /// sheets: A100 312 T, H100 SXM 989 T (PCIe 756 T), H200 989 T, B200 2250 T.
-pub const GPU_PEAK_BF16: [(&str, f64); 5] = [
-    ("A100", 312e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("B200", 2250e12),
-];
+pub const GPU_PEAK_BF16: [(&str, f64); 5] =
+    [("A100", 312e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12)];
 
 /// The bf16 peak of the GPU named `name`, if the table has it (the first entry whose key the
 /// name contains, so "H100 PCIe" is found before "H100").

@@ -3,7 +3,9 @@
 //! world size, host names), for `bd3 report` and for whoever compares runs later. Also the
 //! terminal's progress bar.
 
+use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -58,14 +60,14 @@ impl RunStamp {
             cuda_devices: tch::Cuda::device_count(),
             cudnn: tch::Cuda::cudnn_is_available().then(tch::utils::version_cudnn),
             nccl: nccl_version(),
-            mpi: ::mpi::environment::library_version().ok().map(|v| v.trim().to_string()),
+            mpi: ::mpi::environment::library_version()
+                .ok()
+                .map(|v| v.trim_matches(|c: char| c == '\0' || c.is_whitespace()).to_string()),
             device: format!("{device:?}"),
             device_name,
             world_size: comm.world_size(),
             hostnames,
-            started_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            started_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         })
     }
 
@@ -121,6 +123,37 @@ fn gather_hostnames(comm: &dyn Communicator) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The progress bar being drawn, if any: log lines are written above it ([`StderrAboveProgress`]).
+static ACTIVE_BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+/// stderr for log lines: with a progress bar on the terminal, the bar is lifted for the write
+/// and redrawn below it, so logs never cut through the bar.
+pub struct StderrAboveProgress;
+
+impl Write for StderrAboveProgress {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let bar = ACTIVE_BAR.lock().map(|b| b.clone()).unwrap_or(None);
+        match bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(bytes))?,
+            None => std::io::stderr().write_all(bytes)?,
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Ends the bar: drawn once more at its final state, then the terminal goes on below it.
+pub fn finish_progress_bar(bar: ProgressBar) {
+    if let Ok(mut active) = ACTIVE_BAR.lock() {
+        *active = None;
+    }
+    bar.finish();
+    eprintln!();
+}
+
 /// The training progress bar: step, loss, tokens/s (in the message), elapsed time and ETA.
 pub fn progress_bar(steps: u64, first_step: u64) -> ProgressBar {
     let bar = ProgressBar::new(steps);
@@ -131,5 +164,8 @@ pub fn progress_bar(steps: u64, first_step: u64) -> ProgressBar {
     );
     bar.set_position(first_step);
     bar.reset_eta();
+    if let Ok(mut active) = ACTIVE_BAR.lock() {
+        *active = Some(bar.clone());
+    }
     bar
 }

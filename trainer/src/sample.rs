@@ -26,10 +26,10 @@ use crate::config::{Arch, Config};
 use crate::model::{Dit, Heads, LayerKv, VocabProjection};
 use crate::rng::{stream, NoiseRng};
 
+pub use dataloader::manifest::SpecialIds;
 /// GPT-2's `<|endoftext|>`: the BOS and EOS ids where neither the config nor the data set names
 /// others (the data loader's one definition of it).
 pub use dataloader::tokenizer::EOS_ID;
-pub use dataloader::manifest::SpecialIds;
 /// The entropy rule (docs/algorithm.md §5.7): stop when the unigram entropy of the last 256 tokens is below 4 nats.
 pub const ENTROPY_WINDOW: usize = 256;
 pub const ENTROPY_MIN_NATS: f64 = 4.0;
@@ -126,7 +126,9 @@ pub fn generate(model: &Dit, cfg: &Config, opts: &SampleOptions, device: Device)
     ensure!(opts.temperature > 0.0, "sample.temperature must be positive");
     // An id the embedding cannot hold would fail deep inside libtorch; say which one it is.
     let vocab = cfg.model.vocab_size;
-    for (name, id) in [("BOS", opts.ids.bos), ("EOS", opts.ids.eos), ("[MASK] (diffusion.mask_id)", cfg.diffusion.mask_id)] {
+    for (name, id) in
+        [("BOS", opts.ids.bos), ("EOS", opts.ids.eos), ("[MASK] (diffusion.mask_id)", cfg.diffusion.mask_id)]
+    {
         ensure!(
             (id as usize) < vocab,
             "sampling uses the {name} id {id}, which is not below model.vocab_size ({vocab}): set data.bos_id / \

@@ -25,9 +25,9 @@ pub fn listen_address(spec: &str, local_rank: usize) -> Result<Option<SocketAddr
         bail!("metrics.listen ({spec:?}): expected an IP address and port such as \"127.0.0.1:9400\", or \"\" for no endpoint")
     };
     if addr.port() != 0 {
-        let port = u16::try_from(addr.port() as usize + local_rank)
-            .ok()
-            .with_context(|| format!("metrics.listen ({spec:?}): port {} + local rank {local_rank} is above 65535", addr.port()))?;
+        let port = u16::try_from(addr.port() as usize + local_rank).ok().with_context(|| {
+            format!("metrics.listen ({spec:?}): port {} + local rank {local_rank} is above 65535", addr.port())
+        })?;
         addr.set_port(port);
     }
     Ok(Some(addr))
@@ -84,7 +84,10 @@ impl Telemetry {
             loss: g("loss", "Training loss of the last step (mean over the global batch)")?,
             learning_rate: g("learning_rate", "Learning rate of the last step")?,
             grad_norm: g("grad_norm", "Global gradient norm of the last step, before clipping")?,
-            tokens_per_second: g("tokens_per_second", "Training tokens per second of the whole job, since the last log")?,
+            tokens_per_second: g(
+                "tokens_per_second",
+                "Training tokens per second of the whole job, since the last log",
+            )?,
             step_seconds: g("step_seconds", "Wall-clock seconds of the last step")?,
             data_wait_seconds: g("data_wait_seconds", "Seconds the last step waited for its batches")?,
             allreduce_seconds: g("allreduce_seconds", "Seconds the last step spent reducing gradients across ranks")?,
@@ -96,7 +99,10 @@ impl Telemetry {
                 "checkpoint_snapshot_seconds",
                 "Seconds the last checkpoint blocked training (copying the state to host memory)",
             )?,
-            checkpoint_write_seconds: g("checkpoint_write_seconds", "Seconds the last checkpoint took to write and commit")?,
+            checkpoint_write_seconds: g(
+                "checkpoint_write_seconds",
+                "Seconds the last checkpoint took to write and commit",
+            )?,
             checkpoint_bytes: ig("checkpoint_bytes", "Bytes this rank wrote for the last checkpoint")?,
             checkpoint_step: ig("checkpoint_step", "Step of the last checkpoint this rank finished writing")?,
             valid_nelbo: g("valid_nelbo", "Validation NELBO (nats per token) with the EMA weights")?,
@@ -191,7 +197,11 @@ fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
     } else {
         ("404 Not Found", "text/plain".to_string(), b"bd3 serves /metrics\n".to_vec())
     };
-    write!(stream, "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
     stream.write_all(&body)?;
     stream.flush()
 }

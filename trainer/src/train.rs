@@ -20,17 +20,17 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use checkpoint::{AsyncSaver, CheckpointStore, Retention, SaveJob, SaveReport, WriteOptions};
 use dataloader::Gpt2Tokenizer;
-use serde_json::json;
 use indicatif::ProgressBar;
+use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 use tracing::info;
 
 use crate::config::{Config, OnNonFinite};
 use crate::data::TrainData;
 use crate::device::{keep_freed_memory_for_reuse, select_device};
-use crate::flops::{device_peak_flops, training_flops_per_step};
 use crate::diffusion::ClipInterval;
 use crate::dist::{self, Communicator, ReduceOp};
+use crate::flops::{device_peak_flops, training_flops_per_step};
 use crate::metrics::MetricsLog;
 use crate::model::{num_parameters, Dit};
 use crate::objective::Objective;
@@ -39,8 +39,8 @@ use crate::optimizer::Optimizer;
 use crate::preemption;
 use crate::progress::Progress;
 use crate::resume::{job_attempt, resume_point};
-use crate::run_stamp::{progress_bar, RunStamp};
 use crate::rng::{stream, NoiseRng};
+use crate::run_stamp::{finish_progress_bar, progress_bar, RunStamp};
 use crate::sample::{generate, SampleOptions};
 use crate::state::{self, TrainState};
 use crate::stateful::{Params, Stored};
@@ -297,8 +297,8 @@ impl<'a> Trainer<'a> {
         } else {
             RunStamp::collect(cfg, comm, device)?; // the host-name gather needs every rank
         }
-        trainer.bar = (lead && std::io::stderr().is_terminal())
-            .then(|| progress_bar(cfg.train.steps, trainer.first_step));
+        trainer.bar =
+            (lead && std::io::stderr().is_terminal()).then(|| progress_bar(cfg.train.steps, trainer.first_step));
         trainer.window_start = Instant::now();
         Ok(trainer)
     }
@@ -387,15 +387,8 @@ impl<'a> Trainer<'a> {
         let reduce_seconds = reducing.elapsed().as_secs_f64();
         self.losses.push(loss);
         self.window_tokens += self.tokens_per_step();
-        let mut stats = StepStats {
-            loss,
-            lr,
-            grad_norm,
-            skipped: true,
-            seconds: 0.0,
-            data_wait_seconds,
-            reduce_seconds,
-        };
+        let mut stats =
+            StepStats { loss, lr, grad_norm, skipped: true, seconds: 0.0, data_wait_seconds, reduce_seconds };
         if let Some(problem) = divergence(loss, grad_norm, cfg.train.max_loss) {
             self.skip_step(step, &problem)?;
             stats.seconds = started.elapsed().as_secs_f64();
@@ -573,7 +566,7 @@ impl<'a> Trainer<'a> {
             self.record_save(report);
         }
         if let Some(bar) = self.bar.take() {
-            bar.finish();
+            finish_progress_bar(bar);
         }
         let optimizer_state_elements = self.state.optimizer.adam().state_elements();
         let (run_dir, losses, final_valid_nelbo) =
