@@ -245,7 +245,9 @@ fn async_save_errors_surface_later_and_leave_the_previous_checkpoint() {
         retention: Some(Retention { keep_latest: 2, keep_every: 0 }),
     };
     saver.save(job(1, 1)).unwrap();
-    assert_eq!(saver.wait().unwrap(), Some(1));
+    let report = saver.wait().unwrap().expect("a save was in flight");
+    let bytes: usize = global_tensors(1).iter().map(|t| t.data.len()).sum();
+    assert_eq!((report.step, report.bytes), (1, bytes as u64), "the report counts the tensor bytes written");
     // A file where step 2's directory should be makes the upload fail.
     std::fs::write(dir.path().join("step-0000000002"), "in the way").unwrap();
     saver.save(job(2, 2)).unwrap();
@@ -253,7 +255,7 @@ fn async_save_errors_surface_later_and_leave_the_previous_checkpoint() {
     let err = loop {
         match saver.poll() {
             Err(e) => break e,
-            Ok(Some(step)) => panic!("step {step} should have failed"),
+            Ok(Some(report)) => panic!("step {} should have failed", report.step),
             Ok(None) => {
                 assert!(started.elapsed() < Duration::from_secs(60));
                 std::thread::sleep(Duration::from_millis(10));

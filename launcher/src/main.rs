@@ -200,10 +200,9 @@ fn main() -> Result<()> {
         Command::Launch(Launch::Local { nproc, command }) => {
             anyhow::ensure!(nproc > 0, "--nproc must be at least 1");
             let bd3 = std::env::current_exe().context("locating the bd3 binary")?;
-            let status = launcher::local::mpirun_command(nproc)
-                .arg(bd3)
-                .args(&command)
-                .status()
+            let mut mpirun = launcher::local::mpirun_command(nproc);
+            mpirun.arg(bd3).args(&command);
+            let status = launcher::local::status_forwarding_signals(&mut mpirun)
                 .context("starting mpirun (Open MPI; scripts/setup.sh installs it)")?;
             // The job's status is ours: a scheduler's requeue logic reads it.
             std::process::exit(status.code().unwrap_or(1));

@@ -134,7 +134,10 @@ fn two_ranks_serve_two_ports_and_a_port_in_use_is_named() {
     let mut job = job.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let rank0 = scrape_at_step(port, "0", 2.0, &mut job);
     let rank1 = scrape_at_step(port + 1, "1", 2.0, &mut job);
+    // SIGTERM to `bd3 launch local` reaches the ranks through mpirun: none is left behind.
     stop(job);
+    let left = Command::new("pgrep").args(["-f", &scratch.path().display().to_string()]).output().unwrap();
+    assert!(left.stdout.is_empty(), "ranks still running: {}", String::from_utf8_lossy(&left.stdout));
     assert!(rank0.keys().all(|(_, rank)| rank == "0"), "port {port} is rank 0's");
     assert!(rank1.keys().all(|(_, rank)| rank == "1"), "port {} is rank 1's", port + 1);
     assert!(rank1[&("bd3_loss".into(), "1".into())].is_finite());
@@ -184,8 +187,8 @@ fn report_charts_and_compares_two_runs() {
         let last_loss = std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
             .unwrap()
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
-            .last()
+            .rev()
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
             .unwrap();
         let row = md.lines().find(|l| l.starts_with(&format!("| {name} | 6 |"))).unwrap_or_else(|| panic!("{md}"));
         assert!(row.contains(&format!("{last_loss:.4}")), "final loss {last_loss:.4} of {name} in {row}");
