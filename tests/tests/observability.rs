@@ -165,8 +165,26 @@ fn report_charts_and_compares_two_runs() {
     let dir = scratch.path();
     for (name, lr) in [("fast", "optim.lr=3e-3"), ("slow", "optim.lr=1e-3")] {
         let set = ["train.steps=6", "train.eval_every=3", "train.eval_batches=1", lr];
-        let (out, stderr) = run(tiny_command("train", dir, name, &set));
+        let mut cmd = tiny_command("train", dir, name, &set);
+        if name == "fast" {
+            cmd.args(["--log-format", "json"]);
+        }
+        let (out, stderr) = run(cmd);
         assert!(out.status.success(), "{stderr}");
+        if name == "fast" {
+            for line in stderr.lines().filter(|l| !l.is_empty()) {
+                let event: serde_json::Value =
+                    serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+                assert!(event["level"].is_string() && event["fields"].is_object(), "{line}");
+            }
+        }
+        // The run stamp.
+        let stamp: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(name).join("run.json")).unwrap()).unwrap();
+        assert_eq!((stamp["run"].as_str(), stamp["world_size"].as_u64()), (Some(name), Some(1)));
+        assert_eq!(stamp["hostnames"].as_array().unwrap().len(), 1);
+        assert_eq!(stamp["config_hash"].as_str().unwrap().len(), 16);
+        assert!(!stamp["git_commit"].as_str().unwrap().is_empty() && stamp["libtorch"] == "2.11.0");
     }
     let out_dir = dir.join("compare");
     let mut cmd = Command::new(bd3_binary());
@@ -194,6 +212,12 @@ fn report_charts_and_compares_two_runs() {
         assert!(row.contains(&format!("{last_loss:.4}")), "final loss {last_loss:.4} of {name} in {row}");
     }
     assert!(md.contains("| `optim.lr` | `0.003` | `0.001` |"), "the config difference:\n{md}");
+    let hash = |name: &str| {
+        let stamp: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(name).join("run.json")).unwrap()).unwrap();
+        stamp["config_hash"].as_str().unwrap().to_string()
+    };
+    assert!(md.contains(&hash("fast")) && md.contains(&hash("slow")), "provenance from run.json:\n{md}");
     assert!(!md.contains("`model.hidden`"), "only differing keys are listed:\n{md}");
     assert!(md.contains("](loss-by-tokens.png)"), "{md}");
 }

@@ -291,11 +291,10 @@ impl<'a> Trainer<'a> {
             checkpoints = trainer.store.url(),
             "training"
         );
+        // Every rank takes part: the host names are gathered.
+        let stamp = RunStamp::collect(cfg, comm, device)?;
         if lead {
-            let stamp = RunStamp::collect(cfg, comm, device)?;
             stamp.write(&trainer.run_dir)?;
-        } else {
-            RunStamp::collect(cfg, comm, device)?; // the host-name gather needs every rank
         }
         trainer.bar =
             (lead && std::io::stderr().is_terminal()).then(|| progress_bar(cfg.train.steps, trainer.first_step));
