@@ -27,7 +27,7 @@ use tracing::info;
 
 use crate::config::{Config, OnNonFinite};
 use crate::data::TrainData;
-use crate::device::{keep_freed_memory_for_reuse, select_device};
+use crate::device::{keep_freed_memory_for_reuse, rank_device};
 use crate::diffusion::ClipInterval;
 use crate::dist::{self, Communicator, ReduceOp};
 use crate::flops::{device_peak_flops, training_flops_per_step};
@@ -61,11 +61,12 @@ pub fn train(cfg: &Config) -> Result<TrainOutcome> {
     result
 }
 
-/// Trains on `train.device`. On several GPUs, rank r of a node drives its CUDA device r and the
-/// collectives on CUDA tensors go over NCCL (feature `cuda`; not yet run on a GPU machine).
+/// Trains on `train.device` (crate::device::rank_device). On several GPUs, local rank r of a node
+/// drives its CUDA device r and the collectives on CUDA tensors go over NCCL (feature `cuda`; not
+/// yet run on a GPU machine).
 fn train_on_device(cfg: &Config, dist: &dist::Dist) -> Result<TrainOutcome> {
     let comm = dist.comm();
-    let device = select_device(cfg.train.device)?;
+    let device = rank_device(cfg.train.device, &dist.placement, tch::Cuda::device_count().max(0) as usize)?;
     let local = dist.placement.local_rank;
     // Before anything heavy: a port in use is a clear error at start.
     let telemetry = Telemetry::start(&cfg.metrics.listen, &cfg.run.name, comm.rank(), local)?;
