@@ -50,6 +50,29 @@ enum Command {
     /// Evaluate trained weights.
     #[command(subcommand)]
     Eval(Eval),
+    /// Capacity planner: per-GPU memory, the largest micro-batch that fits, FLOPs, step time at a
+    /// stated MFU, all-reduce time (α-β model) with and without overlap, tokens/s, wall-clock
+    /// time and GPU-hours of `train.steps` (docs/scaling.md).
+    Plan {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// A100, H100, H200 or B200.
+        #[arg(long, default_value = "H100")]
+        gpu: String,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: usize,
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Between nodes: infiniband (400 Gb/s per GPU) or ethernet (100 Gb/s per node).
+        #[arg(long, default_value = "infiniband")]
+        interconnect: String,
+        /// The model FLOPs utilization to project the step time at.
+        #[arg(long, default_value_t = 0.4)]
+        mfu: f64,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Charts (PNG) of runs' metrics against step and tokens, several runs overlaid, and a
     /// report.md with provenance, final metrics and config differences.
     Report {
@@ -191,6 +214,23 @@ fn main() -> Result<()> {
             println!("run directory: {}", outcome.run_dir.display());
         }
         Command::Ckpt(c) => ckpt::run(c)?,
+        Command::Plan { config, gpu, gpus_per_node, nodes, interconnect, mfu, json } => {
+            use trainer::plan;
+            let cfg = config.load()?;
+            let cluster = plan::Cluster {
+                gpu: plan::gpu(&gpu)?,
+                gpus_per_node,
+                nodes,
+                interconnect: plan::interconnect(&interconnect, gpus_per_node.max(1))?,
+                mfu,
+            };
+            let plan = plan::plan(&cfg, cluster)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", plan.render());
+            }
+        }
         Command::Report { runs, out } => {
             let loaded = runs.iter().map(|dir| launcher::report::Run::load(dir)).collect::<Result<Vec<_>>>()?;
             let out = out.unwrap_or_else(|| runs[0].join("report"));

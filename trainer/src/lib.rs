@@ -24,6 +24,7 @@
 //! | [`metrics`] | `metrics.jsonl` |
 //! | [`telemetry`] | the Prometheus endpoint (`metrics.listen`) and its gauges |
 //! | [`flops`] | model FLOPs of a step, GPU peaks, MFU |
+//! | [`plan`] | the capacity planner (`bd3 plan`): memory, step time, all-reduce, GPU-hours |
 //! | [`run_stamp`] | `run.json` (commit, config hash, versions, hosts) and the progress bar |
 //! | [`dist`] | collectives: the communicator trait, MPI, NCCL, gradient buckets, watchdog |
 //! | [`preemption`] | SIGTERM/SIGUSR1 as a coordinated stop of every rank |
@@ -43,6 +44,7 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod optimizer;
+pub mod plan;
 pub mod preemption;
 pub mod progress;
 pub mod reference;

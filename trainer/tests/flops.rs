@@ -38,3 +38,23 @@ fn ar_and_mdlm_count_their_own_passes() {
     assert_eq!(mdlm.dense, 347_892_350_976.0 / 2.0);
     assert_eq!(mdlm.attention, 12.0 * 4.0 * 768.0 * 1024.0 * 1024.0);
 }
+
+/// The planner's parameter count is the built model's, for both architectures.
+#[test]
+fn the_planner_counts_the_parameters_of_the_built_model() {
+    for arch in ["bd3", "ar"] {
+        let sets = [
+            format!("model.arch={arch:?}"),
+            "model.hidden=64".into(),
+            "model.heads=4".into(),
+            "model.layers=3".into(),
+            "model.cond_dim=32".into(),
+            "model.vocab_size=1000".into(),
+            "diffusion.mask_id=999".into(),
+        ];
+        let cfg = Config::from_toml_str("", &sets).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        trainer::Dit::new(&vs.root(), &cfg.model).unwrap();
+        assert_eq!(trainer::plan::parameter_count(&cfg), trainer::model::num_parameters(&vs) as u64, "{arch}");
+    }
+}
