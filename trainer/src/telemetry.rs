@@ -59,8 +59,8 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// The gauges, served on `listen` (see [`listen_address`]) unless it is empty. A port in
-    /// use is an error that names it.
-    pub fn start(listen: &str, run: &str, rank: usize, local_rank: usize) -> Result<Self> {
+    /// use is an error that names it. `cuda` adds the GPU memory this process holds.
+    pub fn start(listen: &str, run: &str, rank: usize, local_rank: usize, cuda: bool) -> Result<Self> {
         let labels = [("run".to_string(), run.to_string()), ("rank".to_string(), rank.to_string())];
         let registry = Registry::new_custom(Some("bd3".into()), Some(labels.into_iter().collect()))?;
         let g = |name: &str, help: &str| -> Result<Gauge> {
@@ -79,6 +79,11 @@ impl Telemetry {
             Ok(c)
         };
         let resident = ig("resident_memory_bytes", "Resident set size of this process (read at each scrape)")?;
+        let cuda_memory = cuda
+            .then(|| {
+                ig("cuda_memory_bytes", "GPU memory this process holds, as nvidia-smi reports it (read at each scrape)")
+            })
+            .transpose()?;
         let mut telemetry = Self {
             step: ig("step", "Optimizer steps completed")?,
             loss: g("loss", "Training loss of the last step (mean over the global batch)")?,
@@ -111,20 +116,57 @@ impl Telemetry {
             server: None,
         };
         if let Some(addr) = listen_address(listen, local_rank)? {
-            telemetry.server = Some(Server::start(addr, registry, resident, local_rank)?);
+            let probes = Probes { resident, cuda_memory };
+            telemetry.server = Some(Server::start(addr, registry, probes, local_rank)?);
         }
         Ok(telemetry)
     }
 
     /// Gauges that nothing serves (`metrics.listen = ""`).
     pub fn disabled() -> Self {
-        Self::start("", "", 0, 0).expect("registering fresh gauges cannot fail")
+        Self::start("", "", 0, 0, false).expect("registering fresh gauges cannot fail")
     }
 
     /// Where the endpoint listens (the port chosen when `metrics.listen` asked for port 0).
     pub fn address(&self) -> Option<SocketAddr> {
         self.server.as_ref().map(|s| s.addr)
     }
+}
+
+/// Gauges read fresh at each scrape, in the server's thread.
+struct Probes {
+    resident: IntGauge,
+    cuda_memory: Option<IntGauge>,
+}
+
+impl Probes {
+    fn read(&self) {
+        self.resident.set(resident_memory_bytes());
+        if let Some(gauge) = &self.cuda_memory {
+            if let Some(bytes) = cuda_memory_bytes() {
+                gauge.set(bytes);
+            }
+        }
+    }
+}
+
+/// The GPU memory this process holds, from `nvidia-smi`'s list of compute processes.
+fn cuda_memory_bytes() -> Option<i64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    out.status.success().then(|| used_mib_of(&String::from_utf8_lossy(&out.stdout), std::process::id()) << 20)
+}
+
+/// The MiB `nvidia-smi --query-compute-apps=pid,used_memory` lists for `pid` (summed over GPUs).
+fn used_mib_of(listing: &str, pid: u32) -> i64 {
+    listing
+        .lines()
+        .filter_map(|line| line.split_once(','))
+        .filter(|(p, _)| p.trim().parse() == Ok(pid))
+        .filter_map(|(_, mib)| mib.trim().parse::<i64>().ok())
+        .sum()
 }
 
 /// The thread that answers scrapes; stopped and joined on drop.
@@ -135,7 +177,7 @@ struct Server {
 }
 
 impl Server {
-    fn start(addr: SocketAddr, registry: Registry, resident: IntGauge, local_rank: usize) -> Result<Self> {
+    fn start(addr: SocketAddr, registry: Registry, probes: Probes, local_rank: usize) -> Result<Self> {
         let listener = TcpListener::bind(addr).map_err(|e| {
             anyhow::anyhow!(
                 "metrics.listen: cannot serve Prometheus metrics on {addr} (local rank {local_rank}): {e}; \
@@ -153,7 +195,7 @@ impl Server {
                         break;
                     }
                     if let Ok(stream) = stream {
-                        resident.set(resident_memory_bytes());
+                        probes.read();
                         // A scraper that misbehaves costs this thread a timeout, never a step.
                         let _ = answer(stream, &registry);
                     }
@@ -232,16 +274,24 @@ mod tests {
     }
 
     #[test]
+    fn gpu_memory_is_this_process_s_line() {
+        let listing = "4242, 1200\n77, 900\n4242, 300\n";
+        assert_eq!(used_mib_of(listing, 4242), 1500);
+        assert_eq!(used_mib_of(listing, 5), 0);
+        assert_eq!(used_mib_of("No running processes found\n", 4242), 0);
+    }
+
+    #[test]
     fn a_port_in_use_is_named() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap().to_string();
-        let err = Telemetry::start(&addr, "r", 0, 0).err().expect("the port is taken").to_string();
+        let err = Telemetry::start(&addr, "r", 0, 0, false).err().expect("the port is taken").to_string();
         assert!(err.contains(&addr) && err.contains("metrics.listen"), "{err}");
     }
 
     #[test]
     fn scrapes_return_the_gauges_in_text_format() {
-        let t = Telemetry::start("127.0.0.1:0", "run-a", 1, 0).unwrap();
+        let t = Telemetry::start("127.0.0.1:0", "run-a", 1, 0, false).unwrap();
         t.step.set(7);
         t.loss.set(2.5);
         let addr = t.address().unwrap();
@@ -250,8 +300,15 @@ mod tests {
         let mut response = String::new();
         std::io::Read::read_to_string(&mut stream, &mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        assert!(response.contains("bd3_step{rank=\"1\",run=\"run-a\"} 7"), "{response}");
-        assert!(response.contains("bd3_loss{rank=\"1\",run=\"run-a\"} 2.5"), "{response}");
+        // The labels' order is the registry's (unspecified); both must be there.
+        let sample = |name: &str| {
+            let line =
+                response.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("{response}"));
+            assert!(line.contains("rank=\"1\"") && line.contains("run=\"run-a\""), "{line}");
+            line.rsplit_once(' ').unwrap().1.to_string()
+        };
+        assert_eq!(sample("bd3_step"), "7");
+        assert_eq!(sample("bd3_loss"), "2.5");
         assert!(response.contains("# TYPE bd3_resident_memory_bytes gauge"), "{response}");
         drop(t);
         assert!(TcpStream::connect(addr).is_err(), "the endpoint closes with the run");

@@ -69,7 +69,7 @@ fn train_on_device(cfg: &Config, dist: &dist::Dist) -> Result<TrainOutcome> {
     let device = rank_device(cfg.train.device, &dist.placement, tch::Cuda::device_count().max(0) as usize)?;
     let local = dist.placement.local_rank;
     // Before anything heavy: a port in use is a clear error at start.
-    let telemetry = Telemetry::start(&cfg.metrics.listen, &cfg.run.name, comm.rank(), local)?;
+    let telemetry = Telemetry::start(&cfg.metrics.listen, &cfg.run.name, comm.rank(), local, device.is_cuda())?;
     if comm.world_size() == 1 || !device.is_cuda() {
         return train_loop(cfg, comm, device, telemetry);
     }
