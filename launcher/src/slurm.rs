@@ -305,9 +305,9 @@ export OMPI_MCA_btl_vader_single_copy_mechanism=none
 
 # USR1 (--signal, or scancel --batch --signal=USR1): every rank saves a checkpoint after the
 # step it is in and exits 0; then the job requeues itself (a time limit never requeues it).
-stop_requested=0
+usr1_received=0
 forward_stop() {
-    stop_requested=1
+    usr1_received=$((usr1_received + 1))
     echo "bd3-slurm: USR1: the ranks checkpoint and stop, then the job requeues"
     kill -USR1 "$srun_pid" 2>/dev/null # srun passes it on to every task
 }
@@ -316,19 +316,16 @@ trap forward_stop USR1
 # srun in the background: bash runs a trap only between commands, and `wait` is one that a
 # trapped signal interrupts.{srun}
 srun_pid=$!
-status=127
 while :; do
+    seen=$usr1_received
     wait "$srun_pid"
-    rc=$?
-    # 127: srun's status was collected by the previous `wait`.
-    [ "$rc" -eq 127 ] && break
-    status=$rc
-    # Above 128 when a trap interrupted `wait` (srun still runs, or its status is still to be
-    # collected), or when srun itself ended by a signal (then the next `wait` says 127).
-    [ "$rc" -gt 128 ] || break
+    status=$?
+    # The trap ended `wait` early (128 + USR1) while srun goes on stopping the ranks: wait again
+    # (which returns srun's status at once if it has ended meanwhile).
+    [ "$usr1_received" -ne "$seen" ] && [ "$status" -eq 138 ] || break
 done
 echo "bd3-slurm: the ranks exited with status $status"
-if [ "$stop_requested" -eq 1 ]; then
+if [ "$usr1_received" -gt 0 ]; then
     echo "bd3-slurm: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 fi

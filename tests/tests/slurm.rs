@@ -69,8 +69,8 @@ impl Cluster {
             {
                 return job;
             }
-            if start.elapsed() > Duration::from_secs(600) {
-                panic!("job {id} still {} after 10 minutes\n{}", job["JobState"], self.logs(run, id));
+            if start.elapsed() > Duration::from_secs(300) {
+                panic!("job {id} still {} after 5 minutes\n{}", job["JobState"], self.logs(run, id));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
