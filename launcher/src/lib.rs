@@ -2,6 +2,7 @@
 //! multi-process jobs. The trainer itself knows nothing about how it was started: it reads its
 //! rank from the environment the backend set up (trainer::dist).
 
+pub mod k8s;
 pub mod local;
 pub mod slurm;
 

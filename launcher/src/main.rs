@@ -73,6 +73,9 @@ enum Launch {
     /// the job checkpoints and requeues itself on USR1 and resumes exactly (README "Slurm"):
     /// `bd3 launch slurm --nodes 2 --gpus-per-node 8 -- train --config configs/small.toml`.
     Slurm(launcher::slurm::SlurmArgs),
+    /// A run on Kubernetes: renders an MPIJob overlay of the base in k8s/ into the run directory
+    /// and with --apply applies it (README "Kubernetes", k8s/README.md).
+    K8s(launcher::k8s::K8sArgs),
 }
 
 #[derive(Subcommand)]
@@ -185,6 +188,7 @@ fn main() -> Result<()> {
             std::process::exit(status.code().unwrap_or(1));
         }
         Command::Launch(Launch::Slurm(args)) => launcher::slurm::launch(&args, scheduled_train(&args.command)?)?,
+        Command::Launch(Launch::K8s(args)) => launcher::k8s::launch(&args, scheduled_train(&args.command)?)?,
         Command::Prepare(args) => prepare::run(args)?,
         Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
             let cfg = config.load()?;
