@@ -135,7 +135,11 @@ impl K8sRun {
             "--shm-size {:?}: expected a Kubernetes quantity such as 32Gi or 512Mi",
             args.shm_size
         );
-        ensure!(!args.image.trim().is_empty() && !args.image.contains(char::is_whitespace), "--image {:?}: expected an image reference", args.image);
+        ensure!(
+            !args.image.trim().is_empty() && !args.image.contains(char::is_whitespace),
+            "--image {:?}: expected an image reference",
+            args.image
+        );
         ensure!(is_dns_subdomain(&args.secret), "--secret {:?}: expected a Secret's name", args.secret);
         ensure!(
             base_dir.join("kustomization.yaml").is_file(),
@@ -231,10 +235,8 @@ impl K8sRun {
 
         // Renaming: every object gets the suffix, and every field the base lists as naming an
         // object of the set follows it (names of objects outside the set stay as they are).
-        let renamed: BTreeMap<(String, String), String> = objects
-            .iter()
-            .map(|o| (kind_and_name(o), format!("{}{}", name_of(o), self.name_suffix)))
-            .collect();
+        let renamed: BTreeMap<(String, String), String> =
+            objects.iter().map(|o| (kind_and_name(o), format!("{}{}", name_of(o), self.name_suffix))).collect();
         for object in &mut objects {
             let new_name = renamed[&kind_and_name(object)].clone();
             object["metadata"]["name"] = json!(new_name);
@@ -246,7 +248,9 @@ impl K8sRun {
             for spec in &reference.field_specs {
                 for object in objects.iter_mut().filter(|o| o["kind"] == spec.kind.as_str()) {
                     let segments: Vec<&str> = spec.path.split('/').collect();
-                    rename_at(object, &segments, &|old| renamed.get(&(reference.kind.clone(), old.to_string())).cloned());
+                    rename_at(object, &segments, &|old| {
+                        renamed.get(&(reference.kind.clone(), old.to_string())).cloned()
+                    });
                 }
             }
         }
@@ -276,7 +280,10 @@ impl K8sRun {
         }
         let header = "# Written by `bd3 launch k8s`: `kubectl apply -k` this directory, or `kubectl apply -f \
                       manifests.yaml` (the objects it renders to).\n";
-        write_private(&dir.join("kustomization.yaml"), &format!("{header}{}", serde_norway::to_string(&kustomization)?))?;
+        write_private(
+            &dir.join("kustomization.yaml"),
+            &format!("{header}{}", serde_norway::to_string(&kustomization)?),
+        )?;
         write_private(&dir.join("mpijob-patch.yaml"), &serde_norway::to_string(&self.job_patch)?)?;
         for (file, object) in &self.resources {
             write_private(&dir.join(file), &serde_norway::to_string(object)?)?;
@@ -446,10 +453,7 @@ fn relative_path(from: &Path, to: &Path) -> Result<PathBuf> {
 /// An RFC 1123 label: what Kubernetes accepts as a namespace and (with dots) an object name.
 fn is_dns_label(s: &str) -> bool {
     let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
-    (1..=63).contains(&s.len())
-        && s.chars().all(|c| ok(c) || c == '-')
-        && s.starts_with(ok)
-        && s.ends_with(ok)
+    (1..=63).contains(&s.len()) && s.chars().all(|c| ok(c) || c == '-') && s.starts_with(ok) && s.ends_with(ok)
 }
 
 fn is_dns_subdomain(s: &str) -> bool {

@@ -88,7 +88,11 @@ pub fn launch(args: &SlurmArgs, train: TrainCommand) -> Result<()> {
         return Ok(());
     }
     let id = job.submit()?;
-    println!("submitted Slurm job {id}: script {}, log {}/slurm-{id}.out", job.script_path().display(), job.run_dir().display());
+    println!(
+        "submitted Slurm job {id}: script {}, log {}/slurm-{id}.out",
+        job.script_path().display(),
+        job.run_dir().display()
+    );
     Ok(())
 }
 
@@ -254,7 +258,8 @@ impl SlurmJob {
              (install them, or print the script with --dry-run)",
         )?;
         let run_dir = self.run_dir();
-        std::fs::create_dir_all(&run_dir).with_context(|| format!("creating the run directory {}", run_dir.display()))?;
+        std::fs::create_dir_all(&run_dir)
+            .with_context(|| format!("creating the run directory {}", run_dir.display()))?;
         let path = self.script_path();
         std::fs::write(&path, self.script()).with_context(|| format!("writing {}", path.display()))?;
         submit_script(&sbatch, &path)

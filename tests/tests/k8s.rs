@@ -18,7 +18,12 @@ use test_support::{bd3_binary, repo_root, scratch_dir};
 fn strict_crd_schema(file: &str) -> Value {
     let dir = repo_root().join("../shared/k8s-crds");
     let path = dir.join(file);
-    assert!(path.is_file(), "{} is missing: the upstream CRD schemas are expected in {}", path.display(), dir.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: the upstream CRD schemas are expected in {}",
+        path.display(),
+        dir.display()
+    );
     let crd = launcher::k8s::read_yaml_documents(&path).unwrap().remove(0);
     let version = crd["spec"]["versions"].as_array().unwrap().iter().find(|v| v["served"] == true).unwrap();
     let mut schema = version["schema"]["openAPIV3Schema"].clone();
@@ -50,8 +55,8 @@ fn schema_errors(schema: &Value, instance: &Value) -> Vec<String> {
 /// does not know (which serde would otherwise skip).
 fn core_object<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, String> {
     let mut unknown = Vec::new();
-    let object = serde_ignored::deserialize(value.clone(), |path| unknown.push(path.to_string()))
-        .map_err(|e| format!("{e}"))?;
+    let object =
+        serde_ignored::deserialize(value.clone(), |path| unknown.push(path.to_string())).map_err(|e| format!("{e}"))?;
     if unknown.is_empty() {
         Ok(object)
     } else {
@@ -83,7 +88,13 @@ fn check_object(object: &Value, mpijob_schema: &Value) -> Result<(), String> {
 
 /// `bd3 launch k8s` in the repository with `args` and this PATH.
 fn launch(args: &[&str], path: &str) -> Output {
-    Command::new(bd3_binary()).current_dir(repo_root()).env("PATH", path).args(["launch", "k8s"]).args(args).output().unwrap()
+    Command::new(bd3_binary())
+        .current_dir(repo_root())
+        .env("PATH", path)
+        .args(["launch", "k8s"])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn ok(out: Output) -> String {
@@ -102,15 +113,21 @@ fn render_small(run_dir: &Path) -> PathBuf {
     let lines: String = CREDENTIALS.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     std::fs::write(&credentials, format!("# object store\n{lines}")).unwrap();
     let run_dir_set = format!("run.dir={:?}", run_dir.display().to_string());
-    ok(launch(
-        &[
-            "--nodes", "2", "--gpus-per-node", "8", "--image", "registry.example.com/bd3:0.1", "--namespace", "research",
-            "--checkpoint-url", "s3://checkpoints/small", "--shm-size", "64Gi", "--credentials",
-            credentials.to_str().unwrap(), "--", "train", "--config", "configs/small.toml", "--set", &run_dir_set,
-            "--set", "train.grad_accum=2",
-        ],
-        "",
-    ));
+    let options = "--nodes 2 --gpus-per-node 8 --image registry.example.com/bd3:0.1 --namespace research \
+                   --checkpoint-url s3://checkpoints/small --shm-size 64Gi";
+    let mut args: Vec<&str> = options.split_whitespace().collect();
+    args.extend(["--credentials", credentials.to_str().unwrap()]);
+    args.extend([
+        "--",
+        "train",
+        "--config",
+        "configs/small.toml",
+        "--set",
+        &run_dir_set,
+        "--set",
+        "train.grad_accum=2",
+    ]);
+    ok(launch(&args, ""));
     run_dir.join("small/k8s")
 }
 
@@ -228,8 +245,18 @@ fn validation_catches_misspelt_fields_wrong_types_bad_enums_and_missing_fields()
             Box::new(rename(&format!("{worker}/template/spec/volumes"), "volume")),
             &["/spec/mpiReplicaSpecs/Worker/template/spec", "volume"],
         ),
-        ("wrong type", job, Box::new(set("/spec/mpiReplicaSpecs/Worker/replicas", json!("2"))), &["/spec/mpiReplicaSpecs/Worker/replicas"]),
-        ("bad enum value", job, Box::new(set("/spec/mpiImplementation", json!("OpenMP"))), &["/spec/mpiImplementation", "OpenMP"]),
+        (
+            "wrong type",
+            job,
+            Box::new(set("/spec/mpiReplicaSpecs/Worker/replicas", json!("2"))),
+            &["/spec/mpiReplicaSpecs/Worker/replicas"],
+        ),
+        (
+            "bad enum value",
+            job,
+            Box::new(set("/spec/mpiImplementation", json!("OpenMP"))),
+            &["/spec/mpiImplementation", "OpenMP"],
+        ),
         (
             "missing required field",
             job,
@@ -258,14 +285,25 @@ fn bad_input_is_refused_before_anything_is_written() {
     // `bd3 launch k8s` with the options in `launch_args` (a 2 × 8 job unless they say otherwise)
     // of a tiny run in `dir` with `train_args`.
     let command = |launch_args: &[&str], train_args: &[&str]| -> Vec<String> {
-        let shape = if launch_args.contains(&"--nodes") { vec![] } else { vec!["--nodes", "2", "--gpus-per-node", "8"] };
+        let shape =
+            if launch_args.contains(&"--nodes") { vec![] } else { vec!["--nodes", "2", "--gpus-per-node", "8"] };
         let train = ["--", "train", "--config", "configs/tiny.toml", "--set", &run_dir];
-        [&shape[..], &["--image", "bd3:1"], launch_args, &train, train_args].concat().into_iter().map(String::from).collect()
+        [&shape[..], &["--image", "bd3:1"], launch_args, &train, train_args]
+            .concat()
+            .into_iter()
+            .map(String::from)
+            .collect()
     };
     let to_s3 = ["--checkpoint-url", "s3://c/x"];
     let refusals: Vec<(Vec<String>, &[&str])> = vec![
-        (command(&[&to_s3[..], &["--nodes", "0", "--gpus-per-node", "8"]].concat(), &[]), &["--nodes must be at least 1"]),
-        (command(&[&to_s3[..], &["--nodes", "2", "--gpus-per-node", "0"]].concat(), &[]), &["--gpus-per-node must be at least 1"]),
+        (
+            command(&[&to_s3[..], &["--nodes", "0", "--gpus-per-node", "8"]].concat(), &[]),
+            &["--nodes must be at least 1"],
+        ),
+        (
+            command(&[&to_s3[..], &["--nodes", "2", "--gpus-per-node", "0"]].concat(), &[]),
+            &["--gpus-per-node must be at least 1"],
+        ),
         (command(&to_s3, &["--set", "model.hiden=64"]), &["configs/tiny.toml", "field `model.hiden`"]),
         (command(&[], &["--set", "checkpoint.url=\"/local/ckpt\""]), &["\"/local/ckpt\"", "object storage"]),
         (command(&[&to_s3[..], &["--shm-size", "lots"]].concat(), &[]), &["--shm-size \"lots\""]),
@@ -276,7 +314,11 @@ fn bad_input_is_refused_before_anything_is_written() {
     for (args, expected) in &refusals {
         let out = launch(&args.iter().map(String::as_str).collect::<Vec<_>>(), "/nonexistent");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}"
+        );
         for e in *expected {
             assert!(stderr.contains(e), "{args:?}: the error does not say {e:?}:\n{stderr}");
         }

@@ -140,7 +140,8 @@ fn ok(out: Output) -> String {
 fn losses(run: &Path) -> (BTreeMap<u64, f64>, usize) {
     let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
     let lines: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    let losses = lines.iter().filter(|v| v["loss"].is_f64()).map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()));
+    let losses =
+        lines.iter().filter(|v| v["loss"].is_f64()).map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()));
     (losses.collect(), lines.len())
 }
 
@@ -156,7 +157,8 @@ fn wait_until(cluster: &Cluster, run: &Path, id: &str, what: &str, ready: impl F
     while !ready() {
         let state = cluster.job(id)["JobState"].clone();
         assert!(
-            ["PENDING", "RUNNING", "CONFIGURING"].contains(&state.as_str()) && start.elapsed() < Duration::from_secs(300),
+            ["PENDING", "RUNNING", "CONFIGURING"].contains(&state.as_str())
+                && start.elapsed() < Duration::from_secs(300),
             "job {id} is {state} and never reached {what}\n{}",
             cluster.logs(run, id)
         );
@@ -170,8 +172,8 @@ fn usr1_checkpoints_both_ranks_requeues_and_the_job_ends_bit_for_bit() {
     let scratch = scratch_dir("slurm-usr1");
     let dir = scratch.path();
     let (straight, stopped) = (dir.join("straight"), dir.join("stopped"));
-    // Both jobs fit on the node's 4 CPUs at once.
-    // Checkpoints only at the end and at the stop: the stop's is the one the rerun resumes from.
+    // Both jobs fit on the node's 4 CPUs at once. Checkpoints only at the end and at the stop:
+    // the stop's is the one the rerun resumes from.
     let straight_id = cluster.submit(dir, "straight", 0, &[]);
     let id = cluster.submit(dir, "stopped", 0, &[]);
     assert!(stopped.join("slurm-job.sh").is_file(), "the script is kept in the run directory");
@@ -248,6 +250,11 @@ fn a_killed_job_resubmitted_with_resume_auto_goes_on_from_the_last_committed_che
     let job = cluster.wait_for_end(&id, &run);
     assert_eq!(job["JobState"], "FAILED", "{}", cluster.logs(&run, &id));
     assert_eq!(job["Restarts"], "0", "a failed job is not requeued");
+    let killed_log = std::fs::read_to_string(run.join(format!("slurm-{id}.out"))).unwrap();
+    assert!(
+        killed_log.contains("the ranks exited with status ") && !killed_log.contains("the ranks exited with status 0"),
+        "{killed_log}"
+    );
     let last_committed = *committed(&run).last().unwrap();
     let (before, _) = losses(&run);
     let killed_at = *before.keys().last().unwrap();
@@ -270,17 +277,27 @@ fn a_killed_job_resubmitted_with_resume_auto_goes_on_from_the_last_committed_che
 
 /// `bd3 launch slurm` with `args`, in the repository, with this PATH.
 fn launch(args: &[&str], path: &str) -> Output {
-    Command::new(bd3_binary()).current_dir(repo_root()).env("PATH", path).args(["launch", "slurm"]).args(args).output().unwrap()
+    Command::new(bd3_binary())
+        .current_dir(repo_root())
+        .env("PATH", path)
+        .args(["launch", "slurm"])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn dry_run_prints_the_checked_in_script_for_two_nodes_of_eight_gpus() {
-    let args = [
-        "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "12", "--partition", "gpu", "--time",
-        "2-00:00:00", "--account", "bd3", "--dry-run", "--", "train", "--config", "configs/small.toml", "--set",
-        "train.grad_accum=2", "--set", "run.dir=\"/shared/runs\"", "--set",
-        "data.dataset=\"s3://corpora/owt-1024\"", "--set", "checkpoint.url=\"s3://checkpoints/small\"",
-    ];
+    let options = "--nodes 2 --gpus-per-node 8 --cpus-per-task 12 --partition gpu --time 2-00:00:00 --account bd3";
+    let mut args: Vec<&str> = options.split_whitespace().collect();
+    args.extend(["--dry-run", "--", "train", "--config", "configs/small.toml", "--set", "train.grad_accum=2"]);
+    for set in [
+        "run.dir=\"/shared/runs\"",
+        "data.dataset=\"s3://corpora/owt-1024\"",
+        "checkpoint.url=\"s3://checkpoints/small\"",
+    ] {
+        args.extend(["--set", set]);
+    }
     // No sbatch needed to print the script.
     let out = ok(launch(&args, ""));
     let root = repo_root().display().to_string();
@@ -306,11 +323,15 @@ fn bad_input_is_refused_before_anything_is_submitted() {
     let run_dir = dir.join("runs");
     let train = train_args(&run_dir, "refused", 0);
     let train: Vec<&str> = train.iter().map(String::as_str).collect();
-    let cpu = |extra: &[&'static str]| [&["--nodes", "1", "--ntasks-per-node", "2"], extra, &["--"], &train[..]].concat();
+    let cpu =
+        |extra: &[&'static str]| [&["--nodes", "1", "--ntasks-per-node", "2"], extra, &["--"], &train[..]].concat();
 
     let refusals: [(Vec<&str>, &[&str]); 6] = [
         ([&["--nodes", "0", "--ntasks-per-node", "2", "--"], &train[..]].concat(), &["--nodes must be at least 1"]),
-        ([&["--nodes", "2", "--gpus-per-node", "0", "--"], &train[..]].concat(), &["--gpus-per-node must be at least 1"]),
+        (
+            [&["--nodes", "2", "--gpus-per-node", "0", "--"], &train[..]].concat(),
+            &["--gpus-per-node must be at least 1"],
+        ),
         (cpu(&["--time", "two days"]), &["--time \"two days\"", "2-00:00:00"]),
         (cpu(&["--partition", "a b"]), &["--partition \"a b\""]),
         ([&cpu(&[])[..], &["--set", "model.hiden=64"]].concat(), &["configs/tiny.toml", "field `model.hiden`"]),
@@ -319,7 +340,11 @@ fn bad_input_is_refused_before_anything_is_submitted() {
     for (args, expected) in &refusals {
         let out = launch(args, &path);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}"
+        );
         for e in *expected {
             assert!(stderr.contains(e), "{args:?}: the error does not say {e:?}:\n{stderr}");
         }
