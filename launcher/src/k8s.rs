@@ -76,12 +76,13 @@ const SECRET: &str = "bd3-object-store";
 pub fn launch(args: &K8sArgs, train: TrainCommand) -> Result<()> {
     ensure!(args.nodes > 0, "--nodes must be at least 1");
     ensure!(args.gpus_per_node > 0, "--gpus-per-node must be at least 1");
-    let kubectl = match args.apply {
-        true => Some(find_program("kubectl").context(
+    let kubectl = if args.apply {
+        Some(find_program("kubectl").context(
             "`kubectl` is not on PATH: --apply runs `kubectl apply` (install kubectl, or leave out --apply \
              and apply the written manifests yourself)",
-        )?),
-        false => None,
+        )?)
+    } else {
+        None
     };
     let workdir = std::env::current_dir().context("reading the current directory")?;
     let overlay_dir = workdir.join(train.config.run_dir()).join("k8s");

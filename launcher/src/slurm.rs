@@ -148,9 +148,8 @@ impl SlurmOptions {
                 "--time {time:?}: expected a Slurm time limit such as 90, 04:00:00 or 2-00:00:00 (D-HH:MM:SS)"
             );
         }
-        for (option, value) in
-            [("--partition", &self.partition), ("--account", &self.account), ("--mpi", &Some(self.mpi.clone()))]
-        {
+        let names = [("--partition", self.partition.as_deref()), ("--account", self.account.as_deref())];
+        for (option, value) in names.into_iter().chain([("--mpi", Some(self.mpi.as_str()))]) {
             if let Some(value) = value {
                 let plain = !value.is_empty()
                     && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ','));

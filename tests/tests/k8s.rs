@@ -6,12 +6,12 @@
 //! The upstream CRD schemas are read from `../shared/k8s-crds/` beside the repository.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{json, Value};
-use test_support::{bd3_binary, repo_root, scratch_dir};
+use test_support::{bd3_with_path, repo_root, scratch_dir};
 
 /// The `openAPIV3Schema` of the served version of an upstream CRD, made strict: every object
 /// schema that lists its properties (and does not keep unknown fields on purpose) refuses others.
@@ -88,13 +88,7 @@ fn check_object(object: &Value, mpijob_schema: &Value) -> Result<(), String> {
 
 /// `bd3 launch k8s` in the repository with `args` and this PATH.
 fn launch(args: &[&str], path: &str) -> Output {
-    Command::new(bd3_binary())
-        .current_dir(repo_root())
-        .env("PATH", path)
-        .args(["launch", "k8s"])
-        .args(args)
-        .output()
-        .unwrap()
+    bd3_with_path(&[&["launch", "k8s"], args].concat(), path)
 }
 
 fn ok(out: Output) -> String {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use test_support::{bd3_binary, repo_root, run_overrides, scratch_dir};
+use test_support::{bd3_binary, bd3_with_path, repo_root, run_overrides, scratch_dir};
 
 /// A cluster of one node, stopped (jobs first) when dropped.
 struct Cluster {
@@ -277,13 +277,7 @@ fn a_killed_job_resubmitted_with_resume_auto_goes_on_from_the_last_committed_che
 
 /// `bd3 launch slurm` with `args`, in the repository, with this PATH.
 fn launch(args: &[&str], path: &str) -> Output {
-    Command::new(bd3_binary())
-        .current_dir(repo_root())
-        .env("PATH", path)
-        .args(["launch", "slurm"])
-        .args(args)
-        .output()
-        .unwrap()
+    bd3_with_path(&[&["launch", "slurm"], args].concat(), path)
 }
 
 #[test]
