@@ -32,6 +32,8 @@ demo: build
 # them: their GPU-free tests (layout twin, kernel code on CPU threads, C++ error boundary) run and
 # the GPU check binary builds.
 test: setup
+	@# Slurm for tests/tests/slurm.rs, whose tests start and stop their own clusters with it.
+	scripts/slurm.sh install
 	$(CARGO) build -p bd3-launcher
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) nextest run -p bd3-kernels --features cuda --no-fail-fast -E 'binary(cuda)'

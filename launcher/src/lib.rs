@@ -2,12 +2,71 @@
 //! multi-process jobs. The trainer itself knows nothing about how it was started: it reads its
 //! rank from the environment the backend set up (trainer::dist).
 
+pub mod k8s;
 pub mod local;
 pub mod report;
+pub mod slurm;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use trainer::Config;
+
+/// The `bd3 train` command a scheduled job runs, with its config loaded and validated on the
+/// submitting machine, so that a bad config fails there and not after the job waited in a queue.
+#[derive(Debug, Clone)]
+pub struct TrainCommand {
+    pub config_path: PathBuf,
+    pub overrides: Vec<String>,
+    /// `--resume` as given (the first run's; a restarted job always resumes with `auto`).
+    pub resume: Option<String>,
+    /// The resolved config.
+    pub config: Config,
+}
+
+impl TrainCommand {
+    /// Loads and validates the config as `bd3 train` would (the trainer's own loader).
+    pub fn load(config_path: PathBuf, overrides: Vec<String>, resume: Option<String>) -> Result<Self> {
+        let mut all = overrides.clone();
+        if let Some(r) = &resume {
+            all.push(format!("checkpoint.resume={r:?}"));
+        }
+        let config = Config::load(&config_path, &all)?;
+        Ok(Self { config_path, overrides, resume, config })
+    }
+
+    /// `train --config … --set …`, without `--resume` (each backend adds its own).
+    pub fn args_without_resume(&self) -> Vec<String> {
+        let mut args = vec!["train".to_string(), "--config".into(), self.config_path.display().to_string()];
+        for o in &self.overrides {
+            args.extend(["--set".to_string(), o.clone()]);
+        }
+        args
+    }
+}
+
+/// `program` in a directory of PATH, as a shell would find it.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// `word` as one word for bash: as it is when it holds only characters the shell leaves alone,
+/// otherwise single-quoted.
+pub fn shell_quote(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
 
 /// A spinner with the elapsed time for long work of unknown length, on stderr when it is a
 /// terminal (hidden otherwise, so logs and pipes stay clean).
@@ -30,4 +89,18 @@ pub fn counter(total: u64, what: &str) -> ProgressBar {
     let template = format!("[{{bar:30}}] {{pos}}/{{len}} {what}  {{per_sec}}  ETA {{eta}}");
     bar.set_style(ProgressStyle::with_template(&template).expect("a valid template").progress_chars("=> "));
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_keeps_plain_words_and_quotes_the_rest() {
+        assert_eq!(shell_quote("configs/tiny.toml"), "configs/tiny.toml");
+        assert_eq!(shell_quote("train.device=\"cpu\""), r#"'train.device="cpu"'"#);
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+    }
 }

@@ -111,6 +111,13 @@ enum Launch {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
+    /// A run on a Slurm cluster: writes an sbatch script into the run directory and submits it;
+    /// the job checkpoints and requeues itself on USR1 and resumes exactly (README "Slurm"):
+    /// `bd3 launch slurm --nodes 2 --gpus-per-node 8 -- train --config configs/small.toml`.
+    Slurm(launcher::slurm::SlurmArgs),
+    /// A run on Kubernetes: renders an MPIJob overlay of the base in k8s/ into the run directory
+    /// and with --apply applies it (README "Kubernetes", k8s/README.md).
+    K8s(launcher::k8s::K8sArgs),
 }
 
 #[derive(Subcommand)]
@@ -247,6 +254,8 @@ fn main() -> Result<()> {
             // The job's status is ours: a scheduler's requeue logic reads it.
             std::process::exit(status.code().unwrap_or(1));
         }
+        Command::Launch(Launch::Slurm(args)) => launcher::slurm::launch(&args, scheduled_train(&args.command)?)?,
+        Command::Launch(Launch::K8s(args)) => launcher::k8s::launch(&args, scheduled_train(&args.command)?)?,
         Command::Prepare(args) => prepare::run(args)?,
         Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
             let cfg = config.load()?;
@@ -356,6 +365,17 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `bd3 train …` command a scheduled job runs, parsed as `bd3` itself would parse it and
+/// with its config validated, so that a mistake fails here and not after a wait in a queue.
+fn scheduled_train(command: &[String]) -> Result<launcher::TrainCommand> {
+    let cli = Cli::try_parse_from(std::iter::once("bd3").chain(command.iter().map(String::as_str)))
+        .map_err(|e| anyhow::anyhow!("the command after `--` ({}): {e}", command.join(" ")))?;
+    match cli.command {
+        Command::Train { config, resume } => launcher::TrainCommand::load(config.config, config.overrides, resume),
+        _ => anyhow::bail!("the command after `--` must be `train --config …`, not `{}`", command.join(" ")),
+    }
 }
 
 /// Builds the model of `cfg` and loads `weights` (safetensors with the reference's names).

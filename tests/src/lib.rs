@@ -17,6 +17,17 @@ pub fn bd3_binary() -> PathBuf {
     bin
 }
 
+/// `bd3 args…` run in the repository with `PATH` set to `path`, to hide (or fake) the programs
+/// it calls (sbatch, kubectl).
+pub fn bd3_with_path(args: &[&str], path: &str) -> std::process::Output {
+    std::process::Command::new(bd3_binary())
+        .current_dir(repo_root())
+        .env("PATH", path)
+        .args(args)
+        .output()
+        .expect("running bd3")
+}
+
 /// A fresh directory under the system's temporary directory, removed when dropped (also when
 /// the test fails).
 pub fn scratch_dir(what: &str) -> tempfile::TempDir {
