@@ -220,7 +220,8 @@ impl SlurmJob {
         let mut s = String::new();
         s.push_str("#!/bin/bash\n");
         s.push_str(&format!("# bd3 training run `{name}`, written by `bd3 launch slurm`.\n"));
-        s.push_str(&format!("# Resubmit: sbatch {}\n", shell_quote(&self.script_path().display().to_string())));
+        // A plain resubmission would start afresh over the run's checkpoints, which bd3 refuses.
+        s.push_str("# After a failure, launch again with `--resume auto` added to the train command.\n");
         for d in &directives {
             s.push_str(&format!("#SBATCH {d}\n"));
         }

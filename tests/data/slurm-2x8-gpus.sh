@@ -1,6 +1,6 @@
 #!/bin/bash
 # bd3 training run `small`, written by `bd3 launch slurm`.
-# Resubmit: sbatch /shared/runs/small/slurm-job.sh
+# After a failure, launch again with `--resume auto` added to the train command.
 #SBATCH --job-name=bd3-small
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
