@@ -28,6 +28,16 @@ pub fn bd3_with_path(args: &[&str], path: &str) -> std::process::Output {
         .expect("running bd3")
 }
 
+/// Asserts that a `bd3` run given `args` was refused with a clear error: exit status 1 (not a
+/// panic, not a usage error) and every text of `expected` in its stderr.
+pub fn assert_refused(out: &std::process::Output, args: &dyn std::fmt::Debug, expected: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "{args:?}: the error does not say {e:?}:\n{stderr}");
+    }
+}
+
 /// A fresh directory under the system's temporary directory, removed when dropped (also when
 /// the test fails).
 pub fn scratch_dir(what: &str) -> tempfile::TempDir {

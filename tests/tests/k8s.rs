@@ -11,7 +11,7 @@ use std::process::Output;
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{json, Value};
-use test_support::{bd3_with_path, repo_root, scratch_dir};
+use test_support::{assert_refused, bd3_with_path, repo_root, scratch_dir};
 
 /// The `openAPIV3Schema` of the served version of an upstream CRD, made strict: every object
 /// schema that lists its properties (and does not keep unknown fields on purpose) refuses others.
@@ -307,15 +307,7 @@ fn bad_input_is_refused_before_anything_is_written() {
     let nothing_written = || std::fs::read_dir(dir).unwrap().count() == 0;
     for (args, expected) in &refusals {
         let out = launch(&args.iter().map(String::as_str).collect::<Vec<_>>(), "/nonexistent");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}"
-        );
-        for e in *expected {
-            assert!(stderr.contains(e), "{args:?}: the error does not say {e:?}:\n{stderr}");
-        }
+        assert_refused(&out, args, expected);
         assert!(nothing_written(), "{args:?}: a refused launch wrote files");
     }
     // A credentials file with something other than object-store variables: the line is named.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use test_support::{bd3_binary, bd3_with_path, repo_root, run_overrides, scratch_dir};
+use test_support::{assert_refused, bd3_binary, bd3_with_path, repo_root, run_overrides, scratch_dir};
 
 /// A cluster of one node, stopped (jobs first) when dropped.
 struct Cluster {
@@ -333,15 +333,7 @@ fn bad_input_is_refused_before_anything_is_submitted() {
     ];
     for (args, expected) in &refusals {
         let out = launch(args, &path);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{args:?}: a clear error (exit 1), not a panic or a usage error\n{stderr}"
-        );
-        for e in *expected {
-            assert!(stderr.contains(e), "{args:?}: the error does not say {e:?}:\n{stderr}");
-        }
+        assert_refused(&out, args, expected);
     }
     // Without sbatch on PATH.
     let out = launch(&cpu(&[]), "/nonexistent");
