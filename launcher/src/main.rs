@@ -206,11 +206,9 @@ fn main() -> Result<()> {
     }
     trainer::weights::set_binary_commit(env!("BD3_GIT_COMMIT"));
     match cli.command {
-        Command::Train { mut config, resume } => {
-            if let Some(r) = resume {
-                config.overrides.push(format!("checkpoint.resume={r:?}"));
-            }
-            let cfg = config.load()?;
+        Command::Train { config, resume } => {
+            // The same loading as a scheduled job's, checked on the submitting machine.
+            let cfg = launcher::TrainCommand::load(config.config, config.overrides, resume)?.config;
             let outcome = trainer::train::train(&cfg)?;
             if let Some(nelbo) = outcome.final_valid_nelbo {
                 println!("validation NELBO {nelbo:.4} nats/token (perplexity ≤ {:.2})", nelbo.exp());

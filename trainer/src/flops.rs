@@ -30,22 +30,29 @@ impl ForwardFlops {
     }
 }
 
-/// The forward pass of one training sequence, as the objective runs it: BD3-LM over x_t ⊕ x_0
-/// (2L tokens, the two-stream mask), MDLM (L′ = L) over x_t alone, AR over L − 1 tokens with a
-/// causal mask. Logits count at the L positions of x_t (L − 1 for AR): bd3 computes them only
-/// where a token is masked, so this is the algorithm's cost and MFU slightly overstates bd3's
-/// hardware use (it counts what the reference computes).
+/// What one training sequence's forward pass runs over, as the objective runs it: the attention
+/// layout (its query length is the number of input tokens) and the positions that carry a loss.
+/// BD3-LM: x_t ⊕ x_0 (2L tokens, the two-stream mask); MDLM (L′ = L): x_t alone; AR: L − 1
+/// tokens with a causal mask. Logits count at the L positions of x_t (L − 1 for AR): bd3
+/// computes them only where a token is masked, so this is the algorithm's cost and MFU slightly
+/// overstates bd3's hardware use (it counts what the reference computes).
+pub fn training_pass(cfg: &Config) -> Result<(BlockLayout, usize)> {
+    let l = cfg.model.seq_len;
+    Ok(match cfg.model.arch {
+        Arch::Ar => (BlockLayout::Causal { seq_len: l - 1 }, l - 1),
+        Arch::Bd3 if cfg.diffusion.block_size == l => (BlockLayout::block_causal(l, l)?, l),
+        Arch::Bd3 => (BlockLayout::two_stream(l, cfg.diffusion.block_size)?, l),
+    })
+}
+
+/// The forward pass of one training sequence ([`training_pass`]).
 ///
 /// Per token and layer: QKV 2·d·3d, output 2·d·d, MLP 2·2·d·(r·d) FLOPs (a multiply-add is 2);
 /// per visible (query, key) pair and layer: 2·d for the score and 2·d for the value sum.
 pub fn forward_flops_per_sequence(cfg: &Config) -> Result<ForwardFlops> {
     let m = &cfg.model;
-    let (d, r, c, v, l) = (m.hidden as f64, m.mlp_ratio as f64, m.cond_dim as f64, m.vocab_size as f64, m.seq_len);
-    let (layout, logit_positions) = match m.arch {
-        Arch::Ar => (BlockLayout::Causal { seq_len: l - 1 }, l - 1),
-        Arch::Bd3 if cfg.diffusion.block_size == l => (BlockLayout::block_causal(l, l)?, l),
-        Arch::Bd3 => (BlockLayout::two_stream(l, cfg.diffusion.block_size)?, l),
-    };
+    let (d, r, c, v) = (m.hidden as f64, m.mlp_ratio as f64, m.cond_dim as f64, m.vocab_size as f64);
+    let (layout, logit_positions) = training_pass(cfg)?;
     let layers = m.layers as f64;
     let tokens = layout.query_len() as f64;
     let per_token_layer = 2.0 * d * 3.0 * d + 2.0 * d * d + 2.0 * 2.0 * d * (r * d);

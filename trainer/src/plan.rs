@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Result};
 use serde::Serialize;
 
 use crate::config::{Arch, Config};
-use crate::flops::training_flops_per_step;
+use crate::flops::{training_flops_per_step, training_pass};
 
 /// A GPU model: dense bf16 peak, memory and HBM bandwidth, from the vendors' data sheets.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -176,14 +176,11 @@ pub fn parameter_count(cfg: &Config) -> u64 {
 /// bytes in bf16 (the usual count for a transformer layer whose attention never materializes the
 /// score matrix, as the fused and block-sparse kernels do), plus the fp32 logits and their
 /// log-softmax at the positions that carry a loss (2 × 4 bytes × V each).
-pub fn activation_bytes_per_sequence(cfg: &Config) -> f64 {
+pub fn activation_bytes_per_sequence(cfg: &Config) -> Result<f64> {
     let m = &cfg.model;
-    let (input_tokens, logit_positions) = match m.arch {
-        Arch::Ar => (m.seq_len - 1, m.seq_len - 1),
-        Arch::Bd3 if cfg.diffusion.block_size == m.seq_len => (m.seq_len, m.seq_len),
-        Arch::Bd3 => (2 * m.seq_len, m.seq_len),
-    };
-    m.layers as f64 * input_tokens as f64 * 34.0 * m.hidden as f64 + logit_positions as f64 * 8.0 * m.vocab_size as f64
+    let (layout, logit_positions) = training_pass(cfg)?;
+    let input_tokens = layout.query_len() as f64;
+    Ok(m.layers as f64 * input_tokens * 34.0 * m.hidden as f64 + logit_positions as f64 * 8.0 * m.vocab_size as f64)
 }
 
 /// The projection for one config on one cluster.
@@ -226,7 +223,7 @@ pub fn plan(cfg: &Config, cluster: Cluster) -> Result<Plan> {
     let parameters = parameter_count(cfg);
     let p = parameters as f64;
     let (mb, accum) = (cfg.train.micro_batch, cfg.train.grad_accum);
-    let per_sequence = activation_bytes_per_sequence(cfg);
+    let per_sequence = activation_bytes_per_sequence(cfg)?;
     let memory = Memory {
         weights: 4.0 * p,
         ema: if cfg.optim.ema_decay > 0.0 { 4.0 * p } else { 0.0 },

@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use prometheus::core::Collector;
 use prometheus::{Encoder, Gauge, IntCounter, IntGauge, Opts, Registry, TextEncoder};
 
 /// The address local rank `local_rank` serves on, from `metrics.listen` (`host:port`, the port
@@ -63,21 +64,9 @@ impl Telemetry {
     pub fn start(listen: &str, run: &str, rank: usize, local_rank: usize, cuda: bool) -> Result<Self> {
         let labels = [("run".to_string(), run.to_string()), ("rank".to_string(), rank.to_string())];
         let registry = Registry::new_custom(Some("bd3".into()), Some(labels.into_iter().collect()))?;
-        let g = |name: &str, help: &str| -> Result<Gauge> {
-            let gauge = Gauge::with_opts(Opts::new(name, help))?;
-            registry.register(Box::new(gauge.clone()))?;
-            Ok(gauge)
-        };
-        let ig = |name: &str, help: &str| -> Result<IntGauge> {
-            let gauge = IntGauge::with_opts(Opts::new(name, help))?;
-            registry.register(Box::new(gauge.clone()))?;
-            Ok(gauge)
-        };
-        let counter = |name: &str, help: &str| -> Result<IntCounter> {
-            let c = IntCounter::with_opts(Opts::new(name, help))?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let g = |name: &str, help: &str| registered(&registry, Gauge::with_opts(Opts::new(name, help)));
+        let ig = |name: &str, help: &str| registered(&registry, IntGauge::with_opts(Opts::new(name, help)));
+        let counter = |name: &str, help: &str| registered(&registry, IntCounter::with_opts(Opts::new(name, help)));
         let resident = ig("resident_memory_bytes", "Resident set size of this process (read at each scrape)")?;
         let cuda_memory = cuda
             .then(|| {
@@ -122,15 +111,17 @@ impl Telemetry {
         Ok(telemetry)
     }
 
-    /// Gauges that nothing serves (`metrics.listen = ""`).
-    pub fn disabled() -> Self {
-        Self::start("", "", 0, 0, false).expect("registering fresh gauges cannot fail")
-    }
-
     /// Where the endpoint listens (the port chosen when `metrics.listen` asked for port 0).
     pub fn address(&self) -> Option<SocketAddr> {
         self.server.as_ref().map(|s| s.addr)
     }
+}
+
+/// `metric`, registered in `registry` (which keeps a handle; the caller sets the other).
+fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: prometheus::Result<M>) -> Result<M> {
+    let metric = metric?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
 }
 
 /// Gauges read fresh at each scrape, in the server's thread.

@@ -387,23 +387,24 @@ impl<'a> Trainer<'a> {
         let reduce_seconds = reducing.elapsed().as_secs_f64();
         self.losses.push(loss);
         self.window_tokens += self.tokens_per_step();
-        let mut stats =
-            StepStats { loss, lr, grad_norm, skipped: true, seconds: 0.0, data_wait_seconds, reduce_seconds };
-        if let Some(problem) = divergence(loss, grad_norm, cfg.train.max_loss) {
-            self.skip_step(step, &problem)?;
-            stats.seconds = started.elapsed().as_secs_f64();
-            return Ok(stats);
-        }
-        self.consecutive_skips = 0;
-        // One AdamW step; every rank ends with the same full weights.
-        let params = &self.state.params.tensors;
-        self.state.optimizer.apply(comm, params, lr)?;
-        if cfg.optim.ema_decay > 0.0 {
-            self.state.ema.update(params);
-        }
-        stats.skipped = false;
-        stats.seconds = started.elapsed().as_secs_f64();
-        Ok(stats)
+        let skipped = match divergence(loss, grad_norm, cfg.train.max_loss) {
+            Some(problem) => {
+                self.skip_step(step, &problem)?;
+                true
+            }
+            None => {
+                self.consecutive_skips = 0;
+                // One AdamW step; every rank ends with the same full weights.
+                let params = &self.state.params.tensors;
+                self.state.optimizer.apply(comm, params, lr)?;
+                if cfg.optim.ema_decay > 0.0 {
+                    self.state.ema.update(params);
+                }
+                false
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(StepStats { loss, lr, grad_norm, skipped, seconds, data_wait_seconds, reduce_seconds })
     }
 
     /// A step whose loss or gradient norm says training diverged: per `train.on_nonfinite`, the
