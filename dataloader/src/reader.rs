@@ -1,25 +1,27 @@
 //! The streaming reader: each rank's slice of every global batch, from one global order.
 //!
-//! The order of an epoch depends only on (manifest, seed, epoch, shuffle window): shards are
-//! permuted, then the row groups inside each shard, and the sequences of every window of
-//! `shuffle_window` consecutive row groups are permuted among themselves. Global batch `b` is
-//! positions `[b·G, (b+1)·G)` of that order; rank `r` of `W` takes the `G/W` positions starting at
-//! `b·G + r·G/W`, in `G/W ÷ micro_batch` micro-batches. Since neither the order nor the batches
-//! depend on `W`, the state (epoch, sequences consumed globally, seed) resumes on any world size
-//! with the same `G`. The last `N mod G` positions of an epoch's order are dropped.
+//! The order of an epoch depends only on (manifest, seed, epoch, shuffle window, global batch):
+//! shards are permuted, then the row groups inside each shard, and the sequences of every window
+//! of `shuffle_window` consecutive row groups are permuted among themselves ([`window_order`]).
+//! Global batch `b` is positions `[b·G, (b+1)·G)` of that order; rank `r` of `W` takes the `G/W`
+//! positions starting at `b·G + r·G/W`, in `G/W ÷ micro_batch` micro-batches. Since neither the
+//! order nor the batches depend on `W`, the state (epoch, sequences consumed globally, seed)
+//! resumes on any world size with the same `G`. The last `N mod G` positions of an epoch's order
+//! are dropped.
+//!
+//! **Each rank reads only its rows.** Inside a window, the positions sorted by their offset in
+//! their global batch take the sequences sorted by storage place ([`window_order`]), so rank r's
+//! offsets `[r·G/W, (r+1)·G/W)` take a contiguous run of the window's row groups: a rank reads
+//! about `1/W + 1/shuffle_window` of the data set per epoch (a row group at a boundary between
+//! two ranks' runs is read by both), not all of it.
 //!
 //! A background task on the process's shared storage runtime reads ahead window by window: for
 //! each window it works out which of its sequences this rank needs, reads each row group holding
 //! some of them once (a ranged read of the token column; bd3-storage retries it with back-off on
-//! transient errors), decodes
-//! it and hands the decoded row groups over a bounded channel; `next_batch` copies its sequences
-//! straight out of them. Memory stays at `prefetch_windows + 2` windows of decoded row groups
-//! (queued, being consumed, being read): with the defaults about 4 × 8 × 4 MB.
-//!
-//! Each rank reads every row group that holds one of its sequences, which with shuffling is
-//! nearly every row group: all ranks together read the data set `W` times per epoch. At ≈1.5
-//! bytes per token that is little next to the compute per token, and it keeps the order free of
-//! any dependence on `W`.
+//! transient errors), decodes it and hands the decoded row groups over a bounded channel;
+//! `next_batch` copies its sequences straight out of them. Memory stays at `prefetch_windows + 2`
+//! windows of decoded row groups (queued, being consumed, being read): with the defaults at most
+//! 4 × 8 × 4 MB, and about 1/W of that on each of W ranks.
 
 use std::sync::Arc;
 
@@ -146,6 +148,8 @@ pub struct Reader {
     /// Sequences this rank has taken in the current epoch.
     local: u64,
     seed: u64,
+    /// Bytes read at open (the shards' footers), before any row group.
+    footer_bytes: u64,
 }
 
 impl Reader {
@@ -157,9 +161,20 @@ impl Reader {
         let dir = store::open_with_options(dir_url.trim_end_matches('/'), config.store_options.clone())?
             .with_retry(config.retry.clone());
         let source = storage::block_on(open_source(dir, config))?;
-        let seed = source.config.seed;
+        let (seed, footer_bytes) = (source.config.seed, source.dir.bytes_read());
         let (rx, task) = spawn_reader(&source, 0, 0, seed);
-        Ok(Self { source, rx, task, chunk: None, epoch: 0, local: 0, seed })
+        Ok(Self { source, rx, task, chunk: None, epoch: 0, local: 0, seed, footer_bytes })
+    }
+
+    /// Bytes this reader has fetched from the store: the shards' footers at open, then the row
+    /// groups of this rank's sequences.
+    pub fn bytes_read(&self) -> u64 {
+        self.source.dir.bytes_read()
+    }
+
+    /// Bytes of row groups fetched so far (what [`Self::bytes_read`] adds after the footers).
+    pub fn row_group_bytes_read(&self) -> u64 {
+        self.bytes_read() - self.footer_bytes
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -400,14 +415,15 @@ async fn read_ahead(
                 next = if (next % g) + 1 < (rank + 1) * m { next + 1 } else { (next / g + 1) * g + rank * m };
             }
             if !wanted.is_empty() {
-                let mut order: Vec<u64> = (0..len).collect();
-                if c.shuffle {
-                    shuffle(
-                        &mut order,
-                        seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                            ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407),
-                    );
-                }
+                let order = match c.shuffle {
+                    true => {
+                        let window_seed = seed
+                            ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+                        window_order(units, window_start, g, window_seed)
+                    }
+                    false => (0..len).collect(),
+                };
                 let count = wanted.len() as u64;
                 let (groups, slots) = read_window(source, units, wanted.iter().map(|&p| order[p as usize])).await?;
                 if tx.send(Ok(Chunk { epoch, first: local, groups, slots })).await.is_err() {
@@ -423,6 +439,33 @@ async fn read_ahead(
         epoch += 1;
         local = 0;
     }
+}
+
+/// Where each position of a window takes its sequence from: position `p` holds the window's
+/// sequence `order[p]`, the window's sequences being numbered through its row groups in turn.
+///
+/// The sequences are ranked by storage place (row groups in the window's order, the rows of each
+/// group shuffled), the positions by their offset inside their global batch (batches start at
+/// multiples of `global_batch` from the epoch's start; `window_start` is the window's first
+/// position), and the k-th position takes the k-th sequence. A batch inside the window thus
+/// takes every few sequences of the window, evenly from each row group, and since rank r takes
+/// the offsets `[r·G/W, (r+1)·G/W)` of every batch, its sequences are a contiguous run of the
+/// window's row groups: about 1/W of them, whatever W is, while the order depends on `G` only.
+fn window_order(units: &[Unit], window_start: u64, global_batch: u64, seed: u64) -> Vec<u64> {
+    let mut by_place = Vec::new();
+    for (k, unit) in units.iter().enumerate() {
+        let first = by_place.len() as u64;
+        let mut rows: Vec<u64> = (first..first + unit.sequences).collect();
+        shuffle(&mut rows, seed ^ (k as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        by_place.extend(rows);
+    }
+    let mut positions: Vec<usize> = (0..by_place.len()).collect();
+    positions.sort_by_key(|&p| ((window_start + p as u64) % global_batch, p));
+    let mut order = vec![0; by_place.len()];
+    for (position, sequence) in positions.into_iter().zip(by_place) {
+        order[position] = sequence;
+    }
+    order
 }
 
 /// The row groups holding the sequences at `picks` (indices into the window's concatenated row

@@ -20,6 +20,7 @@ mod tests;
 use std::future::Future;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
@@ -46,6 +47,9 @@ pub struct StoreUrl {
     pub local: Option<PathBuf>,
     /// How each operation is retried.
     pub retry: RetryConfig,
+    /// Bytes that reads through this location (and its clones) returned: what a reader fetched
+    /// from the store, counted where the bytes arrive.
+    read_bytes: Arc<AtomicU64>,
 }
 
 /// One object found by [`StoreUrl::list`].
@@ -66,7 +70,21 @@ impl std::fmt::Debug for StoreUrl {
 impl StoreUrl {
     /// A store that is not local (or whose local fast path is not wanted), with the default retries.
     pub fn from_store(store: Arc<dyn ObjectStore>, prefix: Path, url: &str) -> Self {
-        Self { store, prefix, url: url.to_string(), local: None, retry: RetryConfig::default() }
+        Self::new(store, prefix, url, None)
+    }
+
+    pub(crate) fn new(store: Arc<dyn ObjectStore>, prefix: Path, url: &str, local: Option<PathBuf>) -> Self {
+        let read_bytes = Arc::new(AtomicU64::new(0));
+        Self { store, prefix, url: url.to_string(), local, retry: RetryConfig::default(), read_bytes }
+    }
+
+    /// Bytes read through this location and its clones so far (whole objects and ranges).
+    pub fn bytes_read(&self) -> u64 {
+        self.read_bytes.load(Ordering::Relaxed)
+    }
+
+    fn count_read(&self, bytes: usize) {
+        self.read_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// The same location with another retry policy.
@@ -170,8 +188,11 @@ impl StoreUrl {
 
     /// The whole object `name`; an error (see [`is_not_found`]) if there is none.
     pub async fn get(&self, name: &str) -> Result<Bytes> {
-        self.one("reading", name, local::get, |path| async move { Ok(self.store.get(&path).await?.bytes().await?) })
-            .await
+        let bytes = self
+            .one("reading", name, local::get, |path| async move { Ok(self.store.get(&path).await?.bytes().await?) })
+            .await?;
+        self.count_read(bytes.len());
+        Ok(bytes)
     }
 
     /// The whole object `name`, or `None` if there is none.
@@ -213,6 +234,7 @@ impl StoreUrl {
         if fetched.len() != wanted.len() {
             bail!("reading {}: {} byte ranges asked, {} returned", self.display(name), wanted.len(), fetched.len());
         }
+        self.count_read(fetched.iter().map(Bytes::len).sum());
         let mut fetched = fetched.into_iter();
         Ok(ranges
             .iter()

@@ -14,7 +14,7 @@ use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 
-use crate::{RetryConfig, StoreUrl};
+use crate::StoreUrl;
 
 /// Opens `url` with credentials and endpoints from the environment only.
 pub fn open(url: &str) -> Result<StoreUrl> {
@@ -66,13 +66,7 @@ fn open_local(dir: PathBuf, url: &str) -> Result<StoreUrl> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating directory {}", dir.display()))?;
     let store =
         LocalFileSystem::new_with_prefix(&dir).with_context(|| format!("opening directory {}", dir.display()))?;
-    Ok(StoreUrl {
-        store: Arc::new(store),
-        prefix: Path::default(),
-        url: url.to_string(),
-        local: Some(dir),
-        retry: RetryConfig::default(),
-    })
+    Ok(StoreUrl::new(Arc::new(store), Path::default(), url, Some(dir)))
 }
 
 /// `memory://name/prefix`: one in-memory store per name for the whole process, so that a writer

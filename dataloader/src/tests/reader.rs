@@ -93,6 +93,49 @@ fn resume_continues_the_same_order_on_any_world_size() {
 }
 
 #[test]
+fn each_rank_reads_about_a_w_th_of_the_row_groups() {
+    // 8 shards of 48 sequences of 64 tokens in row groups of 5 sequences (the last of a shard
+    // 3), shuffled in windows of 8 row groups, so that the ranks' runs end inside row groups.
+    let dir = temp_dir("reader-bytes").unwrap();
+    let url = dir.path().to_str().unwrap().to_string();
+    let valid = numbered(8, 64);
+    write_token_dataset(&url, vec![], 64, [&numbered(384, 64), &valid], 48, 5).unwrap();
+    const G: usize = 24;
+    let epoch_bytes = |world: usize| -> Vec<u64> {
+        (0..world)
+            .map(|rank| {
+                let config = ReaderConfig::new(5, rank, world, G, G / world);
+                let mut reader = Reader::open(&url, config).unwrap();
+                // Four epochs, so that the windows read ahead of the last batch weigh little.
+                for _ in 0..4 * 384 / G {
+                    reader.next_batch().unwrap();
+                }
+                reader.row_group_bytes_read()
+            })
+            .collect()
+    };
+    let one = epoch_bytes(1)[0];
+    for world in [2, 3] {
+        let per_rank = epoch_bytes(world);
+        // About 1/W, plus the row groups at the boundaries of the rank slices (one per boundary
+        // and window, shared by two ranks): 1/W + (W − 1)/(W·8) on average, 1/W + 1/8 at most
+        // for a rank in the middle, with a margin for the spread of the row groups' sizes.
+        let bound = 1.0 / world as f64 + 2.0 / 8.0;
+        for (rank, bytes) in per_rank.iter().enumerate() {
+            let ratio = *bytes as f64 / one as f64;
+            assert!(ratio <= bound, "rank {rank} of {world} read {ratio:.3} of one rank's bytes (bound {bound:.3})");
+        }
+        let total = per_rank.iter().sum::<u64>() as f64 / one as f64;
+        let expected = 1.0 + (world - 1) as f64 / 8.0;
+        assert!(
+            total <= expected + 0.1,
+            "{world} ranks read {total:.3}× one rank's bytes, expected about {expected:.3}"
+        );
+        eprintln!("W = {world}: per rank {per_rank:?} of {one} ({total:.3}× in all)");
+    }
+}
+
+#[test]
 fn resume_inside_a_global_batch_on_the_same_world_size() {
     let (_dir, url) = local_dataset(60, 5);
     let mut a = Reader::open(&url, config(5, 1, 2, 2)).unwrap();
