@@ -14,7 +14,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use corpus::{PackedCorpus, TextCorpus};
-pub use loader::{Batch, InMemoryLoader, LoaderState};
+pub use loader::{Batch, InMemoryLoader, LoaderState, RankSlice};
 pub use manifest::{Manifest, SplitName};
 pub use prepare::{prepare, Framing, PrepareConfig, PrepareSummary};
 pub use reader::{Reader, ReaderConfig};

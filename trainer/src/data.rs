@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use dataloader::manifest::SpecialIds;
 use dataloader::{
-    Batch, Gpt2Tokenizer, InMemoryLoader, LoaderState, Manifest, PackedCorpus, Reader, ReaderConfig, SplitName,
-    TextCorpus,
+    Batch, Gpt2Tokenizer, InMemoryLoader, LoaderState, Manifest, PackedCorpus, RankSlice, Reader, ReaderConfig,
+    SplitName, TextCorpus,
 };
 use tracing::info;
 
@@ -22,19 +22,20 @@ pub enum TrainData {
 }
 
 impl TrainData {
-    /// The training batches and the validation tokens of `cfg.data`. Batches hold the rows of
-    /// all `world` ranks (each rank keeps its own), so the order and the saved position do not
-    /// depend on the number of ranks.
-    pub fn open(cfg: &Config, world: usize) -> Result<(Self, Vec<u32>)> {
+    /// This rank's training batches and the validation tokens of `cfg.data`. Rank `rank` of
+    /// `world` gets only its rows of every global batch (`train.micro_batch` at a time), from
+    /// one order whose batches and saved position do not depend on the number of ranks.
+    pub fn open(cfg: &Config, rank: usize, world: usize) -> Result<(Self, Vec<u32>)> {
         let (mb, seq_len) = (cfg.train.micro_batch, cfg.model.seq_len);
+        let global_batch = mb * world * cfg.train.grad_accum;
         if cfg.data.dataset.is_empty() {
             let corpus = load_corpus(cfg)?;
-            let loader = InMemoryLoader::new(corpus.train, seq_len, mb * world, cfg.train.seed, true)?;
+            let slice = RankSlice { rank, world, global_batch, micro_batch: mb };
+            let loader = InMemoryLoader::for_rank(corpus.train, seq_len, slice, cfg.train.seed, true)?;
             return Ok((Self::Memory(loader), corpus.valid));
         }
         let url = &cfg.data.dataset;
-        let global_batch = mb * world * cfg.train.grad_accum;
-        let reader = Reader::open(url, ReaderConfig::new(cfg.train.seed, 0, 1, global_batch, mb * world))
+        let reader = Reader::open(url, ReaderConfig::new(cfg.train.seed, rank, world, global_batch, mb))
             .with_context(|| format!("data.dataset {url}"))?;
         ensure!(
             reader.seq_len() == seq_len,
@@ -68,6 +69,15 @@ impl TrainData {
         }
     }
 
+    /// Bytes of row groups read from the data set so far (bd3-storage's count, less the
+    /// shards' footers read at open; 0 for an in-memory corpus).
+    pub fn row_group_bytes_read(&self) -> u64 {
+        match self {
+            Self::Shards(r) => r.row_group_bytes_read(),
+            Self::Memory(_) => 0,
+        }
+    }
+
     pub fn state(&self) -> LoaderState {
         match self {
             Self::Shards(r) => r.state(),
@@ -78,10 +88,7 @@ impl TrainData {
     pub fn restore(&mut self, state: LoaderState) -> Result<()> {
         match self {
             Self::Shards(r) => r.restore(state),
-            Self::Memory(m) => {
-                m.restore(state);
-                Ok(())
-            }
+            Self::Memory(m) => m.restore(state),
         }
     }
 }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{DiffusionConfig, ModelConfig, MIN_MASK_RATE};
 use crate::model::Dit;
-use crate::rng::NoiseRng;
+use crate::rng::{stream, NoiseRng};
 
 /// The logit added to `[MASK]` so that its probability is exactly zero (docs/algorithm.md §3.6).
 pub(crate) const NEG_INF_LOGIT: f64 = -1e6;
@@ -110,6 +110,18 @@ pub fn stratified_uniform(rng: &mut NoiseRng, n: usize, antithetic: bool) -> Vec
         .collect()
 }
 
+/// Where a micro-batch's rows sit in their training step's global batch, and that step's
+/// random numbers: what the noise of a row is a function of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GlobalRows {
+    pub seed: u64,
+    pub step: u64,
+    /// Sequences in the global batch (all ranks, all micro-steps).
+    pub global: usize,
+    /// The global index of the micro-batch's first row.
+    pub first: usize,
+}
+
 /// The block-diffusion objective for one model shape.
 #[derive(Debug, Clone)]
 pub struct BlockDiffusion {
@@ -134,11 +146,55 @@ impl BlockDiffusion {
         })
     }
 
-    /// Draws t per block and the noisy tokens x_t for clean tokens `x0` `[batch, seq_len]`.
+    /// Draws t per block and the noisy tokens x_t for clean tokens `x0` `[batch, seq_len]`, all
+    /// from `rng`: the t of every block first (stratified over the batch), then the masks.
     pub fn sample_noise(&self, x0: &[u32], batch: usize, clip: ClipInterval, rng: &mut NoiseRng) -> Result<Noise> {
-        let (n, bs) = (self.seq_len, self.block_size);
+        let n = self.seq_len;
         ensure!(x0.len() == batch * n, "batch of {} tokens is not {batch} × {n}", x0.len());
-        let nb = n / bs;
+        let resample = self.resampling(clip)?;
+        let t = self.draw_t(rng, batch, clip);
+        let mut xt = x0.to_vec();
+        for (row, x0_row) in x0.chunks(n).enumerate() {
+            self.mask_row(x0_row, &mut xt[row * n..(row + 1) * n], &t[row * self.num_blocks()..], clip, resample, rng)?;
+        }
+        Ok(Noise { batch, seq_len: n, block_size: self.block_size, t, xt })
+    }
+
+    /// The noise of rows `rows.first ..` of a step's global batch, for their clean tokens `x0`:
+    /// the same for a row whichever rank trains it and however the batch is cut into
+    /// micro-batches. The t of every block is drawn for the whole global batch (stratified over
+    /// all of it, which is cheap) from the step's stream; each row's masks come from a stream
+    /// of its own, so a rank draws per-token noise only for its rows.
+    pub fn sample_noise_of_rows(&self, x0: &[u32], rows: &GlobalRows, clip: ClipInterval) -> Result<Noise> {
+        let (n, nb) = (self.seq_len, self.num_blocks());
+        ensure!(x0.len() % n == 0, "batch of {} tokens is not a whole number of sequences of {n}", x0.len());
+        let batch = x0.len() / n;
+        ensure!(
+            rows.first + batch <= rows.global,
+            "rows {}..{} are not in a global batch of {}",
+            rows.first,
+            rows.first + batch,
+            rows.global
+        );
+        let resample = self.resampling(clip)?;
+        let mut step_rng = NoiseRng::new(rows.seed, stream::TRAIN_NOISE, rows.step, 0);
+        let t = self.draw_t(&mut step_rng, rows.global, clip)[rows.first * nb..(rows.first + batch) * nb].to_vec();
+        let mut xt = x0.to_vec();
+        for (row, x0_row) in x0.chunks(n).enumerate() {
+            let mut rng = NoiseRng::new(rows.seed, stream::TRAIN_MASKS, rows.step, (rows.first + row) as u64);
+            self.mask_row(x0_row, &mut xt[row * n..(row + 1) * n], &t[row * nb..], clip, resample, &mut rng)?;
+        }
+        Ok(Noise { batch, seq_len: n, block_size: self.block_size, t, xt })
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.seq_len / self.block_size
+    }
+
+    /// Whether blocks are re-drawn until their masked fraction is inside `clip`; an error when
+    /// no fraction k/L′ could be.
+    fn resampling(&self, clip: ClipInterval) -> Result<bool> {
+        let bs = self.block_size;
         let resample = self.resample && clip != ClipInterval::FULL && {
             let (lower, upper) = clip.checks();
             lower || upper
@@ -146,12 +202,31 @@ impl BlockDiffusion {
         if resample && !(0..=bs).any(|k| clip.admits(k as f64 / bs as f64)) {
             bail!("clip interval [{}, {}] admits no masked fraction k/{bs} for block size {bs}", clip.beta, clip.omega);
         }
-        let t: Vec<f64> = stratified_uniform(rng, batch * nb, self.antithetic)
+        Ok(resample)
+    }
+
+    /// t of every block of `rows` sequences, stratified over all of them, inside [β, ω].
+    fn draw_t(&self, rng: &mut NoiseRng, rows: usize, clip: ClipInterval) -> Vec<f64> {
+        stratified_uniform(rng, rows * self.num_blocks(), self.antithetic)
             .into_iter()
             .map(|u| clip.beta + (clip.omega - clip.beta) * u)
-            .collect();
-        let mut xt = x0.to_vec();
-        for (blk, &tb) in t.iter().enumerate() {
+            .collect()
+    }
+
+    /// Masks each block of one sequence with its t (`t` starts at the row's first block), block
+    /// by block, re-drawing a block whose masked fraction `clip` does not admit; the first
+    /// token stays clean with `ignore_bos`.
+    fn mask_row(
+        &self,
+        x0: &[u32],
+        xt: &mut [u32],
+        t: &[f64],
+        clip: ClipInterval,
+        resample: bool,
+        rng: &mut NoiseRng,
+    ) -> Result<()> {
+        let bs = self.block_size;
+        for (blk, &tb) in t.iter().take(self.num_blocks()).enumerate() {
             let span = blk * bs..(blk + 1) * bs;
             for attempt in 0.. {
                 let mut masked = 0;
@@ -172,11 +247,9 @@ impl BlockDiffusion {
             }
         }
         if self.ignore_bos {
-            for row in 0..batch {
-                xt[row * n] = x0[row * n];
-            }
+            xt[0] = x0[0];
         }
-        Ok(Noise { batch, seq_len: n, block_size: bs, t, xt })
+        Ok(())
     }
 
     /// The training loss: the mean of [`Self::token_losses`] over all tokens (docs/algorithm.md §3.7).

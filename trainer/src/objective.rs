@@ -1,13 +1,11 @@
 //! The loss a model is trained with: block diffusion (docs/algorithm.md §2–§3) or next-token
 //! prediction for the AR baseline (docs/algorithm.md §1.8).
 
-use std::ops::Range;
-
 use anyhow::Result;
 use tch::Tensor;
 
 use crate::config::{Arch, Config};
-use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval};
+use crate::diffusion::{ar_token_losses, tokens_tensor, BlockDiffusion, ClipInterval, GlobalRows};
 use crate::model::Dit;
 use crate::rng::NoiseRng;
 
@@ -36,36 +34,34 @@ impl Objective {
         rng: &mut NoiseRng,
         train: bool,
     ) -> Result<Tensor> {
-        self.token_losses_of_rows(model, tokens, batch, 0..batch, clip, rng, train)
+        let device = model.device();
+        let len = tokens.len() / batch;
+        match self {
+            Self::Diffusion(obj) => {
+                let noise = obj.sample_noise(tokens, batch, clip, rng)?;
+                obj.token_losses(model, &tokens_tensor(tokens, batch, len, device), &noise, train)
+            }
+            Self::Autoregressive { mask_id } => {
+                ar_token_losses(model, &tokens_tensor(tokens, batch, len, device), *mask_id, train)
+            }
+        }
     }
 
-    /// [`Objective::token_losses`] of rows `rows` of the batch only, with the noise still drawn
-    /// for the whole batch: a data-parallel rank takes its rows of the global batch, and a row's
-    /// noise is the same whatever the number of ranks sharing the batch (each rank draws the
-    /// whole batch's noise on the host, a small cost next to the model).
-    #[allow(clippy::too_many_arguments)]
+    /// [`Objective::token_losses`] of a training micro-batch: the rows `rows` of a step's global
+    /// batch, each with the noise of its global row (`BlockDiffusion::sample_noise_of_rows`), so
+    /// that a row's loss does not depend on the number of ranks or micro-steps.
     pub fn token_losses_of_rows(
         &self,
         model: &Dit,
         tokens: &[u32],
         batch: usize,
-        rows: Range<usize>,
+        rows: &GlobalRows,
         clip: ClipInterval,
-        rng: &mut NoiseRng,
-        train: bool,
     ) -> Result<Tensor> {
-        let device = model.device();
-        let len = tokens.len() / batch;
-        let own = &tokens[rows.start * len..rows.end * len];
+        let x0 = tokens_tensor(tokens, batch, tokens.len() / batch, model.device());
         match self {
-            Self::Diffusion(obj) => {
-                let x0 = tokens_tensor(own, rows.len(), obj.seq_len, device);
-                let noise = obj.sample_noise(tokens, batch, clip, rng)?.rows(rows);
-                obj.token_losses(model, &x0, &noise, train)
-            }
-            Self::Autoregressive { mask_id } => {
-                ar_token_losses(model, &tokens_tensor(own, rows.len(), len, device), *mask_id, train)
-            }
+            Self::Diffusion(obj) => obj.token_losses(model, &x0, &obj.sample_noise_of_rows(tokens, rows, clip)?, true),
+            Self::Autoregressive { mask_id } => ar_token_losses(model, &x0, *mask_id, true),
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Counter-based randomness for the diffusion noise.
 //!
-//! The noise of a micro-batch is a pure function of (seed, stream, step, micro-batch), drawn in
-//! Rust on the host: it does not depend on the device, on libtorch's global generator, or on
-//! what ran before, so runs are reproducible, resumable from a step number, and a rank can draw
-//! its own noise from its rank number.
+//! The noise of a training row is a pure function of (seed, step, the row's index in the global
+//! batch), drawn in Rust on the host: it does not depend on the device, on libtorch's global
+//! generator, on what ran before or on the number of ranks, so runs are reproducible, resumable
+//! from a step number, and a rank draws the noise of its own rows only.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, passes BigCrush as a stream generator.
 #[derive(Debug, Clone)]
@@ -49,6 +49,8 @@ pub mod stream {
     pub const CLIP_SEARCH: u64 = 4;
     /// libtorch's generator (dropout) is re-seeded from this stream every training step.
     pub const TORCH_SEED: u64 = 5;
+    /// The masks of one row of a training step's global batch (indexed by the row).
+    pub const TRAIN_MASKS: u64 = 6;
 }
 
 #[cfg(test)]

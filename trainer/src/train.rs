@@ -28,7 +28,7 @@ use tracing::info;
 use crate::config::{Config, OnNonFinite};
 use crate::data::TrainData;
 use crate::device::{keep_freed_memory_for_reuse, rank_device};
-use crate::diffusion::ClipInterval;
+use crate::diffusion::{ClipInterval, GlobalRows};
 use crate::dist::{self, Communicator, ReduceOp};
 use crate::flops::{device_peak_flops, training_flops_per_step};
 use crate::metrics::MetricsLog;
@@ -132,6 +132,8 @@ pub struct TrainOutcome {
     pub sample: Option<String>,
     /// Elements of AdamW moments this rank held (a 1/world share of all with `dist.zero`).
     pub optimizer_state_elements: usize,
+    /// Bytes of row groups this rank read from the data set (about 1/world of one rank's).
+    pub data_bytes_read: u64,
 }
 
 /// What one training step measured.
@@ -210,13 +212,13 @@ impl<'a> Trainer<'a> {
         }
         // libtorch's generator drives parameter initialization here and dropout in the loop,
         // where it is re-seeded from (seed, step) every step; the diffusion noise comes from
-        // `NoiseRng`, a function of (seed, step, micro-batch). So the step number is the whole
+        // `NoiseRng`, a function of (seed, step, global row). So the step number is the whole
         // RNG state, and a resumed run draws exactly what an uninterrupted one would.
         tch::manual_seed(cfg.train.seed as i64);
         let run_dir = cfg.run_dir();
         std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
-        // Every rank reads the global batch of each micro-step and keeps its rows of it.
-        let (data, valid) = TrainData::open(cfg, comm.world_size())?;
+        // Each rank reads only its rows of every global batch.
+        let (data, valid) = TrainData::open(cfg, comm.rank(), comm.world_size())?;
 
         let vs = nn::VarStore::new(device);
         let model = Dit::new(&vs.root(), &cfg.model)?;
@@ -354,17 +356,15 @@ impl<'a> Trainer<'a> {
             let waited = Instant::now();
             let batch = self.data.next_batch()?;
             data_wait_seconds += waited.elapsed().as_secs_f64();
-            let mut rng = NoiseRng::new(cfg.train.seed, stream::TRAIN_NOISE, step, micro as u64);
+            // This rank's rows of the global batch: the data reader's slice rule.
+            let rows = GlobalRows {
+                seed: cfg.train.seed,
+                step,
+                global: mb * accum * world,
+                first: (rank * accum + micro) * mb,
+            };
             let loss = tch::autocast(autocast, || {
-                self.objective.token_losses_of_rows(
-                    &self.model,
-                    &batch.tokens,
-                    mb * world,
-                    rank * mb..(rank + 1) * mb,
-                    clip,
-                    &mut rng,
-                    true,
-                )
+                self.objective.token_losses_of_rows(&self.model, &batch.tokens, mb, &rows, clip)
             })?
             .mean(Kind::Float);
             (&loss / accum as f64).backward();
@@ -570,13 +570,25 @@ impl<'a> Trainer<'a> {
             finish_progress_bar(bar);
         }
         let optimizer_state_elements = self.state.optimizer.adam().state_elements();
+        let data_bytes_read = self.data.row_group_bytes_read();
+        if data_bytes_read > 0 {
+            info!(rank = self.comm.rank(), bytes = data_bytes_read, "row groups read from the data set");
+        }
         let (run_dir, losses, final_valid_nelbo) =
             (self.run_dir.clone(), std::mem::take(&mut self.losses), self.valid_nelbo);
+        let outcome = |sample| TrainOutcome {
+            run_dir,
+            losses,
+            final_valid_nelbo,
+            sample,
+            optimizer_state_elements,
+            data_bytes_read,
+        };
         if self.comm.rank() != 0 {
-            return Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample: None, optimizer_state_elements });
+            return Ok(outcome(None));
         }
         let cfg = self.cfg;
-        let weights = run_dir.join("model.safetensors");
+        let weights = self.run_dir.join("model.safetensors");
         let TrainState { vs, params, ema, .. } = &mut self.state;
         ema.swapped_in(&params.tensors, || Ok(vs.save(&weights)?))?;
         info!(path = %weights.display(), "saved EMA weights");
@@ -585,13 +597,13 @@ impl<'a> Trainer<'a> {
             let (model, device) = (&self.model, self.device);
             let generation = ema.swapped_in(&params.tensors, || generate(model, cfg, &opts, device))?;
             let text = Gpt2Tokenizer::new()?.decode(&generation.samples[0].tokens);
-            std::fs::write(run_dir.join("sample.txt"), &text)?;
+            std::fs::write(self.run_dir.join("sample.txt"), &text)?;
             info!(nfe = generation.nfe, tokens_per_s = generation.tokens_per_s().round(), "sampled");
             Some(text)
         } else {
             None
         };
-        Ok(TrainOutcome { run_dir, losses, final_valid_nelbo, sample, optimizer_state_elements })
+        Ok(outcome(sample))
     }
 
     /// Tokens of one global batch: micro-batch × accumulation × ranks × sequence length.

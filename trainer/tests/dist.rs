@@ -237,6 +237,64 @@ fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_wor
     }
 }
 
+#[test]
+fn from_a_prepared_data_set_each_rank_reads_its_rows_and_resume_keeps_the_order_across_world_sizes() {
+    let scratch = scratch_dir("dist-data");
+    let run_dir = scratch.path().to_path_buf();
+    // The demo corpus as shards of row groups of 4 sequences, so that a rank's rows fill only
+    // some of them.
+    let data = run_dir.join("data").display().to_string();
+    let corpus = repo_root().join("data/shakespeare").display().to_string();
+    let prepare = dataloader::PrepareConfig {
+        shard_sequences: 256,
+        row_group_sequences: 4,
+        valid_documents: 1,
+        progress: false,
+        ..dataloader::PrepareConfig::new(&corpus, &data, 64)
+    };
+    dataloader::prepare(&prepare).unwrap();
+    // A global batch of 12 sequences (micro-batch × 2 micro-steps × ranks).
+    let run = |np: usize, name: &str, extra: &[&str]| {
+        let mut args = train_args(&run_dir, name, 6 / np);
+        args.extend([format!("data.dataset={data:?}"), "checkpoint.every=3".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, stdout, stderr) = if np == 1 {
+            let mut cmd = Command::new(CHECK);
+            cmd.args(&args);
+            output(cmd)
+        } else {
+            mpirun(np, &args)
+        };
+        assert!(out.status.success(), "{name}: {}\n{stdout}\n{stderr}", out.status);
+        stdout
+    };
+    let one = run(1, "one", &[]);
+    let one_losses = losses(&one, 0);
+    let one_bytes = reported(&one, 0, "DATA_BYTES_READ") as f64;
+    for np in [2, 3] {
+        let name = format!("ranks-{np}");
+        let out = run(np, &name, &[]);
+        // The same global batches with the same noise per row: the same training.
+        assert_losses_close(&name, &losses(&out, 0), &one_losses, 1e-5);
+        assert_weights_close(&name, &final_weights(&run_dir.join("one")), &final_weights(&run_dir.join(&name)), 1e-5);
+        // Each rank read about 1/W of what one rank read (plus the row groups two ranks share,
+        // at most one per boundary and window of 8 row groups read).
+        for rank in 0..np {
+            let ratio = reported(&out, rank, "DATA_BYTES_READ") as f64 / one_bytes;
+            eprintln!("{np} ranks: rank {rank} read {ratio:.3} of one rank's row-group bytes");
+            assert!(ratio <= 1.0 / np as f64 + 0.25, "rank {rank} of {np} read {ratio:.3} of one rank's bytes");
+        }
+    }
+    // Resumed from step 3 on another world size, the data order goes on as uninterrupted.
+    for (from, to, np) in [("ranks-2", "two-to-one", 1), ("one", "one-to-three", 3)] {
+        copy_step_3(&run_dir, from, to);
+        let out = run(np, to, &["checkpoint.resume=\"3\""]);
+        assert_losses_close(to, &losses(&out, 0), &one_losses[3..], 1e-5);
+        assert_weights_close(to, &final_weights(&run_dir.join("one")), &final_weights(&run_dir.join(to)), 1e-5);
+    }
+}
+
 /// The rank (OMPI_COMM_WORLD_RANK) of process `pid`, from its environment.
 fn rank_of(pid: i32) -> Option<usize> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;

@@ -7,8 +7,8 @@
 //! * `dist-check hang TIMEOUT_S`: the last rank stops taking part, the others wait in a barrier
 //!   until the watchdog ends them;
 //! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::train`, printing the
-//!   per-step losses of this run and the number of optimizer-state elements it held, on every
-//!   rank.
+//!   per-step losses of this run, the number of optimizer-state elements it held and the bytes
+//!   of row groups it read, on every rank.
 
 use std::time::Duration;
 
@@ -65,6 +65,7 @@ fn run() -> Result<()> {
             let out = trainer::train::train(&cfg)?;
             println!("rank {rank} LOSSES {}", serde_json::to_string(&out.losses)?);
             println!("rank {rank} OPTIMIZER_STATE_ELEMENTS {}", out.optimizer_state_elements);
+            println!("rank {rank} DATA_BYTES_READ {}", out.data_bytes_read);
             Ok(())
         }
         _ => bail!("usage: dist-check collectives | nccl-collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES]"),
