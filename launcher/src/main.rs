@@ -134,6 +134,9 @@ enum Eval {
         /// Evaluate only the first N batches of train.micro_batch sequences (0 = all).
         #[arg(long, default_value_t = 0)]
         batches: usize,
+        /// Print one JSON object (nll, ppl, bits_per_token, tokens, ranks) with full precision.
+        #[arg(long)]
+        json: bool,
     },
     /// Generative perplexity under an AR judge (mean of per-sample perplexities, windows of the
     /// judge's context moving by half of it, EOS targets excluded), unigram entropy and lengths.
@@ -255,9 +258,17 @@ fn main() -> Result<()> {
         Command::Launch(Launch::Slurm(args)) => launcher::slurm::launch(&args, scheduled_train(&args.command)?)?,
         Command::Launch(Launch::K8s(args)) => launcher::k8s::launch(&args, scheduled_train(&args.command)?)?,
         Command::Prepare(args) => prepare::run(args)?,
-        Command::Eval(Eval::Ppl { config, weights, split, batches }) => {
+        Command::Eval(Eval::Ppl { config, weights, split, batches, json }) => {
             let cfg = config.load()?;
-            let (model, _vs, _device) = load_model(&cfg, &weights)?;
+            if cfg.train.threads > 0 {
+                tch::set_num_threads(cfg.train.threads as i32);
+            }
+            // Under a launcher (bd3 launch local, srun) the ranks share the batches out.
+            let dist = trainer::dist::init(cfg.dist.options())?;
+            let comm = dist.comm();
+            let gpus = tch::Cuda::device_count().max(0) as usize;
+            let device = trainer::device::rank_device(cfg.train.device, &dist.placement, gpus)?;
+            let (model, _vs) = load_model_on(&cfg, &weights, device)?;
             let split = match split {
                 Split::Train => dataloader::SplitName::Train,
                 Split::Valid => dataloader::SplitName::Valid,
@@ -272,15 +283,25 @@ fn main() -> Result<()> {
                 max_batches: batches,
             };
             let busy = launcher::spinner("evaluating the NELBO");
-            let report = trainer::eval::nelbo(&model, &objective, sequences, batches, cfg.train.seed)?;
+            let report = trainer::eval::nelbo(&model, &objective, sequences, batches, cfg.train.seed, comm)?;
             busy.finish_and_clear();
-            println!(
-                "NLL {:.4} nats/token  PPL {:.2}  {:.4} bits/token  over {} tokens",
-                report.nll,
-                report.ppl(),
-                report.bits_per_token(),
-                report.tokens
-            );
+            match (comm.rank(), json) {
+                (0, true) => {
+                    let value = serde_json::json!({
+                        "nll": report.nll, "ppl": report.ppl(), "bits_per_token": report.bits_per_token(),
+                        "tokens": report.tokens, "ranks": comm.world_size(),
+                    });
+                    println!("{value}");
+                }
+                (0, false) => println!(
+                    "NLL {:.4} nats/token  PPL {:.2}  {:.4} bits/token  over {} tokens",
+                    report.nll,
+                    report.ppl(),
+                    report.bits_per_token(),
+                    report.tokens
+                ),
+                _ => {}
+            }
         }
         Command::Eval(Eval::Gen(args)) => {
             let samples = match &args.input {
@@ -379,10 +400,15 @@ fn scheduled_train(command: &[String]) -> Result<launcher::TrainCommand> {
 /// Builds the model of `cfg` and loads `weights` (safetensors with the reference's names).
 fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::VarStore, tch::Device)> {
     let device = trainer::device::select_device(cfg.train.device)?;
+    let (model, vs) = load_model_on(cfg, weights, device)?;
+    Ok((model, vs, device))
+}
+
+fn load_model_on(cfg: &Config, weights: &Path, device: tch::Device) -> Result<(trainer::Dit, tch::nn::VarStore)> {
     let vs = tch::nn::VarStore::new(device);
     let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
     trainer::weights::load_weights(&vs, weights, &cfg.diffusion)?;
-    Ok((model, vs, device))
+    Ok((model, vs))
 }
 
 /// Token arrays from a JSONL file (`bd3 sample --format jsonl` output).

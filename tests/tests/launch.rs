@@ -1,5 +1,6 @@
 //! `bd3 launch local --nproc 2`: the `bd3` binary (built by `make test`) starts itself on two
-//! ranks through mpirun (as root too: the machines that run the tests often are root) and trains.
+//! ranks through mpirun (as root too: the machines that run the tests often are root) and trains;
+//! then evaluates the weights on 1, 2 and 3 ranks.
 
 use std::process::Command;
 
@@ -42,4 +43,35 @@ fn launch_local_trains_on_two_ranks() {
     let last: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(last["step"], 3);
     assert_eq!(last["tokens_seen"], 3 * 2 * 2 * 64, "3 steps × micro-batch 2 × 2 ranks × 64 tokens");
+
+    // `bd3 eval ppl` under the launcher shares its batches out over the ranks (5 batches: the
+    // ranks get unequal shares) and prints the number one process does.
+    let run = run_dir.join("launch");
+    let eval = |nproc: usize| -> serde_json::Value {
+        let mut cmd = Command::new(bd3_binary());
+        cmd.current_dir(&root);
+        if nproc > 1 {
+            cmd.args(["launch", "local", "--nproc", &nproc.to_string()]);
+        }
+        cmd.args(["eval", "ppl", "--json", "--batches", "5", "--config"])
+            .arg(run.join("config.toml"))
+            .arg("--weights")
+            .arg(run.join("model.safetensors"))
+            .args(["--set", "train.threads=1"]);
+        let out = cmd.output().expect("running bd3 eval ppl");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{nproc} ranks: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+        let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('{')).collect();
+        assert_eq!(lines.len(), 1, "rank 0 alone prints the result:\n{stdout}");
+        serde_json::from_str(lines[0]).unwrap()
+    };
+    let one = eval(1);
+    assert_eq!(one["tokens"], 5 * 2 * 63, "5 batches of 2 sequences, 63 tokens counted in each");
+    for nproc in [2, 3] {
+        let shared = eval(nproc);
+        assert_eq!(shared["ranks"], nproc);
+        assert_eq!(shared["tokens"], one["tokens"]);
+        let (a, b) = (one["nll"].as_f64().unwrap(), shared["nll"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-9 * a.abs(), "NLL on {nproc} ranks {b}, on one {a}");
+    }
 }

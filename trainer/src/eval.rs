@@ -4,6 +4,7 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use crate::diffusion::{BlockDiffusion, ClipInterval};
+use crate::dist::{Communicator, ReduceOp};
 use crate::model::Dit;
 use crate::objective::Objective;
 use crate::rng::{stream, NoiseRng};
@@ -56,16 +57,21 @@ impl EvalBatches {
 /// the first token neither masked nor counted, token-weighted over the split. The AR model's
 /// exact NLL of tokens 1..L. The noise of batch i is drawn from (seed, i), so the number is
 /// reproducible and comparable between evaluations.
+///
+/// The batches are shared out over `comm`'s ranks (batch i on rank i mod W) and the sums of
+/// every rank added in fp64: every rank returns the number one process would (up to the order
+/// of fp64 additions), in about 1/W of the time.
 pub fn nelbo(
     model: &Dit,
     objective: &Objective,
     sequences: &[u32],
     batches: EvalBatches,
     seed: u64,
+    comm: &dyn Communicator,
 ) -> Result<NelboReport> {
     let (mut total, mut tokens) = (0.0, 0usize);
     tch::no_grad(|| -> Result<()> {
-        for (i, rows, batch) in batches.iter(sequences) {
+        for (i, rows, batch) in batches.iter(sequences).filter(|(i, ..)| i % comm.world_size() == comm.rank()) {
             let mut rng = NoiseRng::new(seed, stream::VALID_NOISE, i as u64, 0);
             let terms = objective.token_losses(model, batch, rows, ClipInterval::FULL, &mut rng, false)?;
             let cols = terms.size()[1];
@@ -76,7 +82,20 @@ pub fn nelbo(
         }
         Ok(())
     })?;
-    Ok(NelboReport { nll: total / tokens.max(1) as f64, tokens })
+    let [total, tokens] = sum_over_ranks(comm, [total, tokens as f64])?;
+    Ok(NelboReport { nll: total / tokens.max(1.0), tokens: tokens as usize })
+}
+
+/// Every rank's `values` added up (fp64; exact for counts below 2^53), on every rank.
+fn sum_over_ranks<const N: usize>(comm: &dyn Communicator, values: [f64; N]) -> Result<[f64; N]> {
+    if comm.world_size() == 1 {
+        return Ok(values);
+    }
+    let t = Tensor::from_slice(&values);
+    comm.all_reduce(&t, ReduceOp::Sum)?;
+    let mut out = [0.0; N];
+    t.copy_data(&mut out, N);
+    Ok(out)
 }
 
 /// The clip intervals searched (docs/algorithm.md §4.2): (1e-3, 1) plus, for every width w and start
@@ -134,7 +153,9 @@ impl ClipSearch {
 
 /// Runs the clip search over the first batches of a split. Every candidate sees the same clean
 /// batches and the same random numbers (common random numbers make the comparison sharper);
-/// candidates whose resampling rule no block size can meet are skipped.
+/// candidates whose resampling rule no block size can meet are skipped. Shared out over
+/// `comm`'s ranks like [`nelbo`]: every rank ends with the sums, and so the winner, of one
+/// process.
 pub fn clip_search(
     model: &Dit,
     objective: &BlockDiffusion,
@@ -142,12 +163,13 @@ pub fn clip_search(
     batches: EvalBatches,
     candidates: Vec<ClipInterval>,
     seed: u64,
+    comm: &dyn Communicator,
 ) -> Result<ClipSearch> {
     let mut search = ClipSearch::new(candidates);
     let device = model.device();
     let nb = (objective.seq_len / objective.block_size) as i64;
     tch::no_grad(|| -> Result<()> {
-        for (i, rows, batch) in batches.iter(sequences) {
+        for (i, rows, batch) in batches.iter(sequences).filter(|(i, ..)| i % comm.world_size() == comm.rank()) {
             let x0 = crate::diffusion::tokens_tensor(batch, rows, objective.seq_len, device);
             for c in 0..search.candidates.len() {
                 let mut rng = NoiseRng::new(seed, stream::CLIP_SEARCH, i as u64, 0);
@@ -160,6 +182,16 @@ pub fn clip_search(
         }
         Ok(())
     })?;
+    if comm.world_size() > 1 {
+        let counts: Vec<f64> = search.batches.iter().map(|&b| b as f64).collect();
+        let sums = Tensor::from_slice(&[search.variance_sums.clone(), counts].concat());
+        comm.all_reduce(&sums, ReduceOp::Sum)?;
+        let n = search.candidates.len();
+        let mut all = vec![0.0; 2 * n];
+        sums.copy_data(&mut all, 2 * n);
+        search.variance_sums = all[..n].to_vec();
+        search.batches = all[n..].iter().map(|&b| b as usize).collect();
+    }
     Ok(search)
 }
 

@@ -492,9 +492,9 @@ impl<'a> Trainer<'a> {
         if self.valid.is_empty() {
             return Ok(());
         }
-        let (model, objective, valid, cfg) = (&self.model, &self.objective, &self.valid, self.cfg);
+        let (model, objective, valid, cfg, comm) = (&self.model, &self.objective, &self.valid, self.cfg, self.comm);
         let TrainState { params, ema, .. } = &mut self.state;
-        let outcome = ema.swapped_in(&params.tensors, || validation(model, objective, valid, cfg))?;
+        let outcome = ema.swapped_in(&params.tensors, || validation(model, objective, valid, cfg, comm))?;
         let Validation { nelbo, clip } = outcome;
         let nll = nelbo.nll;
         info!(step = done, valid_nelbo = nll, valid_ppl = nll.exp(), tokens = nelbo.tokens, "validation");

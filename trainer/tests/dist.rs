@@ -295,6 +295,44 @@ fn from_a_prepared_data_set_each_rank_reads_its_rows_and_resume_keeps_the_order_
     }
 }
 
+#[test]
+fn validation_and_clip_search_shared_out_over_2_and_3_ranks_give_the_1_rank_numbers() {
+    let scratch = scratch_dir("dist-valid");
+    let mut args = train_args(scratch.path(), "valid", 2);
+    args[0] = "validate".into();
+    // 7 batches of 2 sequences for the NELBO and 5 for the clip search: unequal shares.
+    args.extend(
+        ["train.eval_batches=7", "diffusion.clip_search=true", "diffusion.clip_search_batches=5"].map(String::from),
+    );
+    let report = |stdout: &str, rank: usize| -> serde_json::Value {
+        let prefix = format!("rank {rank} VALIDATION ");
+        let line = stdout.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("{stdout}"));
+        serde_json::from_str(line).unwrap()
+    };
+    let mut single = Command::new(CHECK);
+    single.args(&args);
+    let (out, stdout, stderr) = output(single);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let one = report(&stdout, 0);
+    assert_eq!(one["tokens"], 7 * 2 * 63);
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        (a - b).abs() <= 1e-9 * a.abs()
+    };
+    for np in [2, 3] {
+        let (out, stdout, stderr) = mpirun(np, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        for rank in 0..np {
+            let shared = report(&stdout, rank);
+            assert_eq!(shared["tokens"], one["tokens"], "rank {rank} of {np}");
+            assert!(close(&shared["nll"], &one["nll"]), "rank {rank} of {np}: NELBO {shared} against {one}");
+            let (c1, c2) = (&one["clip"], &shared["clip"]);
+            assert_eq!((&c2[0], &c2[1]), (&c1[0], &c1[1]), "rank {rank} of {np}: the same winning interval");
+            assert!(close(&c2[2], &c1[2]), "rank {rank} of {np}: its variance {c2} against {c1}");
+        }
+    }
+}
+
 /// The rank (OMPI_COMM_WORLD_RANK) of process `pid`, from its environment.
 fn rank_of(pid: i32) -> Option<usize> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;

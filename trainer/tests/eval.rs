@@ -5,6 +5,7 @@ mod common;
 use tch::{nn, Device};
 use trainer::config::{Config, ModelConfig};
 use trainer::diffusion::{tokens_tensor, BlockDiffusion, ClipInterval};
+use trainer::dist::SingleProcess;
 use trainer::eval::{clip_candidates, clip_search, nelbo, EvalBatches};
 use trainer::model::Dit;
 use trainer::objective::Objective;
@@ -31,7 +32,7 @@ fn nelbo_is_the_token_weighted_bound_recomputed_independently() {
     let (_vs, model, cfg) = setup(4);
     let data = sequences(7);
     let batches = EvalBatches { seq_len: SEQ, micro_batch: 3, max_batches: 0 };
-    let report = nelbo(&model, &Objective::new(&cfg).unwrap(), &data, batches, 5).unwrap();
+    let report = nelbo(&model, &Objective::new(&cfg).unwrap(), &data, batches, 5, &SingleProcess).unwrap();
 
     // The same protocol by hand: batches of 3, 3 and 1 sequences, noise from (seed, batch), the
     // naive two-pass denoiser, every position but the first of each sequence counted.
@@ -63,7 +64,7 @@ fn clip_search_scores_every_feasible_candidate() {
     let data = sequences(8);
     let candidates = clip_candidates(4, &cfg.diffusion.clip_search_widths, cfg.diffusion.clip_search_delta);
     let batches = EvalBatches { seq_len: SEQ, micro_batch: 4, max_batches: 2 };
-    let search = clip_search(&model, &obj, &data, batches, candidates.clone(), 1).unwrap();
+    let search = clip_search(&model, &obj, &data, batches, candidates.clone(), 1, &SingleProcess).unwrap();
     assert!(search.batches.iter().all(|&b| b == 2), "every candidate admits some k/4: {:?}", search.batches);
     let (best, variance) = search.best().unwrap();
     let min = search.variance_sums.iter().cloned().fold(f64::INFINITY, f64::min);

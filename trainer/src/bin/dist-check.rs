@@ -8,7 +8,9 @@
 //!   until the watchdog ends them;
 //! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::train`, printing the
 //!   per-step losses of this run, the number of optimizer-state elements it held and the bytes
-//!   of row groups it read, on every rank.
+//!   of row groups it read, on every rank;
+//! * `dist-check validate CONFIG [SECTION.FIELD=VALUE …]`: validation (NELBO and clip search) of
+//!   freshly initialized weights, its batches shared out over the ranks, printed on every rank.
 
 use std::time::Duration;
 
@@ -68,7 +70,29 @@ fn run() -> Result<()> {
             println!("rank {rank} DATA_BYTES_READ {}", out.data_bytes_read);
             Ok(())
         }
-        _ => bail!("usage: dist-check collectives | nccl-collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES]"),
+        Some("validate") => {
+            let path = args.get(1).context("validate CONFIG [OVERRIDES]")?;
+            let cfg = trainer::Config::load(path.as_ref(), &args[2..])?;
+            let dist = dist::init(cfg.dist.options())?;
+            if cfg.train.threads > 0 {
+                tch::set_num_threads(cfg.train.threads as i32);
+            }
+            // The same initial weights on every rank.
+            tch::manual_seed(cfg.train.seed as i64);
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
+            let objective = trainer::objective::Objective::new(&cfg)?;
+            let valid = trainer::data::split_tokens(&cfg, dataloader::SplitName::Valid, None)?;
+            let v = trainer::validation::validation(&model, &objective, &valid, &cfg, dist.comm())?;
+            let clip = v.clip.map(|(c, variance)| [c.beta, c.omega, variance]);
+            let report = serde_json::json!({ "nll": v.nelbo.nll, "tokens": v.nelbo.tokens, "clip": clip });
+            println!("rank {} VALIDATION {report}", dist.comm().rank());
+            Ok(())
+        }
+        _ => bail!(
+            "usage: dist-check collectives | nccl-collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES] | \
+             validate CONFIG [OVERRIDES]"
+        ),
     }
 }
 
