@@ -358,11 +358,15 @@ pub struct DistConfig {
     /// rank updates its shard, all-gather the parameters) instead of all-reducing the gradients
     /// and updating everything on every rank (trainer::zero).
     pub zero: bool,
+    /// Average each gradient bucket over the ranks as soon as backward has produced it, while
+    /// backward goes on (trainer::dist::overlap; CPU tensors over MPI, replicated optimizer).
+    /// The result is bitwise that of reducing after backward.
+    pub overlap: bool,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        Self { timeout_s: 600.0, bucket_mib: 25.0, zero: false }
+        Self { timeout_s: 600.0, bucket_mib: 25.0, zero: false, overlap: true }
     }
 }
 

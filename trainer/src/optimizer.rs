@@ -7,7 +7,7 @@ use checkpoint::LocalTensor;
 use tch::Tensor;
 
 use crate::config::OptimConfig;
-use crate::dist::{Communicator, GradBuckets, ReduceOp};
+use crate::dist::{Communicator, GradBuckets, Overlap, ReduceOp};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::stateful::{replicated_parts, Params, Stateful, Stored};
 use crate::zero::ZeroAdamW;
@@ -24,6 +24,13 @@ pub struct Replicated {
     pub adam: AdamW,
     /// Created at the first step of a multi-rank run, when the gradients exist.
     buckets: Option<GradBuckets>,
+    /// Hooks that reduce the buckets during backward (`dist.overlap`), installed at the first
+    /// step that overlaps.
+    overlap: Option<Overlap>,
+    /// The buckets were reduced during this step's backward.
+    reduced: bool,
+    /// Steps of this process whose reduction overlapped backward.
+    overlapped_steps: u64,
 }
 
 impl Optimizer {
@@ -31,7 +38,13 @@ impl Optimizer {
         Ok(if zero {
             Self::Zero(ZeroAdamW::new(params, cfg, rank, world).context("dist.zero")?)
         } else {
-            Self::Replicated(Replicated { adam: AdamW::new(params, cfg), buckets: None })
+            Self::Replicated(Replicated {
+                adam: AdamW::new(params, cfg),
+                buckets: None,
+                overlap: None,
+                reduced: false,
+                overlapped_steps: 0,
+            })
         })
     }
 
@@ -40,6 +53,14 @@ impl Optimizer {
         match self {
             Self::Replicated(r) => &r.adam,
             Self::Zero(z) => &z.adam,
+        }
+    }
+
+    /// Steps of this process whose gradient reduction overlapped backward.
+    pub fn overlapped_steps(&self) -> u64 {
+        match self {
+            Self::Replicated(r) => r.overlapped_steps,
+            Self::Zero(_) => 0,
         }
     }
 
@@ -73,6 +94,38 @@ impl Optimizer {
         Ok(norm)
     }
 
+    /// Backward of `loss` on a step's last micro-step. With `overlap`, on several ranks, CPU
+    /// tensors and the replicated optimizer, once the gradients live in their buckets (from the
+    /// second step of a process on), each bucket is averaged over the ranks as soon as backward
+    /// has completed it (trainer::dist::overlap), and [`Self::reduce_gradients`] only clips.
+    /// Otherwise (ZeRO-1, CUDA tensors, the first step) a plain backward, reduced after.
+    pub fn backward_last(
+        &mut self,
+        comm: &dyn Communicator,
+        params: &[Tensor],
+        loss: &Tensor,
+        overlap: bool,
+    ) -> Result<()> {
+        let on_cpu = params.first().is_some_and(|p| p.device() == tch::Device::Cpu);
+        if let Self::Replicated(Replicated {
+            buckets: Some(buckets), overlap: hooks, reduced, overlapped_steps, ..
+        }) = self
+        {
+            if overlap && on_cpu && comm.world_size() > 1 && buckets.hold_gradients_of(params) {
+                let hooks = match hooks {
+                    Some(h) => h,
+                    None => hooks.insert(Overlap::install(params, buckets)?),
+                };
+                hooks.backward_reducing(comm, buckets, || loss.backward(), || buckets.adopt_gradients(params))?;
+                *reduced = true;
+                *overlapped_steps += 1;
+                return Ok(());
+            }
+        }
+        loss.backward();
+        Ok(())
+    }
+
     /// The first half of [`Optimizer::step`]: gradients averaged over the ranks and clipped;
     /// returns the global gradient norm before clipping, the same on every rank, so that all
     /// ranks agree on whether to take the step.
@@ -84,8 +137,10 @@ impl Optimizer {
         bucket_bytes: usize,
     ) -> Result<f64> {
         match self {
-            Self::Replicated(Replicated { buckets, .. }) => {
-                if comm.world_size() > 1 {
+            Self::Replicated(Replicated { buckets, reduced, .. }) => {
+                if std::mem::take(reduced) {
+                    // Already averaged while backward ran (Self::backward_last).
+                } else if comm.world_size() > 1 {
                     let buckets = buckets.get_or_insert_with(|| GradBuckets::new(params, bucket_bytes));
                     buckets.adopt_gradients(params)?;
                     buckets.all_reduce(comm, ReduceOp::Avg)?;

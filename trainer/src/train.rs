@@ -134,6 +134,8 @@ pub struct TrainOutcome {
     pub optimizer_state_elements: usize,
     /// Bytes of row groups this rank read from the data set (about 1/world of one rank's).
     pub data_bytes_read: u64,
+    /// Steps whose gradient reduction overlapped backward (`dist.overlap`).
+    pub overlapped_steps: u64,
 }
 
 /// What one training step measured.
@@ -367,7 +369,14 @@ impl<'a> Trainer<'a> {
                 self.objective.token_losses_of_rows(&self.model, &batch.tokens, mb, &rows, clip)
             })?
             .mean(Kind::Float);
-            (&loss / accum as f64).backward();
+            let scaled = &loss / accum as f64;
+            if micro + 1 == accum {
+                // Gradients are reduced across ranks only now, overlapped with this backward.
+                let params = &self.state.params.tensors;
+                self.state.optimizer.backward_last(comm, params, &scaled, cfg.dist.overlap)?;
+            } else {
+                scaled.backward();
+            }
             loss_sum += loss.double_value(&[]) / accum as f64;
         }
         let mut loss = loss_sum;
@@ -571,6 +580,7 @@ impl<'a> Trainer<'a> {
         }
         let optimizer_state_elements = self.state.optimizer.adam().state_elements();
         let data_bytes_read = self.data.row_group_bytes_read();
+        let overlapped_steps = self.state.optimizer.overlapped_steps();
         if data_bytes_read > 0 {
             info!(rank = self.comm.rank(), bytes = data_bytes_read, "row groups read from the data set");
         }
@@ -583,6 +593,7 @@ impl<'a> Trainer<'a> {
             sample,
             optimizer_state_elements,
             data_bytes_read,
+            overlapped_steps,
         };
         if self.comm.rank() != 0 {
             return Ok(outcome(None));

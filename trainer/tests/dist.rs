@@ -333,6 +333,34 @@ fn validation_and_clip_search_shared_out_over_2_and_3_ranks_give_the_1_rank_numb
     }
 }
 
+#[test]
+fn gradients_reduced_during_backward_train_bitwise_like_reduced_after() {
+    let scratch = scratch_dir("dist-overlap");
+    let run_dir = scratch.path().to_path_buf();
+    let run = |name: &str, overlap: bool| {
+        let mut args = train_args(&run_dir, name, 2);
+        // Small buckets: the model's gradients fill several, reduced one by one during backward.
+        args.extend([format!("dist.overlap={overlap}"), "dist.bucket_mib=0.05".into()]);
+        let (out, stdout, stderr) = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{name}: {stdout}\n{stderr}");
+        stdout
+    };
+    let (after, during) = (run("after", false), run("during", true));
+    for rank in 0..2 {
+        assert_eq!(reported(&after, rank, "OVERLAPPED_STEPS"), 0);
+        // Every step but the first, whose gradients are not yet views of the buckets.
+        assert_eq!(reported(&during, rank, "OVERLAPPED_STEPS"), 5, "rank {rank}");
+    }
+    // The same buckets reduced by the same collective in the same order: the same bits.
+    assert_eq!(losses(&during, 0), losses(&after, 0));
+    assert_weights_close(
+        "overlapped",
+        &final_weights(&run_dir.join("after")),
+        &final_weights(&run_dir.join("during")),
+        0.0,
+    );
+}
+
 /// The rank (OMPI_COMM_WORLD_RANK) of process `pid`, from its environment.
 fn rank_of(pid: i32) -> Option<usize> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;

@@ -7,8 +7,8 @@
 //! * `dist-check hang TIMEOUT_S`: the last rank stops taking part, the others wait in a barrier
 //!   until the watchdog ends them;
 //! * `dist-check train CONFIG [SECTION.FIELD=VALUE …]`: `trainer::train::train`, printing the
-//!   per-step losses of this run, the number of optimizer-state elements it held and the bytes
-//!   of row groups it read, on every rank;
+//!   per-step losses of this run, the number of optimizer-state elements it held, the bytes of
+//!   row groups it read and the steps whose reduction overlapped backward, on every rank;
 //! * `dist-check validate CONFIG [SECTION.FIELD=VALUE …]`: validation (NELBO and clip search) of
 //!   freshly initialized weights, its batches shared out over the ranks, printed on every rank.
 
@@ -68,6 +68,7 @@ fn run() -> Result<()> {
             println!("rank {rank} LOSSES {}", serde_json::to_string(&out.losses)?);
             println!("rank {rank} OPTIMIZER_STATE_ELEMENTS {}", out.optimizer_state_elements);
             println!("rank {rank} DATA_BYTES_READ {}", out.data_bytes_read);
+            println!("rank {rank} OVERLAPPED_STEPS {}", out.overlapped_steps);
             Ok(())
         }
         Some("validate") => {

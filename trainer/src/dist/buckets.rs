@@ -65,18 +65,21 @@ pub struct GradBuckets {
     buckets: Vec<Tensor>,
     /// Each parameter's place in its bucket, shaped like the parameter.
     views: Vec<Tensor>,
+    /// Each parameter's bucket.
+    bucket_of: Vec<usize>,
 }
 
 impl GradBuckets {
     /// Zeroed buckets for tensors shaped like `like`, grouped as [`all_reduce_bucketed`] does.
     pub fn new(like: &[Tensor], bucket_bytes: usize) -> Self {
-        let (mut buckets, mut views) = (vec![], vec![]);
+        let (mut buckets, mut views, mut bucket_of) = (vec![], vec![], vec![]);
         for range in bucket_groups(like, bucket_bytes) {
+            bucket_of.extend(range.clone().map(|_| buckets.len()));
             let group = &like[range];
             let n: usize = group.iter().map(Tensor::numel).sum();
             buckets.push(Self::bucket_for(group, n, &mut views));
         }
-        Self { buckets, views }
+        Self { buckets, views, bucket_of }
     }
 
     /// One zeroed bucket of `len` elements (at least those of `like`, of one type; the rest is
@@ -84,7 +87,7 @@ impl GradBuckets {
     pub fn single(like: &[Tensor], len: usize) -> Self {
         let mut views = vec![];
         let bucket = Self::bucket_for(like, len, &mut views);
-        Self { buckets: vec![bucket], views }
+        Self { buckets: vec![bucket], views, bucket_of: vec![0; like.len()] }
     }
 
     /// A zeroed flat buffer of `len` elements whose first elements `views` receives, shaped like
@@ -109,6 +112,21 @@ impl GradBuckets {
     /// The tensors the buckets hold, in the order of `like`.
     pub fn views(&self) -> &[Tensor] {
         &self.views
+    }
+
+    /// The bucket of each tensor, in the order of `like`.
+    pub fn bucket_of_each(&self) -> Vec<usize> {
+        self.bucket_of.clone()
+    }
+
+    /// Whether every parameter has a gradient and it is its view in the buckets: then backward
+    /// accumulates straight into the buckets.
+    pub fn hold_gradients_of(&self, params: &[Tensor]) -> bool {
+        params.len() == self.views.len()
+            && params.iter().zip(&self.views).all(|(p, view)| {
+                let grad = p.grad();
+                grad.defined() && grad.data_ptr() == view.data_ptr()
+            })
     }
 
     /// Makes every parameter's gradient its view in the buckets. A gradient that already is

@@ -9,6 +9,7 @@
 //! | `mpi.rs` | [`MpiComm`]: MPI collectives on CPU tensors |
 //! | `nccl.rs` | NCCL collectives on CUDA tensors (feature `cuda`) |
 //! | `buckets.rs` | [`GradBuckets`]: gradients as views of flat buffers, reduced per bucket |
+//! | `overlap.rs` | [`Overlap`]: buckets reduced while backward goes on (autograd hooks, CPU) |
 //! | `watchdog.rs` | the timeout that ends a rank whose collective hangs |
 //!
 //! Preemption signals (SIGTERM, SIGUSR1) are in the `preemption` module; the mpirun command line that
@@ -36,10 +37,12 @@ use tch::Tensor;
 
 mod buckets;
 mod mpi;
+mod overlap;
 mod watchdog;
 
 pub use buckets::{all_reduce_bucketed, GradBuckets};
 pub use mpi::MpiComm;
+pub use overlap::Overlap;
 pub use watchdog::TIMEOUT_EXIT_CODE;
 
 /// NCCL collectives for CUDA tensors (feature `cuda`; loaded at run time).
