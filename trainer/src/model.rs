@@ -37,8 +37,64 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_counted(x, FlopPart::Dense)
+    }
+
+    fn forward_counted(&self, x: &Tensor, part: FlopPart) -> Tensor {
+        record_flops(part, || {
+            let (out, inp) = (self.weight.size()[0] as f64, self.weight.size()[1] as f64);
+            2.0 * (x.numel() as f64 / inp) * inp * out
+        });
         x.linear(&self.weight, self.bias.as_ref())
     }
+}
+
+/// FLOPs the forward passes run by [`count_forward_flops`] executed, by part: every matrix
+/// product of the model (a multiply-add is 2 FLOPs), counted from the shapes it ran on.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExecutedFlops {
+    /// Linear layers of the trunk, the adaLN modulations and the σ-map.
+    pub dense: f64,
+    /// Q·Kᵀ and the weighted sum of values over the pairs the layout lets attend.
+    pub attention: f64,
+    /// The output projection to the vocabulary.
+    pub output: f64,
+}
+
+#[derive(Clone, Copy)]
+enum FlopPart {
+    Dense,
+    Attention,
+    Output,
+}
+
+thread_local! {
+    static EXECUTED_FLOPS: std::cell::Cell<Option<ExecutedFlops>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` and counts the model FLOPs the forward passes inside it execute on this thread: a
+/// profiler for checking the FLOP formulas of crate::flops (and so MFU and `bd3 plan`) against
+/// what the model really runs.
+pub fn count_forward_flops<T>(f: impl FnOnce() -> T) -> (T, ExecutedFlops) {
+    let outer = EXECUTED_FLOPS.with(|c| c.replace(Some(ExecutedFlops::default())));
+    let out = f();
+    let counted = EXECUTED_FLOPS.with(|c| c.replace(outer)).unwrap_or_default();
+    (out, counted)
+}
+
+/// Adds `flops()` to `part` while counting (and computes nothing otherwise).
+fn record_flops(part: FlopPart, flops: impl FnOnce() -> f64) {
+    EXECUTED_FLOPS.with(|c| {
+        if let Some(mut tally) = c.get() {
+            let slot = match part {
+                FlopPart::Dense => &mut tally.dense,
+                FlopPart::Attention => &mut tally.attention,
+                FlopPart::Output => &mut tally.output,
+            };
+            *slot += flops();
+            c.set(Some(tally));
+        }
+    });
 }
 
 /// Bias-free LayerNorm computed in fp32 (docs/algorithm.md §1.3).
@@ -201,7 +257,8 @@ impl Dit {
     /// (in the two-stream layout only the x_t half's predictions are used, docs/algorithm.md §2.4).
     pub fn logits(&self, tokens: &Tensor, layout: &BlockLayout, keep: usize, train: bool) -> Result<Tensor> {
         let trunk = self.trunk(tokens, layout, train, KvIo::default())?;
-        Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), trunk.cond.as_ref(), None))
+        let modulation = self.head_modulation(trunk.cond.as_ref());
+        Ok(self.head(&trunk.hidden.narrow(1, 0, keep as i64), modulation.as_ref(), None))
     }
 
     /// Logits `[rows, vocab]` at selected positions only: `rows` holds flat indices into the
@@ -229,8 +286,10 @@ impl Dit {
     fn head_at(&self, trunk: &Trunk, rows: &Tensor, projection: Option<&VocabProjection>) -> Result<Tensor> {
         let (_, s, d) = trunk.hidden.size3()?;
         let hidden = trunk.hidden.reshape([-1, d]).index_select(0, rows);
-        let cond = trunk.cond.as_ref().map(|c| c.index_select(0, &rows.divide_scalar_mode(s, "floor")));
-        Ok(self.head(&hidden.unsqueeze(1), cond.as_ref(), projection).squeeze_dim(1))
+        // The final adaLN modulation once per sequence, then picked for each row.
+        let modulation = self.head_modulation(trunk.cond.as_ref());
+        let modulation = modulation.map(|m| m.index_select(0, &rows.divide_scalar_mode(s, "floor")));
+        Ok(self.head(&hidden.unsqueeze(1), modulation.as_ref(), projection).squeeze_dim(1))
     }
 
     /// A copy of the output layer for inference calls that project a few rows at a time.
@@ -290,7 +349,9 @@ impl Dit {
         let trunk = self.trunk(tokens, &layout, train, io)?;
         let logits = match heads {
             Heads::None => None,
-            Heads::All => Some(self.head(&trunk.hidden, trunk.cond.as_ref(), projection)),
+            Heads::All => {
+                Some(self.head(&trunk.hidden, self.head_modulation(trunk.cond.as_ref()).as_ref(), projection))
+            }
             Heads::Rows(rows) => Some(self.head_at(&trunk, rows, projection)?),
         };
         Ok((logits, recorded))
@@ -342,6 +403,8 @@ impl Dit {
                 k = Tensor::cat(&[&prefix[i].k, &k], 2);
                 v = Tensor::cat(&[&prefix[i].v, &v], 2);
             }
+            // Per visible (query, key) pair and head: 2·dh for the score, 2·dh for the value sum.
+            record_flops(FlopPart::Attention, || 4.0 * (b * h * dh) as f64 * layout.visible_pairs() as f64);
             let o = block_diffusion_attention(&q, &k, &v, layout)?.transpose(1, 2).reshape([b, s, d]);
             let o = blk.attn_out.forward(&o).dropout(cfg.dropout, train);
             x = match &m {
@@ -362,20 +425,29 @@ impl Dit {
         Ok(Trunk { hidden: x, cond: c })
     }
 
+    /// The final adaLN layer's shift and scale `[batch, 2·hidden]` for conditioning `cond`
+    /// `[batch, cond]` (none for the AR model).
+    fn head_modulation(&self, cond: Option<&Tensor>) -> Option<Tensor> {
+        match (&self.output.ada_ln, cond) {
+            (Some(ada), Some(c)) => Some(ada.forward(c)),
+            _ => None,
+        }
+    }
+
     /// Final adaLN layer and output projection on hidden states `[batch, len, hidden]`;
-    /// `cond` is `[batch, cond]`.
-    fn head(&self, x: &Tensor, cond: Option<&Tensor>, projection: Option<&VocabProjection>) -> Tensor {
+    /// `modulation` is [`Self::head_modulation`]'s, one row per batch row.
+    fn head(&self, x: &Tensor, modulation: Option<&Tensor>, projection: Option<&VocabProjection>) -> Tensor {
         let y = layer_norm(x, &self.output.norm_final);
-        let y = match (&self.output.ada_ln, cond) {
-            (Some(ada), Some(c)) => {
-                let m = ada.forward(c).unsqueeze(1).chunk(2, 2);
+        let y = match modulation {
+            Some(m) => {
+                let m = m.unsqueeze(1).chunk(2, 2);
                 modulate(&y, &m[0], &m[1])
             }
-            _ => y,
+            None => y,
         };
         match projection {
             Some(p) => p.forward(&y),
-            None => self.output.linear.forward(&y),
+            None => self.output.linear.forward_counted(&y, FlopPart::Output),
         }
     }
 

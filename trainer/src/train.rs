@@ -473,7 +473,7 @@ impl<'a> Trainer<'a> {
         let steps = self.window_tokens as f64 / self.tokens_per_step() as f64;
         let flops_per_s = self.flops_per_step * steps / seconds / self.comm.world_size() as f64;
         let mfu = self.peak_flops.map(|peak| flops_per_s / peak);
-        let StepStats { loss, lr, grad_norm, seconds: step_time_s, .. } = *stats;
+        let StepStats { loss, lr, grad_norm, seconds: step_time_s, reduce_seconds, .. } = *stats;
         match &self.bar {
             Some(bar) => bar.set_message(format!(
                 "loss {loss:.4}  {:.0} tok/s{}",
@@ -486,6 +486,7 @@ impl<'a> Trainer<'a> {
         self.metrics.write(json!({
             "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen, "step_time_s": step_time_s,
+            "reduce_time_s": reduce_seconds,
             "model_flops_per_s": flops_per_s, "mfu": mfu,
         }))?;
         self.telemetry.tokens_per_second.set(tokens_per_s);

@@ -58,3 +58,57 @@ fn the_planner_counts_the_parameters_of_the_built_model() {
         assert_eq!(trainer::plan::parameter_count(&cfg), trainer::model::num_parameters(&vs) as u64, "{arch}");
     }
 }
+
+/// The FLOP formulas against the model's own count of what its forward pass executed
+/// (`count_forward_flops`, from the shapes each matrix product ran on), for BD3-LM, MDLM and AR
+/// at the small model's width (2 layers and L = 256 keep it fast: both sides are linear in the
+/// layers, and the attention pairs come from the same layout code the kernels run).
+#[test]
+fn the_formulas_count_what_the_model_executes() {
+    use trainer::diffusion::{tokens_tensor, ClipInterval};
+    use trainer::model::count_forward_flops;
+    use trainer::objective::Objective;
+    use trainer::rng::NoiseRng;
+
+    for (arch, block) in [("bd3", 16), ("bd3", 256), ("ar", 16)] {
+        let sets = [
+            format!("model.arch={arch:?}"),
+            "model.layers=2".into(),
+            "model.seq_len=256".into(),
+            format!("diffusion.block_size={block}"),
+        ];
+        let cfg = Config::from_toml_str("", &sets).unwrap();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let model = trainer::Dit::new(&vs.root(), &cfg.model).unwrap();
+        let batch = 2;
+        let tokens: Vec<u32> = (0..batch * 256).map(|i| (i * 7919 % 50_000) as u32).collect();
+        let formula = forward_flops_per_sequence(&cfg).unwrap();
+        let what = format!("{arch}, L′ = {block}");
+        let (masked, executed) = tch::no_grad(|| match Objective::new(&cfg).unwrap() {
+            Objective::Diffusion(obj) => {
+                let noise =
+                    obj.sample_noise(&tokens, batch, ClipInterval::FULL, &mut NoiseRng::new(3, 0, 0, 0)).unwrap();
+                let x0 = tokens_tensor(&tokens, batch, 256, tch::Device::Cpu);
+                let masked = noise.xt.iter().filter(|&&t| t == cfg.diffusion.mask_id).count();
+                (masked, count_forward_flops(|| obj.token_losses(&model, &x0, &noise, false).unwrap()).1)
+            }
+            objective => {
+                let mut rng = NoiseRng::new(3, 0, 0, 0);
+                let run =
+                    || objective.token_losses(&model, &tokens, batch, ClipInterval::FULL, &mut rng, false).unwrap();
+                (batch * 255, count_forward_flops(run).1)
+            }
+        });
+        let b = batch as f64;
+        let close = |a: f64, f: f64| (a - f).abs() <= 1e-9 * f;
+        // Projections, adaLN and the σ-map: exactly the formula's dense and conditioning parts.
+        let dense = b * (formula.dense + formula.conditioning);
+        assert!(close(executed.dense, dense), "{what}: executed {} dense FLOPs, formula {dense}", executed.dense);
+        assert!(close(executed.attention, b * formula.attention), "{what}: attention {executed:?} {formula:?}");
+        // The output layer runs only where a loss is (masked tokens; every target for AR): the
+        // formula counts it at all L positions, as the reference computes it.
+        let (d, v) = (cfg.model.hidden as f64, cfg.model.vocab_size as f64);
+        assert!(close(executed.output, 2.0 * d * v * masked as f64), "{what}: output {executed:?}, {masked} masked");
+        assert!(executed.output <= b * formula.output, "{what}");
+    }
+}
