@@ -5,11 +5,11 @@
 # non-overlapped step spends reducing (all-reduce + clipping; with overlap only the clipping is
 # left there), and the share of the reduction the overlap hid:
 #   hidden = (step_after − step_during) / (reduce_after − reduce_during).
-#   scripts/bench-overlap.sh [STEPS_TINY] [STEPS_SMALL]     (defaults 20 and 6)
+#   scripts/bench-overlap.sh [STEPS_TINY] [STEPS_SMALL]     (defaults 20 and 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TINY_STEPS=${1:-20}
-SMALL_STEPS=${2:-6}
+SMALL_STEPS=${2:-5}
 BD3=target/debug/bd3
 cargo build -p bd3-launcher >&2
 out=$(mktemp -d)
@@ -23,7 +23,7 @@ run() { # config steps micro-batch name overlap
 }
 echo "| config | micro-batch per rank | step, reduced after (s) | step, overlapped (s) | reduce + clip, after (s) | clip, overlapped (s) | reduction hidden |"
 echo "|---|---|---|---|---|---|---|"
-for spec in "tiny $TINY_STEPS 8" "small $SMALL_STEPS 2"; do
+for spec in "tiny $TINY_STEPS 8" "small $SMALL_STEPS 1"; do
     read -r config steps mb <<<"$spec"
     run "$config" "$steps" "$mb" "$config-after" false
     run "$config" "$steps" "$mb" "$config-during" true

@@ -73,6 +73,11 @@ pub trait Communicator {
     /// Overwrites `tensor` on every rank with its value on `root`.
     fn broadcast(&self, tensor: &Tensor, root: usize) -> Result<()>;
     fn barrier(&self) -> Result<()>;
+    /// [`Communicator::all_reduce`] for a thread that runs beside computation: the wait for the
+    /// peers gives the core back instead of spinning on it (trainer::dist::overlap).
+    fn all_reduce_beside_compute(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        self.all_reduce(tensor, op)
+    }
 }
 
 /// Where this process sits in its job, as its launcher described it.

@@ -87,6 +87,43 @@ impl MpiComm {
         Ok(())
     }
 
+    /// [`Self::all_reduce_typed`] as `MPI_Iallreduce`, progressed by `MPI_Test` every
+    /// [`POLL_INTERVAL`] with the thread asleep in between: a blocking collective busy-polls its
+    /// core while it waits for the peers, which on a machine without a spare core takes the
+    /// core from the backward pass it is meant to overlap with.
+    fn all_reduce_polled<T: Equivalence + Copy>(&self, t: &Tensor) -> Result<()> {
+        let data = Self::cpu_slice::<T>(t)?;
+        let _watch = self.watchdog.enter("all_reduce");
+        for chunk in data.chunks_mut(1 << 30) {
+            let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
+            // SAFETY: as in all_reduce_typed; the buffer stays untouched until the request
+            // completes below.
+            let rc = unsafe {
+                mpi::ffi::MPI_Iallreduce(
+                    in_place(),
+                    chunk.as_mut_ptr().cast(),
+                    chunk.len() as i32,
+                    T::equivalent_datatype().as_raw(),
+                    SystemOperation::sum().as_raw(),
+                    self.world.as_raw(),
+                    request.as_mut_ptr(),
+                )
+            };
+            ensure!(rc == 0, "MPI_Iallreduce failed with code {rc}");
+            loop {
+                let mut done = 0;
+                // SAFETY: the request MPI_Iallreduce started, tested until it completes.
+                let rc = unsafe { mpi::ffi::MPI_Test(request.as_mut_ptr(), &mut done, mpi::ffi::RSMPI_STATUS_IGNORE) };
+                ensure!(rc == 0, "MPI_Test failed with code {rc}");
+                if done != 0 {
+                    break;
+                }
+                std::thread::sleep(POLL_INTERVAL);
+            }
+        }
+        Ok(())
+    }
+
     fn reduce_scatter_typed<T: Equivalence + Copy>(&self, input: &Tensor, out: &Tensor) -> Result<()> {
         let send = Self::cpu_slice::<T>(input)?;
         let recv = Self::cpu_slice::<T>(out)?;
@@ -104,15 +141,39 @@ impl MpiComm {
         })
     }
 
-    fn sum_in_place(&self, t: &Tensor) -> Result<()> {
-        match t.kind() {
-            Kind::Float => self.all_reduce_typed::<f32>(t),
-            Kind::Double => self.all_reduce_typed::<f64>(t),
-            Kind::Int64 => self.all_reduce_typed::<i64>(t),
+    fn sum_in_place(&self, t: &Tensor, polled: bool) -> Result<()> {
+        match (t.kind(), polled) {
+            (Kind::Float, false) => self.all_reduce_typed::<f32>(t),
+            (Kind::Double, false) => self.all_reduce_typed::<f64>(t),
+            (Kind::Int64, false) => self.all_reduce_typed::<i64>(t),
+            (Kind::Float, true) => self.all_reduce_polled::<f32>(t),
+            (Kind::Double, true) => self.all_reduce_polled::<f64>(t),
+            (Kind::Int64, true) => self.all_reduce_polled::<i64>(t),
             _ => unreachable!("reduction_kind admits only these"),
         }
     }
+
+    /// Sums (or averages) `tensor` over the ranks in place, widening 16-bit floats to f32.
+    fn reduce_in_place(&self, tensor: &Tensor, op: ReduceOp, polled: bool) -> Result<()> {
+        check_cpu_contiguous(tensor)?;
+        let kind = Self::reduction_kind(tensor.kind())?;
+        if kind == tensor.kind() {
+            self.sum_in_place(tensor, polled)?;
+        } else {
+            let wide = tensor.to_kind(kind);
+            self.sum_in_place(&wide, polled)?;
+            tensor.shallow_clone().copy_(&wide);
+        }
+        if op == ReduceOp::Avg {
+            average(tensor, self.world_size());
+        }
+        Ok(())
+    }
 }
+
+/// How long a thread that reduces beside computation sleeps between progress calls: short next
+/// to moving a bucket of megabytes, long next to a context switch.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_micros(100);
 
 fn check_cpu_contiguous(t: &Tensor) -> Result<()> {
     ensure!(t.device() == Device::Cpu, "MPI collectives take CPU tensors; this one is on {:?}", t.device());
@@ -140,19 +201,11 @@ impl Communicator for MpiComm {
     }
 
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
-        check_cpu_contiguous(tensor)?;
-        let kind = Self::reduction_kind(tensor.kind())?;
-        if kind == tensor.kind() {
-            self.sum_in_place(tensor)?;
-        } else {
-            let wide = tensor.to_kind(kind);
-            self.sum_in_place(&wide)?;
-            tensor.shallow_clone().copy_(&wide);
-        }
-        if op == ReduceOp::Avg {
-            average(tensor, self.world_size());
-        }
-        Ok(())
+        self.reduce_in_place(tensor, op, false)
+    }
+
+    fn all_reduce_beside_compute(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        self.reduce_in_place(tensor, op, true)
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {

@@ -9,10 +9,14 @@
 //! order of backward, the same on every rank) with the same collective as the reduction after
 //! backward would: the gradients are bitwise those of the non-overlapped step.
 //!
-//! The thread makes blocking MPI calls, which progress by themselves, while the training thread
-//! makes none (MPI was initialized with `MPI_THREAD_MULTIPLE`): Open MPI progresses a
-//! non-blocking collective only inside MPI calls, so an `MPI_Iallreduce` started from the hook
-//! would mostly run when backward is over.
+//! The thread starts each reduction with `MPI_Iallreduce` and progresses it with `MPI_Test`,
+//! asleep in between (`Communicator::all_reduce_beside_compute`): Open MPI progresses a
+//! non-blocking collective only inside MPI calls, and a blocking one busy-polls its core while it
+//! waits for the peers, which on a machine without a spare core slows the backward pass it should
+//! hide behind. The training thread makes no MPI call meanwhile (MPI was initialized with
+//! `MPI_THREAD_MULTIPLE`). Whether `MPI_Iallreduce` adds in the same order as `MPI_Allreduce` is
+//! the library's choice: Open MPI's libnbc and its tuned blocking collective may differ, which is
+//! why the overlapped path reduces every bucket with it, also the buckets reduced after backward.
 
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -144,7 +148,8 @@ impl Overlap {
                 let comm = comm;
                 let mut reduced = 0;
                 for b in rx {
-                    comm.0.all_reduce(&flat[b], ReduceOp::Avg).with_context(|| format!("reducing bucket {b}"))?;
+                    let bucket = &flat[b];
+                    comm.0.all_reduce_beside_compute(bucket, ReduceOp::Avg).with_context(|| format!("reducing bucket {b}"))?;
                     reduced += 1;
                 }
                 Ok(reduced)
