@@ -44,7 +44,7 @@ impl RankSlice {
         self.global_batch / self.world
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         ensure!(self.world > 0 && self.rank < self.world, "rank {} is not in a world of {}", self.rank, self.world);
         ensure!(
             self.global_batch > 0 && self.global_batch % self.world == 0,

@@ -33,7 +33,7 @@ use storage::RetryConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::loader::{shuffle, Batch, LoaderState};
+use crate::loader::{shuffle, Batch, LoaderState, RankSlice};
 use crate::manifest::{Manifest, ShardInfo, SplitName};
 use crate::shard::{footer_len, ShardMeta};
 use crate::store::{self, StoreUrl};
@@ -92,25 +92,13 @@ impl ReaderConfig {
     }
 
     fn check(&self) -> Result<()> {
-        ensure!(
-            self.world_size > 0 && self.rank < self.world_size,
-            "rank {} is not in a world of {}",
-            self.rank,
-            self.world_size
-        );
-        ensure!(
-            self.global_batch > 0 && self.global_batch % self.world_size == 0,
-            "global batch {} is not a positive multiple of the world size {}",
-            self.global_batch,
-            self.world_size
-        );
-        ensure!(
-            self.micro_batch > 0 && self.per_rank() % self.micro_batch == 0,
-            "micro-batch {} does not divide the {} sequences each rank takes of a global batch of {}",
-            self.micro_batch,
-            self.per_rank(),
-            self.global_batch
-        );
+        let slice = RankSlice {
+            rank: self.rank,
+            world: self.world_size,
+            global_batch: self.global_batch,
+            micro_batch: self.micro_batch,
+        };
+        slice.check()?;
         ensure!(self.shuffle_window > 0, "shuffle window must be at least one row group");
         ensure!(self.retry.attempts > 0, "retry attempts must be at least 1");
         Ok(())

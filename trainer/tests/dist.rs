@@ -178,24 +178,30 @@ fn copy_step_3(run_dir: &Path, from: &str, to: &str) {
     assert!(status.success(), "cp -r {} {}", src.display(), dst.display());
 }
 
+/// Run `name` of [`train_args`] on `np` ranks (a plain process for 1) with a checkpoint every 3
+/// steps and `extra` overrides; its stdout.
+fn train_with_checkpoints(run_dir: &Path, np: usize, name: &str, micro_batch: usize, extra: &[&str]) -> String {
+    let mut args = train_args(run_dir, name, micro_batch);
+    args.push("checkpoint.every=3".into());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, stdout, stderr) = if np == 1 {
+        let mut cmd = Command::new(CHECK);
+        cmd.args(&args);
+        output(cmd)
+    } else {
+        mpirun(np, &args)
+    };
+    assert!(out.status.success(), "{name}: {}\n{stdout}\n{stderr}", out.status);
+    stdout
+}
+
 #[test]
 fn zero_on_and_off_train_alike_and_their_checkpoints_resume_across_modes_and_world_sizes() {
     let scratch = scratch_dir("zero");
     let run_dir = scratch.path().to_path_buf();
     let run = |np: usize, name: &str, micro_batch: usize, extra: &[&str]| {
-        let mut args = train_args(&run_dir, name, micro_batch);
-        args.push("checkpoint.every=3".into());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (out, stdout, stderr) = if np == 1 {
-            let mut cmd = Command::new(CHECK);
-            cmd.args(&args);
-            output(cmd)
-        } else {
-            mpirun(np, &args)
-        };
-        assert!(out.status.success(), "{name}: {}\n{stdout}\n{stderr}", out.status);
-        stdout
+        train_with_checkpoints(&run_dir, np, name, micro_batch, extra)
     };
     // Plain all-reduce and ZeRO-1, 2 ranks, 6 steps each.
     let plain = run(2, "plain", 2, &["dist.zero=false"]);
@@ -254,20 +260,10 @@ fn from_a_prepared_data_set_each_rank_reads_its_rows_and_resume_keeps_the_order_
     };
     dataloader::prepare(&prepare).unwrap();
     // A global batch of 12 sequences (micro-batch × 2 micro-steps × ranks).
+    let dataset = format!("data.dataset={data:?}");
     let run = |np: usize, name: &str, extra: &[&str]| {
-        let mut args = train_args(&run_dir, name, 6 / np);
-        args.extend([format!("data.dataset={data:?}"), "checkpoint.every=3".into()]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (out, stdout, stderr) = if np == 1 {
-            let mut cmd = Command::new(CHECK);
-            cmd.args(&args);
-            output(cmd)
-        } else {
-            mpirun(np, &args)
-        };
-        assert!(out.status.success(), "{name}: {}\n{stdout}\n{stderr}", out.status);
-        stdout
+        let extra: Vec<&str> = [dataset.as_str()].into_iter().chain(extra.iter().copied()).collect();
+        train_with_checkpoints(&run_dir, np, name, 6 / np, &extra)
     };
     let one = run(1, "one", &[]);
     let one_losses = losses(&one, 0);

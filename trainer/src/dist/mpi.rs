@@ -65,50 +65,29 @@ impl MpiComm {
         Ok(unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, bytes / std::mem::size_of::<T>()) })
     }
 
-    fn all_reduce_typed<T: Equivalence + Copy>(&self, t: &Tensor) -> Result<()> {
+    /// Sums `t` over the ranks in place: `MPI_Allreduce`, or with `polled`, `MPI_Iallreduce`
+    /// progressed by `MPI_Test` every [`POLL_INTERVAL`] with the thread asleep in between. A
+    /// blocking collective busy-polls its core while it waits for the peers, which on a machine
+    /// without a spare core takes the core from the backward pass a reduction should hide behind.
+    fn all_reduce_typed<T: Equivalence + Copy>(&self, t: &Tensor, polled: bool) -> Result<()> {
         let data = Self::cpu_slice::<T>(t)?;
         let _watch = self.watchdog.enter("all_reduce");
+        let (dtype, sum, world) =
+            (T::equivalent_datatype().as_raw(), SystemOperation::sum().as_raw(), self.world.as_raw());
         // MPI counts are C ints.
         for chunk in data.chunks_mut(1 << 30) {
-            // SAFETY: MPI_IN_PLACE as the send buffer and a live, writable buffer of `chunk.len()`
-            // elements of T's MPI type as the receive buffer, on this process's communicator.
-            let rc = unsafe {
-                mpi::ffi::MPI_Allreduce(
-                    in_place(),
-                    chunk.as_mut_ptr().cast(),
-                    chunk.len() as i32,
-                    T::equivalent_datatype().as_raw(),
-                    SystemOperation::sum().as_raw(),
-                    self.world.as_raw(),
-                )
-            };
-            ensure!(rc == 0, "MPI_Allreduce failed with code {rc}");
-        }
-        Ok(())
-    }
-
-    /// [`Self::all_reduce_typed`] as `MPI_Iallreduce`, progressed by `MPI_Test` every
-    /// [`POLL_INTERVAL`] with the thread asleep in between: a blocking collective busy-polls its
-    /// core while it waits for the peers, which on a machine without a spare core takes the
-    /// core from the backward pass it is meant to overlap with.
-    fn all_reduce_polled<T: Equivalence + Copy>(&self, t: &Tensor) -> Result<()> {
-        let data = Self::cpu_slice::<T>(t)?;
-        let _watch = self.watchdog.enter("all_reduce");
-        for chunk in data.chunks_mut(1 << 30) {
+            let (buf, count) = (chunk.as_mut_ptr().cast(), chunk.len() as i32);
+            if !polled {
+                // SAFETY: MPI_IN_PLACE as the send buffer and a live, writable buffer of `count`
+                // elements of T's MPI type as the receive buffer, on this process's communicator.
+                let rc = unsafe { mpi::ffi::MPI_Allreduce(in_place(), buf, count, dtype, sum, world) };
+                ensure!(rc == 0, "MPI_Allreduce failed with code {rc}");
+                continue;
+            }
             let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
-            // SAFETY: as in all_reduce_typed; the buffer stays untouched until the request
-            // completes below.
-            let rc = unsafe {
-                mpi::ffi::MPI_Iallreduce(
-                    in_place(),
-                    chunk.as_mut_ptr().cast(),
-                    chunk.len() as i32,
-                    T::equivalent_datatype().as_raw(),
-                    SystemOperation::sum().as_raw(),
-                    self.world.as_raw(),
-                    request.as_mut_ptr(),
-                )
-            };
+            // SAFETY: as above; the buffer stays untouched until the request completes below.
+            let rc =
+                unsafe { mpi::ffi::MPI_Iallreduce(in_place(), buf, count, dtype, sum, world, request.as_mut_ptr()) };
             ensure!(rc == 0, "MPI_Iallreduce failed with code {rc}");
             loop {
                 let mut done = 0;
@@ -142,13 +121,10 @@ impl MpiComm {
     }
 
     fn sum_in_place(&self, t: &Tensor, polled: bool) -> Result<()> {
-        match (t.kind(), polled) {
-            (Kind::Float, false) => self.all_reduce_typed::<f32>(t),
-            (Kind::Double, false) => self.all_reduce_typed::<f64>(t),
-            (Kind::Int64, false) => self.all_reduce_typed::<i64>(t),
-            (Kind::Float, true) => self.all_reduce_polled::<f32>(t),
-            (Kind::Double, true) => self.all_reduce_polled::<f64>(t),
-            (Kind::Int64, true) => self.all_reduce_polled::<i64>(t),
+        match t.kind() {
+            Kind::Float => self.all_reduce_typed::<f32>(t, polled),
+            Kind::Double => self.all_reduce_typed::<f64>(t, polled),
+            Kind::Int64 => self.all_reduce_typed::<i64>(t, polled),
             _ => unreachable!("reduction_kind admits only these"),
         }
     }

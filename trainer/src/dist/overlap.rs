@@ -149,7 +149,9 @@ impl Overlap {
                 let mut reduced = 0;
                 for b in rx {
                     let bucket = &flat[b];
-                    comm.0.all_reduce_beside_compute(bucket, ReduceOp::Avg).with_context(|| format!("reducing bucket {b}"))?;
+                    comm.0
+                        .all_reduce_beside_compute(bucket, ReduceOp::Avg)
+                        .with_context(|| format!("reducing bucket {b}"))?;
                     reduced += 1;
                 }
                 Ok(reduced)
