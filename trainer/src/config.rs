@@ -240,6 +240,13 @@ pub struct TrainConfig {
     pub max_consecutive_skips: u64,
     /// A loss above this counts as divergence, like a non-finite one (unset: no limit).
     pub max_loss: Option<f64>,
+    /// Start from another run's weights (`--init-from`): a checkpoint location (its newest
+    /// committed step, or a `…/step-NNNNNNNNNN` directory) or a `.safetensors` file. The
+    /// optimizer, step, data order and EMA start fresh and the clip interval is
+    /// `diffusion.sampling_eps_min/max` (docs/algorithm.md §8, two stages). A checkpoint of this
+    /// run found by `checkpoint.resume` wins: a preempted run resumes instead (trainer::init).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 /// `train.on_nonfinite`.
@@ -267,6 +274,7 @@ impl Default for TrainConfig {
             on_nonfinite: OnNonFinite::Stop,
             max_consecutive_skips: 10,
             max_loss: None,
+            init_from: None,
         }
     }
 }
@@ -605,6 +613,12 @@ impl Config {
         in_range("optim.ema_decay", o.ema_decay, Closed(0.0), Open(1.0))?;
         if let Some(max_loss) = t.max_loss {
             in_range("train.max_loss", max_loss, Open(0.0), Unbounded)?;
+        }
+        if let Some(source) = &t.init_from {
+            ensure!(
+                !source.trim().is_empty(),
+                "train.init_from is empty: expected a checkpoint location or a .safetensors file"
+            );
         }
         in_range("sample.nucleus_p", s.nucleus_p, Open(0.0), Closed(1.0))?;
         in_range("sample.temperature", s.temperature, Open(0.0), Unbounded)?;
