@@ -234,6 +234,29 @@ impl TextTokenizer {
 mod tests {
     use super::*;
 
+    /// A WordLevel tokenizer.json without BERT's names: the roles are found by the usual names
+    /// or named explicitly, and a name the vocabulary lacks is refused naming the flag.
+    #[test]
+    fn special_tokens_are_found_or_named() {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "unk_token": "<unk>",
+            "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "<go>": 3, "hello": 4, "world": 5, "<mask>": 6}}}"#;
+        let t = HfTokenizer::from_bytes(json.as_bytes(), "t.json", &SpecialTokens::default()).unwrap();
+        assert_eq!((t.special.bos, t.special.eos, t.special.mask, t.special.pad), (1, 2, Some(6), None));
+        assert_eq!(t.vocab_size, 7);
+        assert_eq!(t.encode("hello world").unwrap(), vec![4, 5]);
+        assert_eq!(t.decode(&[1, 4, 5, 9]), "<s> hello world <|unk:9|>");
+        let names = SpecialTokens { bos: Some("<go>".into()), ..Default::default() };
+        let t = HfTokenizer::from_bytes(json.as_bytes(), "t.json", &names).unwrap();
+        assert_eq!(t.special.bos, 3);
+        let names = SpecialTokens { pad: Some("[PAD]".into()), ..Default::default() };
+        let err = HfTokenizer::from_bytes(json.as_bytes(), "t.json", &names).err().unwrap().to_string();
+        assert!(err.contains("--pad-token") && err.contains("[PAD]") && err.contains("t.json"), "{err}");
+        let err = HfTokenizer::from_bytes(b"{}", "bad.json", &SpecialTokens::default()).err().unwrap().to_string();
+        assert!(err.contains("bad.json"), "{err}");
+    }
+
     #[test]
     fn known_ids_and_round_trip() {
         let tok = Gpt2Tokenizer::new().unwrap();
