@@ -155,6 +155,11 @@ fn init_from_refuses_other_shapes_missing_tensors_and_missing_sources() {
     let out = tiny_command("train", dir, "nowhere", &["train.steps=1"]).args(args).output().unwrap();
     assert_refused(&out, &args, &["train.init_from", "nowhere"]);
 
+    // A weights file in an object store is refused: only checkpoint locations are read by URL.
+    let args = ["--init-from", "s3://bucket/model.safetensors"];
+    let out = tiny_command("train", dir, "remote", &["train.steps=1"]).args(args).output().unwrap();
+    assert_refused(&out, &args, &["must be a local path"]);
+
     // The config key does the same as the flag (what launchers pass with --set).
     let set = format!("train.init_from={weights:?}");
     let out =

@@ -790,6 +790,7 @@ mod tests {
             ("checkpoint.max_file_mib=0", "checkpoint.max_file_mib"),
             ("dist.timeout_s=0.0", "dist.timeout_s"),
             ("dist.bucket_mib=-1.0", "dist.bucket_mib"),
+            ("train.init_from=\"\"", "train.init_from"),
         ] {
             let err = match Config::from_toml_str("", &[set.to_string()]) {
                 Ok(_) => panic!("{set} was accepted"),
@@ -802,6 +803,17 @@ mod tests {
         assert!(
             Config::from_toml_str("", &["train.max_loss=20.0".into(), "train.on_nonfinite=\"skip\"".into()]).is_ok()
         );
+    }
+
+    /// `train.init_from` is absent from a config that does not set it (hashes and written configs
+    /// of existing runs stay the same), and round-trips when set.
+    #[test]
+    fn init_from_is_optional_and_round_trips() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert!(!c.to_toml().unwrap().contains("init_from"));
+        let c = Config::from_toml_str("", &["train.init_from=runs/a/checkpoints".into()]).unwrap();
+        assert_eq!(c.train.init_from.as_deref(), Some("runs/a/checkpoints"));
+        assert_eq!(Config::from_toml_str(&c.to_toml().unwrap(), &[]).unwrap(), c);
     }
 
     #[test]

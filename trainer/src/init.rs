@@ -28,6 +28,11 @@ use crate::weights::{self, OPTIONAL_BUFFERS};
 /// and the progress are left as a fresh run built them. Returns what was loaded, for the log.
 pub fn init_from(source: &str, cfg: &Config, state: &mut TrainState) -> Result<String> {
     let loaded = if source.ends_with(".safetensors") {
+        ensure!(
+            !source.contains("://"),
+            "train.init_from {source}: a .safetensors file must be a local path (from an object store, \
+             give the checkpoint location, or download the file first)"
+        );
         let path = Path::new(source);
         ensure!(path.is_file(), "train.init_from: no weights file {source}");
         weights::load_weights(&state.vs, path, &cfg.diffusion).with_context(|| format!("train.init_from {source}"))?;
