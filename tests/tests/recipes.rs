@@ -70,6 +70,24 @@ fn dry_run_names_what_the_run_starts_from_and_refuses_bad_configs() {
     let (stdout, _) = bd3(&["train", "--config", "configs/owt-stage1.toml", "--dry-run"]);
     assert!(stdout.contains("MDLM (block size L' = L = 1024)") && stdout.contains("169627218 parameters"), "{stdout}");
 
+    // A scheduled job runs with the same starting point: --init-from travels as a --set.
+    let (script, _) = bd3(&[
+        "launch",
+        "slurm",
+        "--dry-run",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--",
+        "train",
+        "--config",
+        "configs/owt-bd3-4.toml",
+        "--init-from",
+        "elsewhere/model.safetensors",
+    ]);
+    assert!(script.contains(r#"--set 'train.init_from="elsewhere/model.safetensors"'"#), "{script}");
+
     let args = ["train", "--config", "configs/owt-stage1.toml", "--set", "diffusion.block_size=3", "--dry-run"];
     let out = Command::new(bd3_binary()).current_dir(repo_root()).args(args).output().unwrap();
     test_support::assert_refused(&out, &args, &["diffusion.block_size"]);
