@@ -18,7 +18,7 @@ pub struct Manifest {
     pub tokenizer: String,
     /// Every token id is below this.
     pub vocab_size: u32,
-    pub special_ids: SpecialIds,
+    pub special_ids: TokenizerSpecialIds,
     pub seq_len: usize,
     /// "wrap" (plain pieces of `seq_len`) or "bos_eos" (BOS, `seq_len - 2` tokens, EOS: docs/algorithm.md §7).
     pub framing: String,
@@ -26,15 +26,50 @@ pub struct Manifest {
     pub row_group_sequences: usize,
     /// The command that wrote this data set.
     pub command: String,
+    /// The `tokenizer.json` the data set was tokenized with (`bd3 prepare --tokenizer`), copied
+    /// beside this file (relative path); absent for GPT-2 BPE. Sampling decodes with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_file: Option<String>,
     pub train: Split,
     pub valid: Split,
 }
 
+/// The BOS and EOS ids a run uses (trainer::data::special_ids).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpecialIds {
     pub bos: u32,
     pub eos: u32,
+}
+
+/// `special_ids` of `index.json`: the tokenizer's BOS and EOS (GPT-2: both `<|endoftext|>`;
+/// BERT: `[CLS]` and `[SEP]`), and its mask and padding tokens where it has them (BERT: `[MASK]`,
+/// `[PAD]`; GPT-2 has neither, and data sets written before these fields existed lack them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSpecialIds {
+    pub bos: u32,
+    pub eos: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad: Option<u32>,
+}
+
+impl TokenizerSpecialIds {
+    /// GPT-2's: `<|endoftext|>` as BOS and EOS, no mask or padding token.
+    pub fn gpt2() -> Self {
+        let eos = crate::tokenizer::EOS_ID;
+        Self { bos: eos, eos, mask: None, pad: None }
+    }
+
+    /// Each recorded id with its name, for range checks.
+    pub fn named(&self) -> Vec<(&'static str, u32)> {
+        let mut ids = vec![("BOS", self.bos), ("EOS", self.eos)];
+        ids.extend(self.mask.map(|id| ("mask", id)));
+        ids.extend(self.pad.map(|id| ("padding", id)));
+        ids
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +129,13 @@ impl Manifest {
         ensure!(self.format == FORMAT, "field `format`: expected \"{FORMAT}\", found \"{}\"", self.format);
         ensure!(self.seq_len > 0, "field `seq_len`: expected a positive length");
         ensure!(self.row_group_sequences > 0, "field `row_group_sequences`: expected a positive count");
+        for (name, id) in self.special_ids.named() {
+            ensure!(
+                id < self.vocab_size,
+                "field `special_ids`: the {name} id {id} is not below `vocab_size` ({})",
+                self.vocab_size
+            );
+        }
         for (name, split) in [("train", &self.train), ("valid", &self.valid)] {
             let sum: u64 = split.shards.iter().map(|s| s.sequences).sum();
             ensure!(
@@ -143,5 +185,38 @@ impl std::fmt::Display for SplitName {
             SplitName::Train => "train",
             SplitName::Valid => "valid",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// index.json files written before `mask`, `pad` and `tokenizer_file` existed still load, and
+    /// GPT-2 data sets are still written without them.
+    #[test]
+    fn old_index_files_load_and_new_fields_round_trip() {
+        let old = r#"{"format": "bd3-tokens/1", "tokenizer": "gpt2 (tiktoken r50k_base)", "vocab_size": 50257,
+            "special_ids": {"bos": 50256, "eos": 50256}, "seq_len": 8, "framing": "wrap",
+            "row_group_sequences": 4, "command": "bd3 prepare",
+            "train": {"documents": 0, "sequences": 0, "tokens": 0, "shards": []},
+            "valid": {"documents": 0, "sequences": 0, "tokens": 0, "shards": []}}"#;
+        let manifest: Manifest = serde_json::from_str(old).unwrap();
+        manifest.check().unwrap();
+        assert_eq!(manifest.special_ids, TokenizerSpecialIds::gpt2());
+        assert_eq!(manifest.tokenizer_file, None);
+        let written = String::from_utf8(manifest.to_json()).unwrap();
+        assert!(!written.contains("mask") && !written.contains("tokenizer_file"), "{written}");
+
+        let mut bert = manifest.clone();
+        bert.vocab_size = 30522;
+        bert.special_ids = TokenizerSpecialIds { bos: 101, eos: 102, mask: Some(103), pad: Some(0) };
+        bert.tokenizer_file = Some("tokenizer.json".into());
+        let back: Manifest = serde_json::from_slice(&bert.to_json()).unwrap();
+        assert_eq!(back, bert);
+        // A special id outside the vocabulary is refused, naming it.
+        bert.special_ids.mask = Some(40000);
+        let err = bert.check().unwrap_err().to_string();
+        assert!(err.contains("mask id 40000") && err.contains("30522"), "{err}");
     }
 }

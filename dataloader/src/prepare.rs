@@ -3,7 +3,8 @@
 //! Input is one file or a directory / object-store prefix of them, taken in path order:
 //! `*.txt` (one document per file), `*.jsonl` (one JSON object per line, the document in a text
 //! field) and `*.parquet` (one document per row of a string column, as in the public OpenWebText
-//! export). Documents are tokenized on all cores with GPT-2 BPE, EOS is appended to each, and
+//! export). Documents are tokenized on all cores with GPT-2 BPE (or the HuggingFace
+//! `tokenizer.json` of `tokenizer`, copied beside `index.json`), EOS is appended to each, and
 //! the stream is cut into sequences (docs/algorithm.md §7's "wrap"; optionally BOS…EOS around pieces of L−2).
 //! The last `valid_documents` documents form the validation split.
 //!
@@ -30,14 +31,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::runtime::Runtime;
 
-use crate::manifest::{Manifest, ShardInfo, SpecialIds, Split, SplitName, FORMAT, MANIFEST_NAME};
+use crate::manifest::{Manifest, ShardInfo, Split, SplitName, TokenizerSpecialIds, FORMAT, MANIFEST_NAME};
 use crate::shard::{self, hex};
 use crate::store::{self, StoreUrl};
-use crate::tokenizer::{Gpt2Tokenizer, EOS_ID};
+use crate::tokenizer::{SpecialTokens, TextTokenizer};
 
 const JOURNAL: &str = "_prepare/progress.json";
-/// GPT-2's ids: 0..50257 (EOS is the last).
-const GPT2_VOCAB: u32 = 50257;
+/// The copy of a `tokenizer.json` in the output, named by `index.json`.
+const TOKENIZER_COPY: &str = "tokenizer.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -46,6 +47,10 @@ pub enum Framing {
     Wrap,
     /// BOS, `seq_len − 2` tokens, EOS (the reference's `insert_special_tokens`).
     BosEos,
+    /// No packing: every document alone in one sequence, BOS first, cut to `seq_len` (keeping
+    /// its EOS last) and filled up with the tokenizer's padding token (LM1B without sentence
+    /// packing). Needs a tokenizer with a padding token.
+    Pad,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +68,10 @@ pub struct PrepareConfig {
     pub row_group_sequences: usize,
     /// Tokenizer threads; 0 = all cores.
     pub threads: usize,
+    /// A HuggingFace `tokenizer.json` to tokenize with instead of GPT-2 BPE, and which of its
+    /// tokens are BOS, EOS, mask and padding (unset: the usual names, `[CLS]`, `[SEP]`, …).
+    pub tokenizer: Option<std::path::PathBuf>,
+    pub special_tokens: SpecialTokens,
     /// The command line, recorded in the manifest.
     pub command: String,
     /// Object-store options for input and output, over what the environment says.
@@ -89,6 +98,8 @@ impl PrepareConfig {
             shard_sequences: 16 * row_group_sequences,
             row_group_sequences,
             threads: 0,
+            tokenizer: None,
+            special_tokens: SpecialTokens::default(),
             command: String::new(),
             store_options: Vec::new(),
             progress: true,
@@ -97,7 +108,11 @@ impl PrepareConfig {
     }
 
     fn check(&self) -> Result<()> {
-        let min = if self.framing == Framing::BosEos { 3 } else { 1 };
+        let min = match self.framing {
+            Framing::Wrap => 1,
+            Framing::Pad => 2,
+            Framing::BosEos => 3,
+        };
         ensure!(self.seq_len >= min, "sequence length {} is too short for {:?} framing", self.seq_len, self.framing);
         ensure!(self.row_group_sequences > 0, "row groups must hold at least one sequence");
         ensure!(
@@ -167,6 +182,11 @@ struct Position {
 pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
     config.check()?;
     let started = Instant::now();
+    let tokenizer = TextTokenizer::load(config.tokenizer.as_deref(), &config.special_tokens)?;
+    let tokenizer_bytes = match &config.tokenizer {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("reading tokenizer {}", path.display()))?),
+        None => None,
+    };
     let rt = storage::runtime();
     let (input, names) = rt.block_on(list_input(config))?;
     let out = store::open_with_options(&config.output, config.store_options.clone())?;
@@ -178,7 +198,7 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
         config.input,
         config.valid_documents
     );
-    let fingerprint = fingerprint(config, &files);
+    let fingerprint = fingerprint(config, &files, tokenizer_bytes.as_deref(), &tokenizer.special_ids());
     let journal = rt.block_on(read_journal(&out))?;
     let journal = match journal {
         Some(j) if j.fingerprint != fingerprint => bail!(
@@ -211,8 +231,15 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
         tracing::info!(shards = resumed_shards, "continuing an interrupted prepare");
     }
     let train_docs = total_docs - config.valid_documents;
-    let mut packer = Packer::new(config, rt, &out, journal, train_docs);
-    let text_bytes = run_pipeline(config, rt, &input, &files, &mut packer)?;
+    let special = tokenizer.special_ids();
+    ensure!(
+        config.framing != Framing::Pad || special.pad.is_some(),
+        "framing `pad` needs a tokenizer with a padding token ([PAD] or <pad>; --pad-token names another), \
+         and {} has none",
+        tokenizer.name()
+    );
+    let mut packer = Packer::new(config, rt, &out, journal, train_docs, &special);
+    let text_bytes = run_pipeline(config, rt, &input, &files, &mut packer, &tokenizer)?;
     let journal = packer.finish()?;
     let split = |shards: Vec<ShardInfo>, documents: u64| {
         let sequences = shards.iter().map(|s| s.sequences).sum::<u64>();
@@ -220,17 +247,19 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
     };
     let manifest = Manifest {
         format: FORMAT.to_string(),
-        tokenizer: "gpt2 (tiktoken r50k_base)".to_string(),
-        vocab_size: GPT2_VOCAB,
-        special_ids: SpecialIds { bos: EOS_ID, eos: EOS_ID },
+        tokenizer: tokenizer.name(),
+        vocab_size: tokenizer.vocab_size(),
+        special_ids: special.clone(),
         seq_len: config.seq_len,
         framing: match config.framing {
             Framing::Wrap => "wrap",
             Framing::BosEos => "bos_eos",
+            Framing::Pad => "pad",
         }
         .to_string(),
         row_group_sequences: config.row_group_sequences,
         command: config.command.clone(),
+        tokenizer_file: tokenizer_bytes.is_some().then(|| TOKENIZER_COPY.to_string()),
         train: split(journal.train.clone(), train_docs),
         valid: split(journal.valid.clone(), config.valid_documents),
     };
@@ -241,6 +270,10 @@ pub fn prepare(config: &PrepareConfig) -> Result<PrepareSummary> {
         config.seq_len
     );
     rt.block_on(async {
+        // The tokenizer first: a data set whose index.json exists is complete.
+        if let Some(bytes) = tokenizer_bytes {
+            out.put(TOKENIZER_COPY, vec![bytes.into()]).await?;
+        }
         out.put(MANIFEST_NAME, vec![manifest.to_json().into()]).await?;
         write_journal(&out, &Journal { complete: true, ..journal }).await
     })?;
@@ -349,7 +382,12 @@ async fn count_documents(input: &StoreUrl, names: Vec<(Path, u64)>, field: &str)
     Ok(files)
 }
 
-fn fingerprint(config: &PrepareConfig, files: &[InputFile]) -> String {
+fn fingerprint(
+    config: &PrepareConfig,
+    files: &[InputFile],
+    tokenizer: Option<&[u8]>,
+    special: &TokenizerSpecialIds,
+) -> String {
     let mut h = Sha256::new();
     let settings = (
         config.seq_len,
@@ -360,6 +398,11 @@ fn fingerprint(config: &PrepareConfig, files: &[InputFile]) -> String {
         config.row_group_sequences,
     );
     h.update(serde_json::to_vec(&settings).expect("plain values serialize"));
+    // GPT-2 adds nothing, so the fingerprints of GPT-2 prepares stay what they were.
+    if let Some(bytes) = tokenizer {
+        h.update(Sha256::digest(bytes));
+        h.update(serde_json::to_vec(special).expect("plain values serialize"));
+    }
     for f in files {
         h.update(format!("\n{}\t{}\t{}", f.name, f.size, f.documents));
     }
@@ -395,32 +438,34 @@ fn run_pipeline(
     input: &StoreUrl,
     files: &[InputFile],
     packer: &mut Packer,
+    tokenizer: &TextTokenizer,
 ) -> Result<u64> {
     let threads =
         if config.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { config.threads };
-    let tokenizer = Gpt2Tokenizer::new()?;
+    let eos = tokenizer.special_ids().eos;
     let start_doc = packer.position.doc;
     let progress = Progress::new(config.progress, files.iter().map(|f| f.size).sum());
     let (batch_tx, batch_rx) = sync_channel::<DocBatch>(threads * 2);
     let batch_rx = Mutex::new(batch_rx);
-    let (tok_tx, tok_rx) = sync_channel::<(u64, u64, Vec<Vec<u32>>, u64, u64)>(threads * 2);
+    let (tok_tx, tok_rx) = sync_channel::<Result<(u64, u64, Vec<Vec<u32>>, u64, u64)>>(threads * 2);
     std::thread::scope(|scope| -> Result<u64> {
         let reader = scope.spawn(move || read_documents(rt, input, files, start_doc, &config.text_field, batch_tx));
         for _ in 0..threads {
-            let (rx, tx, tokenizer) = (&batch_rx, tok_tx.clone(), &tokenizer);
+            let (rx, tx) = (&batch_rx, tok_tx.clone());
             scope.spawn(move || loop {
                 let Ok(batch) = rx.lock().unwrap_or_else(|e| e.into_inner()).recv() else { return };
                 let text: u64 = batch.docs.iter().map(|d| d.len() as u64).sum();
-                let ids = batch
+                let ids: Result<Vec<Vec<u32>>> = batch
                     .docs
                     .iter()
                     .map(|d| {
-                        let mut ids = tokenizer.encode(d);
-                        ids.push(EOS_ID);
-                        ids
+                        let mut ids = tokenizer.encode(d)?;
+                        ids.push(eos);
+                        Ok(ids)
                     })
                     .collect();
-                if tx.send((batch.index, batch.first, ids, text, batch.input_bytes)).is_err() {
+                let item = ids.map(|ids| (batch.index, batch.first, ids, text, batch.input_bytes));
+                if tx.send(item).is_err() {
                     return;
                 }
             });
@@ -431,6 +476,7 @@ fn run_pipeline(
         let (mut next, mut text_bytes) = (0u64, 0u64);
         let packed = (|| -> Result<()> {
             for item in tok_rx.iter() {
+                let item = item?;
                 pending.insert(item.0, item);
                 while let Some((_, first, docs, text, weight)) = pending.remove(&next) {
                     packer.push_documents(first, docs)?;
@@ -583,10 +629,22 @@ struct Packer<'a> {
     next_doc: u64,
     /// Sequences for the next shard.
     sequences: Vec<u32>,
+    /// The tokenizer's BOS and EOS (`bos-eos` framing).
+    bos: u32,
+    eos: u32,
+    /// The padding token (`pad` framing).
+    pad: Option<u32>,
 }
 
 impl<'a> Packer<'a> {
-    fn new(config: &'a PrepareConfig, rt: &Runtime, out: &StoreUrl, journal: Journal, train_docs: u64) -> Self {
+    fn new(
+        config: &'a PrepareConfig,
+        rt: &Runtime,
+        out: &StoreUrl,
+        journal: Journal,
+        train_docs: u64,
+        special: &TokenizerSpecialIds,
+    ) -> Self {
         let position = journal.position;
         let split = if position.doc < train_docs { SplitName::Train } else { SplitName::Valid };
         Self {
@@ -599,14 +657,37 @@ impl<'a> Packer<'a> {
             docs: VecDeque::new(),
             next_doc: position.doc,
             sequences: Vec::new(),
+            bos: special.bos,
+            eos: special.eos,
+            pad: special.pad,
         }
     }
 
     fn piece_len(&self) -> usize {
         match self.config.framing {
-            Framing::Wrap => self.config.seq_len,
+            Framing::Wrap | Framing::Pad => self.config.seq_len,
             Framing::BosEos => self.config.seq_len - 2,
         }
+    }
+
+    /// `pad` framing: document `doc` (EOS appended) alone in one sequence after BOS, cut to
+    /// `seq_len` with its EOS kept last, then padded. Shards end between documents.
+    fn pad_document(&mut self, doc: u64, mut ids: Vec<u32>) -> Result<()> {
+        let (seq_len, pad) = (self.config.seq_len, self.pad.context("pad framing without a padding id")?);
+        if ids.len() > seq_len - 1 {
+            ids.truncate(seq_len - 2);
+            ids.push(self.eos);
+        }
+        let start = self.sequences.len();
+        self.sequences.push(self.bos);
+        self.sequences.extend_from_slice(&ids);
+        self.sequences.resize(start + seq_len, pad);
+        self.next_doc = doc + 1;
+        self.position = Position { doc: doc + 1, offset: 0 };
+        if self.sequences.len() == self.config.shard_sequences * seq_len {
+            self.write_shard()?;
+        }
+        Ok(())
     }
 
     /// Documents `first`, `first + 1`, … tokenized (EOS appended).
@@ -618,6 +699,10 @@ impl<'a> Packer<'a> {
             }
             if doc == self.train_docs && self.split == SplitName::Train {
                 self.end_train()?;
+            }
+            if self.config.framing == Framing::Pad {
+                self.pad_document(doc, ids)?;
+                continue;
             }
             let mut offset = 0;
             if doc == self.position.doc && self.docs.is_empty() {
@@ -640,11 +725,11 @@ impl<'a> Packer<'a> {
         while self.buffer.len() - at >= piece {
             let tokens = &self.buffer[at..at + piece];
             match self.config.framing {
-                Framing::Wrap => self.sequences.extend_from_slice(tokens),
+                Framing::Wrap | Framing::Pad => self.sequences.extend_from_slice(tokens),
                 Framing::BosEos => {
-                    self.sequences.push(EOS_ID);
+                    self.sequences.push(self.bos);
                     self.sequences.extend_from_slice(tokens);
-                    self.sequences.push(EOS_ID);
+                    self.sequences.push(self.eos);
                 }
             }
             at += piece;

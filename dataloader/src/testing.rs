@@ -13,7 +13,7 @@ pub fn write_token_dataset(
     shard_sequences: usize,
     row_group_sequences: usize,
 ) -> anyhow::Result<crate::Manifest> {
-    use crate::manifest::{Manifest, SpecialIds, Split, FORMAT, MANIFEST_NAME};
+    use crate::manifest::{Manifest, Split, TokenizerSpecialIds, FORMAT, MANIFEST_NAME};
 
     let dir = crate::store::open_with_options(url, options)?;
     let mut written = Vec::new();
@@ -35,11 +35,12 @@ pub fn write_token_dataset(
         format: FORMAT.to_string(),
         tokenizer: "test".to_string(),
         vocab_size: crate::tokenizer::MODEL_VOCAB as u32 - 1,
-        special_ids: SpecialIds { bos: crate::tokenizer::EOS_ID, eos: crate::tokenizer::EOS_ID },
+        special_ids: TokenizerSpecialIds::gpt2(),
         seq_len,
         framing: "wrap".to_string(),
         row_group_sequences,
         command: "write_token_dataset".to_string(),
+        tokenizer_file: None,
         train,
         valid,
     };

@@ -1,7 +1,13 @@
-//! GPT-2 BPE (`r50k_base`, embedded in tiktoken-rs: no network) plus the diffusion mask token.
+//! Tokenizers: GPT-2 BPE (`r50k_base`, embedded in tiktoken-rs: no network) plus the diffusion
+//! mask token, the default; and any HuggingFace `tokenizer.json` (the BERT vocabulary of LM1B,
+//! docs/algorithm.md §1.2, §7) through the `tokenizers` crate, read from a file, never downloaded.
 
-use anyhow::{anyhow, Result};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
 use tiktoken_rs::CoreBPE;
+
+use crate::manifest::{Manifest, TokenizerSpecialIds, MANIFEST_NAME};
 
 /// `<|endoftext|>`: GPT-2's BOS and EOS.
 pub const EOS_ID: u32 = 50256;
@@ -43,9 +49,213 @@ impl Gpt2Tokenizer {
     }
 }
 
+/// Which token of a `tokenizer.json` plays each special role: names given on the command line,
+/// else the first of the usual names the vocabulary has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<String>,
+    pub eos: Option<String>,
+    pub mask: Option<String>,
+    pub pad: Option<String>,
+}
+
+/// The names looked for when a role is not given: BERT's first, then RoBERTa/T5/Llama-style, then GPT-2's.
+const BOS_NAMES: [&str; 5] = ["[CLS]", "<s>", "[BOS]", "<bos>", "<|endoftext|>"];
+const EOS_NAMES: [&str; 5] = ["[SEP]", "</s>", "[EOS]", "<eos>", "<|endoftext|>"];
+const MASK_NAMES: [&str; 2] = ["[MASK]", "<mask>"];
+const PAD_NAMES: [&str; 2] = ["[PAD]", "<pad>"];
+
+/// A HuggingFace tokenizer loaded from its `tokenizer.json`, with its special ids.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Where it came from, for messages and the manifest.
+    pub source: String,
+    pub special: TokenizerSpecialIds,
+    /// Every id it produces is below this (its largest id + 1, added tokens included).
+    pub vocab_size: u32,
+}
+
+impl HfTokenizer {
+    /// Reads `path` (a `tokenizer.json`).
+    pub fn from_file(path: &Path, names: &SpecialTokens) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading tokenizer {}", path.display()))?;
+        Self::from_bytes(&bytes, &path.display().to_string(), names)
+    }
+
+    /// Parses the bytes of a `tokenizer.json` read from `source`.
+    pub fn from_bytes(bytes: &[u8], source: &str, names: &SpecialTokens) -> Result<Self> {
+        let (inner, vocab_size) = Self::parse(bytes, source)?;
+        let find = |role: &str, flag: &str, given: &Option<String>, usual: &[&str]| -> Result<Option<u32>> {
+            match given {
+                Some(name) => match inner.token_to_id(name) {
+                    Some(id) => Ok(Some(id)),
+                    None => bail!("{source}: {flag} {name:?}: the tokenizer has no such token (the {role} token)"),
+                },
+                None => Ok(usual.iter().find_map(|name| inner.token_to_id(name))),
+            }
+        };
+        let required = |role: &str, flag: &str, given: &Option<String>, usual: &[&str]| -> Result<u32> {
+            find(role, flag, given, usual)?.with_context(|| {
+                format!("{source}: the tokenizer has none of the usual {role} tokens {usual:?}: name one with {flag}")
+            })
+        };
+        let special = TokenizerSpecialIds {
+            bos: required("BOS", "--bos-token", &names.bos, &BOS_NAMES)?,
+            eos: required("EOS", "--eos-token", &names.eos, &EOS_NAMES)?,
+            mask: find("mask", "--mask-token", &names.mask, &MASK_NAMES)?,
+            pad: find("padding", "--pad-token", &names.pad, &PAD_NAMES)?,
+        };
+        Ok(Self { inner, source: source.to_string(), special, vocab_size })
+    }
+
+    /// The tokenizer and its vocabulary size (largest id + 1).
+    fn parse(bytes: &[u8], source: &str) -> Result<(tokenizers::Tokenizer, u32)> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
+            .map_err(|e| anyhow!("{source}: not a HuggingFace tokenizer.json that this build can load: {e}"))?;
+        let vocab_size = inner.get_vocab(true).values().max().map_or(0, |&m| m + 1);
+        anyhow::ensure!(vocab_size > 0, "{source}: the tokenizer has an empty vocabulary");
+        Ok((inner, vocab_size))
+    }
+
+    /// Token ids of `text`, without the special tokens the tokenizer's post-processor would add
+    /// (bd3 adds EOS after every document itself, and BOS/EOS with `bos-eos` framing).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding =
+            self.inner.encode(text, false).map_err(|e| anyhow!("{}: tokenizing a document: {e}", self.source))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens written out (`[CLS] … [SEP]`); an id the tokenizer does not
+    /// know is written `<|unk:ID|>`.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut out = String::new();
+        let mut run: Vec<u32> = vec![];
+        let flush = |run: &mut Vec<u32>, out: &mut String| {
+            if !run.is_empty() {
+                if let Ok(text) = self.inner.decode(run, false) {
+                    if !out.is_empty() && !text.is_empty() {
+                        out.push(' ');
+                    }
+                    out.push_str(&text);
+                }
+                run.clear();
+            }
+        };
+        for &id in ids {
+            if self.inner.id_to_token(id).is_some() {
+                run.push(id);
+            } else {
+                flush(&mut run, &mut out);
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                out.push_str(&format!("<|unk:{id}|>"));
+            }
+        }
+        flush(&mut run, &mut out);
+        out
+    }
+}
+
+/// The tokenizer of a data set: GPT-2 BPE (`bd3 prepare`'s default), or a `tokenizer.json`.
+pub enum TextTokenizer {
+    Gpt2(Gpt2Tokenizer),
+    HuggingFace(Box<HfTokenizer>),
+}
+
+impl TextTokenizer {
+    /// GPT-2 BPE without a file, else the `tokenizer.json` at `file`.
+    pub fn load(file: Option<&Path>, names: &SpecialTokens) -> Result<Self> {
+        match file {
+            None => Ok(Self::Gpt2(Gpt2Tokenizer::new()?)),
+            Some(path) => Ok(Self::HuggingFace(Box::new(HfTokenizer::from_file(path, names)?))),
+        }
+    }
+
+    /// The tokenizer the data set at `url` (a `bd3 prepare` output) was written with: the copy of
+    /// its `tokenizer.json` that `index.json` names, else GPT-2. An empty `url` (no data set) is
+    /// GPT-2 (the in-memory corpus is tokenized with it).
+    pub fn of_data_set(url: &str) -> Result<Self> {
+        if url.is_empty() {
+            return Ok(Self::Gpt2(Gpt2Tokenizer::new()?));
+        }
+        let manifest = Manifest::load_url(url)?;
+        let Some(file) = &manifest.tokenizer_file else { return Ok(Self::Gpt2(Gpt2Tokenizer::new()?)) };
+        let dir = crate::store::open(url.strip_suffix(MANIFEST_NAME).unwrap_or(url).trim_end_matches('/'))?;
+        let name = dir.display(file);
+        let bytes =
+            storage::block_on(dir.get(file)).with_context(|| format!("reading the data set's tokenizer {name}"))?;
+        // The special ids are the ones index.json records (prepare may have been told them).
+        let (inner, vocab_size) = HfTokenizer::parse(&bytes, &name)?;
+        let special = manifest.special_ids;
+        Ok(Self::HuggingFace(Box::new(HfTokenizer { inner, source: name, special, vocab_size })))
+    }
+
+    /// How the manifest names it.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Gpt2(_) => "gpt2 (tiktoken r50k_base)".to_string(),
+            Self::HuggingFace(t) => format!("tokenizer.json ({})", t.source),
+        }
+    }
+
+    /// Every id it produces is below this.
+    pub fn vocab_size(&self) -> u32 {
+        match self {
+            Self::Gpt2(_) => MODEL_VOCAB as u32 - 1,
+            Self::HuggingFace(t) => t.vocab_size,
+        }
+    }
+
+    pub fn special_ids(&self) -> TokenizerSpecialIds {
+        match self {
+            Self::Gpt2(_) => TokenizerSpecialIds::gpt2(),
+            Self::HuggingFace(t) => t.special.clone(),
+        }
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Self::Gpt2(t) => Ok(t.encode(text)),
+            Self::HuggingFace(t) => t.encode(text),
+        }
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Self::Gpt2(t) => t.decode(ids),
+            Self::HuggingFace(t) => t.decode(ids),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A WordLevel tokenizer.json without BERT's names: the roles are found by the usual names
+    /// or named explicitly, and a name the vocabulary lacks is refused naming the flag.
+    #[test]
+    fn special_tokens_are_found_or_named() {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "unk_token": "<unk>",
+            "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "<go>": 3, "hello": 4, "world": 5, "<mask>": 6}}}"#;
+        let t = HfTokenizer::from_bytes(json.as_bytes(), "t.json", &SpecialTokens::default()).unwrap();
+        assert_eq!((t.special.bos, t.special.eos, t.special.mask, t.special.pad), (1, 2, Some(6), None));
+        assert_eq!(t.vocab_size, 7);
+        assert_eq!(t.encode("hello world").unwrap(), vec![4, 5]);
+        assert_eq!(t.decode(&[1, 4, 5, 9]), "<s> hello world <|unk:9|>");
+        let names = SpecialTokens { bos: Some("<go>".into()), ..Default::default() };
+        let t = HfTokenizer::from_bytes(json.as_bytes(), "t.json", &names).unwrap();
+        assert_eq!(t.special.bos, 3);
+        let names = SpecialTokens { pad: Some("[PAD]".into()), ..Default::default() };
+        let err = HfTokenizer::from_bytes(json.as_bytes(), "t.json", &names).err().unwrap().to_string();
+        assert!(err.contains("--pad-token") && err.contains("[PAD]") && err.contains("t.json"), "{err}");
+        let err = HfTokenizer::from_bytes(b"{}", "bad.json", &SpecialTokens::default()).err().unwrap().to_string();
+        assert!(err.contains("bad.json"), "{err}");
+    }
 
     #[test]
     fn known_ids_and_round_trip() {

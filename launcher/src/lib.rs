@@ -48,6 +48,66 @@ impl TrainCommand {
     }
 }
 
+/// What `bd3 train --dry-run` prints: where the run writes, the model, the data, the batch
+/// arithmetic, the schedule and where it starts, all from the validated config, without touching
+/// data, checkpoints or devices.
+pub fn dry_run_summary(cfg: &Config) -> Result<String> {
+    use std::fmt::Write;
+    let (m, d, t, o) = (&cfg.model, &cfg.diffusion, &cfg.train, &cfg.optim);
+    let mut out = String::new();
+    let w = &mut out;
+    writeln!(w, "config valid; dry run, nothing trained")?;
+    writeln!(w, "run          {} (checkpoints: {})", cfg.run_dir().display(), cfg.checkpoint_url())?;
+    let objective = match m.arch {
+        trainer::config::Arch::Ar => "autoregressive".to_string(),
+        _ if d.block_size == m.seq_len => format!("MDLM (block size L' = L = {})", m.seq_len),
+        _ => format!("BD3-LM, block size L' = {}", d.block_size),
+    };
+    writeln!(
+        w,
+        "model        {} layers x {} hidden x {} heads, vocabulary {}, context L = {}, {} parameters; {objective}",
+        m.layers,
+        m.hidden,
+        m.heads,
+        m.vocab_size,
+        m.seq_len,
+        trainer::plan::parameter_count(cfg)
+    )?;
+    let clip = if d.clip_search { "clip search at every validation" } else { "no clip search" };
+    writeln!(w, "noise        t in [{}, {}], {clip}, mask id {}", d.sampling_eps_min, d.sampling_eps_max, d.mask_id)?;
+    let data = if cfg.data.dataset.is_empty() {
+        format!("corpus {} (GPT-2 BPE, in memory)", cfg.data.corpus.display())
+    } else {
+        format!("data set {}", cfg.data.dataset)
+    };
+    writeln!(w, "data         {data}")?;
+    let per_rank = t.micro_batch * t.grad_accum;
+    writeln!(
+        w,
+        "batch        micro-batch {} x accumulation {} = {per_rank} sequences per rank and step; global batch = {per_rank} x ranks",
+        t.micro_batch, t.grad_accum
+    )?;
+    let tokens = t.steps as f64 * per_rank as f64 * m.seq_len as f64;
+    writeln!(
+        w,
+        "schedule     {} steps ({:.3e} tokens per rank), lr {} after {} warm-up steps, EMA decay {}, validation every {} steps",
+        t.steps, tokens, o.lr, o.warmup_steps, o.ema_decay, t.eval_every
+    )?;
+    let resume = String::from(cfg.checkpoint.resume);
+    let own = match cfg.checkpoint.resume {
+        trainer::config::ResumeFrom::None => {
+            "checkpoints of this run are refused (checkpoint.resume = \"none\"; --resume auto resumes them)".to_string()
+        }
+        _ => format!("a checkpoint of this run is resumed instead (checkpoint.resume = \"{resume}\")"),
+    };
+    let start = match &t.init_from {
+        Some(source) => format!("from the weights of {source} (fresh optimizer, EMA, step and data order); {own}"),
+        None => format!("from scratch; {own}"),
+    };
+    writeln!(w, "start        {start}")?;
+    Ok(out)
+}
+
 /// `program` in a directory of PATH, as a shell would find it.
 pub fn find_program(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;

@@ -38,6 +38,16 @@ enum Command {
         /// `none`; the same as --set checkpoint.resume=….
         #[arg(long)]
         resume: Option<String>,
+        /// Start from another run's weights: a checkpoint location (its newest committed step),
+        /// a `…/step-NNNNNNNNNN` directory of one, or a .safetensors file. The optimizer, EMA,
+        /// step, data order and clip interval start fresh (the paper's second stage); a
+        /// checkpoint of this run wins (`--resume auto` resumes it). The same as
+        /// --set train.init_from=….
+        #[arg(long, value_name = "CHECKPOINT_OR_SAFETENSORS")]
+        init_from: Option<String>,
+        /// Load and validate the config, print what the run would do, and exit without training.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Checkpoints: ls, inspect, verify, export, import.
     #[command(subcommand)]
@@ -209,9 +219,14 @@ fn main() -> Result<()> {
     }
     trainer::weights::set_binary_commit(env!("BD3_GIT_COMMIT"));
     match cli.command {
-        Command::Train { config, resume } => {
+        Command::Train { config, resume, init_from, dry_run } => {
             // The same loading as a scheduled job's, checked on the submitting machine.
-            let cfg = launcher::TrainCommand::load(config.config, config.overrides, resume)?.config;
+            let overrides = with_init_from(config.overrides, init_from);
+            let cfg = launcher::TrainCommand::load(config.config, overrides, resume)?.config;
+            if dry_run {
+                print!("{}", launcher::dry_run_summary(&cfg)?);
+                return Ok(());
+            }
             let outcome = trainer::train::train(&cfg)?;
             if let Some(nelbo) = outcome.final_valid_nelbo {
                 println!("validation NELBO {nelbo:.4} nats/token (perplexity ≤ {:.2})", nelbo.exp());
@@ -358,7 +373,8 @@ fn main() -> Result<()> {
             let busy = launcher::spinner("sampling");
             let generation = trainer::sample::generate(&model, &cfg, &opts, device)?;
             busy.finish_and_clear();
-            let tokenizer = dataloader::Gpt2Tokenizer::new()?;
+            // The data set's own tokenizer (`bd3 prepare --tokenizer`), else GPT-2.
+            let tokenizer = dataloader::TextTokenizer::of_data_set(&cfg.data.dataset)?;
             for sample in &generation.samples {
                 let text = tokenizer.decode(&sample.tokens);
                 match format {
@@ -392,9 +408,18 @@ fn scheduled_train(command: &[String]) -> Result<launcher::TrainCommand> {
     let cli = Cli::try_parse_from(std::iter::once("bd3").chain(command.iter().map(String::as_str)))
         .map_err(|e| anyhow::anyhow!("the command after `--` ({}): {e}", command.join(" ")))?;
     match cli.command {
-        Command::Train { config, resume } => launcher::TrainCommand::load(config.config, config.overrides, resume),
+        Command::Train { config, resume, init_from, .. } => {
+            launcher::TrainCommand::load(config.config, with_init_from(config.overrides, init_from), resume)
+        }
         _ => anyhow::bail!("the command after `--` must be `train --config …`, not `{}`", command.join(" ")),
     }
+}
+
+/// `--init-from X` as the override `train.init_from="X"`, after the others (so it wins), which
+/// scheduled jobs pass on with the rest.
+fn with_init_from(mut overrides: Vec<String>, init_from: Option<String>) -> Vec<String> {
+    overrides.extend(init_from.map(|source| format!("train.init_from={source:?}")));
+    overrides
 }
 
 /// Builds the model of `cfg` and loads `weights` (safetensors with the reference's names).

@@ -1,8 +1,10 @@
 //! `bd3 prepare`: parsing only; the work is `dataloader::prepare`.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use clap::{Args, ValueEnum};
-use dataloader::{Framing, PrepareConfig};
+use dataloader::{Framing, PrepareConfig, SpecialTokens};
 
 #[derive(Args)]
 pub struct PrepareArgs {
@@ -22,7 +24,9 @@ pub struct PrepareArgs {
     /// The JSONL field or Parquet column with the text.
     #[arg(long, default_value = "text")]
     text_field: String,
-    /// `wrap`: plain pieces of L tokens; `bos-eos`: BOS, L-2 tokens, EOS.
+    /// `wrap`: plain pieces of L tokens; `bos-eos`: BOS, L-2 tokens, EOS (sentence packing);
+    /// `pad`: no packing, one document per sequence after BOS, cut to L and padded (needs a
+    /// tokenizer with a padding token, such as BERT's [PAD]).
     #[arg(long, value_enum, default_value_t = FramingArg::Wrap)]
     framing: FramingArg,
     /// Sequences per row group (default: about 1M tokens).
@@ -34,12 +38,30 @@ pub struct PrepareArgs {
     /// Tokenizer threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// A HuggingFace tokenizer.json to tokenize with (e.g. bert-base-uncased's for LM1B) instead
+    /// of GPT-2 BPE; it is copied beside index.json, which records its special ids.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// The token of --tokenizer that is BOS (default: the first of [CLS], <s>, [BOS], <bos>,
+    /// <|endoftext|> it has).
+    #[arg(long, requires = "tokenizer")]
+    bos_token: Option<String>,
+    /// The EOS token (default: [SEP], </s>, [EOS], <eos> or <|endoftext|>).
+    #[arg(long, requires = "tokenizer")]
+    eos_token: Option<String>,
+    /// The mask token (default: [MASK] or <mask>, if it has one).
+    #[arg(long, requires = "tokenizer")]
+    mask_token: Option<String>,
+    /// The padding token (default: [PAD] or <pad>, if it has one).
+    #[arg(long, requires = "tokenizer")]
+    pad_token: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum FramingArg {
     Wrap,
     BosEos,
+    Pad,
 }
 
 pub fn run(args: PrepareArgs) -> Result<()> {
@@ -54,17 +76,34 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     c.framing = match args.framing {
         FramingArg::Wrap => Framing::Wrap,
         FramingArg::BosEos => Framing::BosEos,
+        FramingArg::Pad => Framing::Pad,
     };
     c.threads = args.threads;
+    c.tokenizer = args.tokenizer;
+    c.special_tokens =
+        SpecialTokens { bos: args.bos_token, eos: args.eos_token, mask: args.mask_token, pad: args.pad_token };
     // The program's own path varies between machines; the manifest records `bd3` and the args.
     let words = std::iter::once("bd3".to_string()).chain(std::env::args().skip(1));
     c.command =
         words.map(|a| if a.contains(char::is_whitespace) { format!("{a:?}") } else { a }).collect::<Vec<_>>().join(" ");
     let s = dataloader::prepare(&c)?;
     let m = &s.manifest;
+    let ids = &m.special_ids;
+    let optional = |id: Option<u32>| id.map_or("none".to_string(), |id| id.to_string());
     let split = format!(
-        "{}: {} train and {} validation sequences of {} tokens ({} documents held out)",
-        args.output, m.train.sequences, m.valid.sequences, m.seq_len, m.valid.documents
+        "{}: {} train and {} validation sequences of {} tokens ({} documents held out); tokenizer {}, \
+         {} ids, BOS {} EOS {} mask {} padding {}",
+        args.output,
+        m.train.sequences,
+        m.valid.sequences,
+        m.seq_len,
+        m.valid.documents,
+        m.tokenizer,
+        m.vocab_size,
+        ids.bos,
+        ids.eos,
+        optional(ids.mask),
+        optional(ids.pad)
     );
     if s.text_bytes == 0 {
         println!("{split}; already prepared, nothing to do");

@@ -240,6 +240,13 @@ pub struct TrainConfig {
     pub max_consecutive_skips: u64,
     /// A loss above this counts as divergence, like a non-finite one (unset: no limit).
     pub max_loss: Option<f64>,
+    /// Start from another run's weights (`--init-from`): a checkpoint location (its newest
+    /// committed step, or a `…/step-NNNNNNNNNN` directory) or a `.safetensors` file. The
+    /// optimizer, step, data order and EMA start fresh and the clip interval is
+    /// `diffusion.sampling_eps_min/max` (docs/algorithm.md §8, two stages). A checkpoint of this
+    /// run found by `checkpoint.resume` wins: a preempted run resumes instead (trainer::init).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 /// `train.on_nonfinite`.
@@ -267,6 +274,7 @@ impl Default for TrainConfig {
             on_nonfinite: OnNonFinite::Stop,
             max_consecutive_skips: 10,
             max_loss: None,
+            init_from: None,
         }
     }
 }
@@ -610,6 +618,12 @@ impl Config {
         if let Some(max_loss) = t.max_loss {
             in_range("train.max_loss", max_loss, Open(0.0), Unbounded)?;
         }
+        if let Some(source) = &t.init_from {
+            ensure!(
+                !source.trim().is_empty(),
+                "train.init_from is empty: expected a checkpoint location or a .safetensors file"
+            );
+        }
         in_range("sample.nucleus_p", s.nucleus_p, Open(0.0), Closed(1.0))?;
         in_range("sample.temperature", s.temperature, Open(0.0), Unbounded)?;
         ensure!(c.keep_latest >= 2, "checkpoint.keep_latest ({}) must be at least 2", c.keep_latest);
@@ -780,6 +794,7 @@ mod tests {
             ("checkpoint.max_file_mib=0", "checkpoint.max_file_mib"),
             ("dist.timeout_s=0.0", "dist.timeout_s"),
             ("dist.bucket_mib=-1.0", "dist.bucket_mib"),
+            ("train.init_from=\"\"", "train.init_from"),
         ] {
             let err = match Config::from_toml_str("", &[set.to_string()]) {
                 Ok(_) => panic!("{set} was accepted"),
@@ -792,6 +807,17 @@ mod tests {
         assert!(
             Config::from_toml_str("", &["train.max_loss=20.0".into(), "train.on_nonfinite=\"skip\"".into()]).is_ok()
         );
+    }
+
+    /// `train.init_from` is absent from a config that does not set it (hashes and written configs
+    /// of existing runs stay the same), and round-trips when set.
+    #[test]
+    fn init_from_is_optional_and_round_trips() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert!(!c.to_toml().unwrap().contains("init_from"));
+        let c = Config::from_toml_str("", &["train.init_from=runs/a/checkpoints".into()]).unwrap();
+        assert_eq!(c.train.init_from.as_deref(), Some("runs/a/checkpoints"));
+        assert_eq!(Config::from_toml_str(&c.to_toml().unwrap(), &[]).unwrap(), c);
     }
 
     #[test]

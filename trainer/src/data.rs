@@ -171,11 +171,20 @@ pub fn special_ids(cfg: &Config) -> Result<SpecialIds> {
     })
 }
 
-/// [`check_vocabulary`] against a prepared data set's `index.json`.
+/// [`check_vocabulary`] against a prepared data set's `index.json`; a tokenizer with a mask token
+/// of its own (BERT's `[MASK]`) must be the model's `diffusion.mask_id`.
 fn check_data_set_vocabulary(cfg: &Config, url: &str, reader: &Reader) -> Result<()> {
     let index = reader.manifest();
-    let special = [("BOS", index.special_ids.bos), ("EOS", index.special_ids.eos)];
-    check_vocabulary(cfg, index.vocab_size, &special, &format!("data.dataset {url} (index.json)"))
+    let source = format!("data.dataset {url} (index.json, tokenizer {})", index.tokenizer);
+    check_vocabulary(cfg, index.vocab_size, &index.special_ids.named(), &source)?;
+    if let Some(mask) = index.special_ids.mask {
+        ensure!(
+            mask == cfg.diffusion.mask_id,
+            "{source} records the mask id {mask}, but diffusion.mask_id is {}: set diffusion.mask_id = {mask}",
+            cfg.diffusion.mask_id
+        );
+    }
+    Ok(())
 }
 
 /// Refuses a model whose embedding cannot hold every id of the data (`vocab_size` ids, and the
@@ -185,7 +194,8 @@ pub fn check_vocabulary(cfg: &Config, vocab_size: u32, special: &[(&str, u32)], 
     ensure!(
         vocab_size as usize <= model,
         "model.vocab_size ({model}) is smaller than the vocabulary of {source} ({vocab_size} ids): \
-         token ids up to {} would index past the embedding",
+         token ids up to {} would index past the embedding; set model.vocab_size to at least \
+         {vocab_size} (plus one for a [MASK] id after the tokenizer's ids, as GPT-2's 50257 + 1)",
         vocab_size - 1
     );
     for (name, id) in special {

@@ -20,6 +20,7 @@
 //! | [`stateful`] | the [`stateful::Stateful`] trait and tensor ⇄ checkpoint-buffer conversions |
 //! | [`progress`] | the non-tensor part of the state: step, counters, clip interval, data position |
 //! | [`resume`] | which checkpoint a run starts from, and job attempt ids |
+//! | [`init`] | `--init-from`: a run that starts from another run's weights (the second stage) |
 //! | [`weights`] | weights in and out of checkpoints (`bd3 ckpt export/import`) |
 //! | [`metrics`] | `metrics.jsonl` |
 //! | [`telemetry`] | the Prometheus endpoint (`metrics.listen`) and its gauges |
@@ -39,6 +40,7 @@ pub mod diffusion;
 pub mod dist;
 pub mod eval;
 pub mod flops;
+pub mod init;
 pub mod metrics;
 pub mod model;
 pub mod objective;

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use checkpoint::{AsyncSaver, CheckpointStore, Retention, SaveJob, SaveReport, WriteOptions};
-use dataloader::Gpt2Tokenizer;
+use dataloader::TextTokenizer;
 use indicatif::ProgressBar;
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
@@ -320,7 +320,18 @@ impl<'a> Trainer<'a> {
             comm.barrier()?;
             resume_point(cfg.checkpoint.resume, &self.store)?
         };
-        let Some(manifest) = manifest else { return Ok(false) };
+        let Some(manifest) = manifest else {
+            // No checkpoint of this run: a second stage starts from the first one's weights.
+            if let Some(source) = &cfg.train.init_from {
+                let loaded = crate::init::init_from(source, cfg, &mut self.state)?;
+                self.set_clip(self.state.progress.clip());
+                info!(from = %loaded, "initialized the weights; optimizer, EMA, step and data order start fresh");
+            }
+            return Ok(false);
+        };
+        if let Some(source) = &cfg.train.init_from {
+            info!(init_from = %source, "this run has a checkpoint: resuming it, train.init_from is not used");
+        }
         state::check_compatible(cfg, &manifest)?;
         let stored = Stored { store: &self.store, manifest: &manifest };
         let had_progress = stored.progress()?.is_some();
@@ -608,7 +619,7 @@ impl<'a> Trainer<'a> {
             let opts = SampleOptions { batch: 1, ..SampleOptions::for_run(cfg, cfg.train.sample_tokens)? };
             let (model, device) = (&self.model, self.device);
             let generation = ema.swapped_in(&params.tensors, || generate(model, cfg, &opts, device))?;
-            let text = Gpt2Tokenizer::new()?.decode(&generation.samples[0].tokens);
+            let text = TextTokenizer::of_data_set(&cfg.data.dataset)?.decode(&generation.samples[0].tokens);
             std::fs::write(self.run_dir.join("sample.txt"), &text)?;
             info!(nfe = generation.nfe, tokens_per_s = generation.tokens_per_s().round(), "sampled");
             Some(text)

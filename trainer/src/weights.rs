@@ -79,7 +79,7 @@ pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Opti
 /// The model buffers a weights file may lack: the clip interval, which backbone-only exports
 /// leave out (the config's interval is used, with a warning), and the rotary frequencies, which
 /// are a function of the head size.
-const OPTIONAL_BUFFERS: [&str; 3] = ["sampling_eps_min", "sampling_eps_max", "backbone.rotary_emb.inv_freq"];
+pub const OPTIONAL_BUFFERS: [&str; 3] = ["sampling_eps_min", "sampling_eps_max", "backbone.rotary_emb.inv_freq"];
 
 /// Loads a weights file into the model's variables. Only safetensors are read (never a pickle);
 /// every tensor of the file must be a variable of the model with its shape, and every variable
