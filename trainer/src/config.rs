@@ -368,13 +368,15 @@ pub struct DistConfig {
     pub zero: bool,
     /// Average each gradient bucket over the ranks as soon as backward has produced it, while
     /// backward goes on (trainer::dist::overlap; CPU tensors over MPI, replicated optimizer).
-    /// The result is bitwise that of reducing after backward.
+    /// The result is bitwise that of reducing after backward. Off by default: on CPU the
+    /// reduction needs a core of its own to pay off, and with every core computing it slowed the
+    /// step (docs/benchmarks.md).
     pub overlap: bool,
 }
 
 impl Default for DistConfig {
     fn default() -> Self {
-        Self { timeout_s: 600.0, bucket_mib: 25.0, zero: false, overlap: true }
+        Self { timeout_s: 600.0, bucket_mib: 25.0, zero: false, overlap: false }
     }
 }
 
