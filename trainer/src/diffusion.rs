@@ -67,17 +67,6 @@ impl Noise {
         self.seq_len / self.block_size
     }
 
-    /// The noise of rows `rows` of the batch (a data-parallel rank's part of the global batch).
-    pub fn rows(&self, rows: std::ops::Range<usize>) -> Noise {
-        let nb = self.num_blocks();
-        Noise {
-            batch: rows.len(),
-            t: self.t[rows.start * nb..rows.end * nb].to_vec(),
-            xt: self.xt[rows.start * self.seq_len..rows.end * self.seq_len].to_vec(),
-            ..*self
-        }
-    }
-
     pub fn xt_tensor(&self, device: Device) -> Tensor {
         tokens_tensor(&self.xt, self.batch, self.seq_len, device)
     }

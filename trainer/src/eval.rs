@@ -82,20 +82,20 @@ pub fn nelbo(
         }
         Ok(())
     })?;
-    let [total, tokens] = sum_over_ranks(comm, [total, tokens as f64])?;
+    let mut sums = [total, tokens as f64];
+    sum_over_ranks(comm, &mut sums)?;
+    let [total, tokens] = sums;
     Ok(NelboReport { nll: total / tokens.max(1.0), tokens: tokens as usize })
 }
 
-/// Every rank's `values` added up (fp64; exact for counts below 2^53), on every rank.
-fn sum_over_ranks<const N: usize>(comm: &dyn Communicator, values: [f64; N]) -> Result<[f64; N]> {
-    if comm.world_size() == 1 {
-        return Ok(values);
+/// Replaces `values` by every rank's `values` added up (fp64; exact for counts below 2^53).
+fn sum_over_ranks(comm: &dyn Communicator, values: &mut [f64]) -> Result<()> {
+    if comm.world_size() > 1 {
+        let t = Tensor::from_slice(values);
+        comm.all_reduce(&t, ReduceOp::Sum)?;
+        t.copy_data(values, values.len());
     }
-    let t = Tensor::from_slice(&values);
-    comm.all_reduce(&t, ReduceOp::Sum)?;
-    let mut out = [0.0; N];
-    t.copy_data(&mut out, N);
-    Ok(out)
+    Ok(())
 }
 
 /// The clip intervals searched (docs/algorithm.md §4.2): (1e-3, 1) plus, for every width w and start
@@ -182,16 +182,10 @@ pub fn clip_search(
         }
         Ok(())
     })?;
-    if comm.world_size() > 1 {
-        let counts: Vec<f64> = search.batches.iter().map(|&b| b as f64).collect();
-        let sums = Tensor::from_slice(&[search.variance_sums.clone(), counts].concat());
-        comm.all_reduce(&sums, ReduceOp::Sum)?;
-        let n = search.candidates.len();
-        let mut all = vec![0.0; 2 * n];
-        sums.copy_data(&mut all, 2 * n);
-        search.variance_sums = all[..n].to_vec();
-        search.batches = all[n..].iter().map(|&b| b as usize).collect();
-    }
+    sum_over_ranks(comm, &mut search.variance_sums)?;
+    let mut counts: Vec<f64> = search.batches.iter().map(|&b| b as f64).collect();
+    sum_over_ranks(comm, &mut counts)?;
+    search.batches = counts.into_iter().map(|b| b as usize).collect();
     Ok(search)
 }
 
