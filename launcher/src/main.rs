@@ -87,11 +87,23 @@ enum Command {
     /// report.md with provenance, final metrics and config differences.
     Report {
         /// Run directories (each with metrics.jsonl, config.toml, run.json).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "points")]
         runs: Vec<PathBuf>,
-        /// Where to write (default: `report/` inside the first run directory).
+        /// Where to write (default: `report/` inside the first run directory); with --points,
+        /// the PNG file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Instead of runs: draw one chart of the points in this JSONL file, one object per line
+        /// with `series` (the legend), `x` and `y` (experiments/ use it for their plots).
+        #[arg(long, conflicts_with = "runs", requires = "out")]
+        points: Option<PathBuf>,
+        /// The chart's title and axis names (with --points).
+        #[arg(long, requires = "points", default_value = "")]
+        title: String,
+        #[arg(long, requires = "points", default_value = "x")]
+        x_label: String,
+        #[arg(long, requires = "points", default_value = "y")]
+        y_label: String,
     },
     /// Generate text with trained weights (a run's model.safetensors). Sampler settings come
     /// from the config's [sample] section (--set sample.algorithm=ancestral, sample.batch=4, ...).
@@ -135,18 +147,24 @@ enum Eval {
     /// NELBO perplexity bound of a split (docs/algorithm.md §6.1): NLL, perplexity and bits per token.
     Ppl {
         #[command(flatten)]
-        config: ConfigArgs,
-        /// Weights to evaluate (a run's model.safetensors holds the EMA weights).
-        #[arg(long)]
-        weights: PathBuf,
-        #[arg(long, value_enum, default_value_t = Split::Valid)]
-        split: Split,
+        split: SplitArgs,
         /// Evaluate only the first N batches of train.micro_batch sequences (0 = all).
         #[arg(long, default_value_t = 0)]
         batches: usize,
-        /// Print one JSON object (nll, ppl, bits_per_token, tokens, ranks) with full precision.
-        #[arg(long)]
-        json: bool,
+        /// Draw t from [BETA, OMEGA] instead of [1e-3, 1]: `1,1` at L' = 1 (full masking) gives
+        /// the exact NLL; other clipped intervals are biased estimates (docs/algorithm.md §3.4).
+        #[arg(long, value_name = "BETA,OMEGA", value_parser = parse_interval)]
+        interval: Option<trainer::diffusion::ClipInterval>,
+    },
+    /// The clip search of docs/algorithm.md §4.2 on trained weights: for every candidate interval,
+    /// the mean per-batch variance of the per-block losses (the paper's "Var. of NELBO"), and the
+    /// interval it would pick.
+    Clip {
+        #[command(flatten)]
+        split: SplitArgs,
+        /// Batches of train.micro_batch sequences scored (0 = diffusion.clip_search_batches).
+        #[arg(long, default_value_t = 0)]
+        batches: usize,
     },
     /// Generative perplexity under an AR judge (mean of per-sample perplexities, windows of the
     /// judge's context moving by half of it, EOS targets excluded), unigram entropy and lengths.
@@ -178,6 +196,70 @@ struct GenArgs {
     judge_config: PathBuf,
     #[arg(long)]
     judge_weights: PathBuf,
+}
+
+/// Weights and the split of their config's data set that `bd3 eval ppl` and `eval clip` score.
+#[derive(Args)]
+struct SplitArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Weights to evaluate (a run's model.safetensors holds the EMA weights).
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long, value_enum, default_value_t = Split::Valid)]
+    split: Split,
+    /// Print one JSON object with full precision.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `bd3 eval ppl` and `eval clip` evaluate: the model on this rank's device, the split's
+/// tokens (the first `batches` batches, 0 = all) and the objective. Under a launcher (bd3 launch
+/// local, srun) the ranks share the batches out.
+struct SplitEval {
+    cfg: Config,
+    dist: trainer::dist::Dist,
+    model: trainer::Dit,
+    _vs: tch::nn::VarStore,
+    tokens: Vec<u32>,
+    objective: trainer::objective::Objective,
+}
+
+impl SplitArgs {
+    fn open(&self, batches: usize) -> Result<SplitEval> {
+        let cfg = self.config.load()?;
+        if cfg.train.threads > 0 {
+            tch::set_num_threads(cfg.train.threads as i32);
+        }
+        let dist = trainer::dist::init(cfg.dist.options())?;
+        let gpus = tch::Cuda::device_count().max(0) as usize;
+        let device = trainer::device::rank_device(cfg.train.device, &dist.placement, gpus)?;
+        let (model, vs) = load_model_on(&cfg, &self.weights, device)?;
+        let split = match self.split {
+            Split::Train => dataloader::SplitName::Train,
+            Split::Valid => dataloader::SplitName::Valid,
+        };
+        let max_sequences = (batches > 0).then_some(batches * cfg.train.micro_batch);
+        let tokens = trainer::data::split_tokens(&cfg, split, max_sequences)?;
+        let objective = trainer::objective::Objective::new(&cfg)?;
+        Ok(SplitEval { cfg, dist, model, _vs: vs, tokens, objective })
+    }
+}
+
+impl SplitEval {
+    fn batches(&self, max_batches: usize) -> trainer::eval::EvalBatches {
+        trainer::eval::EvalBatches { seq_len: self.cfg.model.seq_len, micro_batch: self.cfg.train.micro_batch, max_batches }
+    }
+}
+
+fn parse_interval(text: &str) -> Result<trainer::diffusion::ClipInterval, String> {
+    let parsed = text.split_once(',').and_then(|(b, o)| Some((b.trim().parse::<f64>().ok()?, o.trim().parse::<f64>().ok()?)));
+    match parsed {
+        Some((beta, omega)) if 0.0 < beta && beta <= omega && omega <= 1.0 => {
+            Ok(trainer::diffusion::ClipInterval { beta, omega })
+        }
+        _ => Err(format!("expected BETA,OMEGA with 0 < BETA <= OMEGA <= 1 (e.g. 0.45,0.95), got {text:?}")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -254,7 +336,13 @@ fn main() -> Result<()> {
                 print!("{}", plan.render());
             }
         }
-        Command::Report { runs, out } => {
+        Command::Report { points: Some(points), out, title, x_label, y_label, .. } => {
+            let png = out.context("--points needs --out <file.png>")?;
+            let labels = launcher::report::ChartLabels { title: &title, x: &x_label, y: &y_label, markers: true };
+            launcher::report::draw_points(&points, &labels, &png)?;
+            println!("wrote {}", png.display());
+        }
+        Command::Report { runs, out, .. } => {
             let loaded = runs.iter().map(|dir| launcher::report::Run::load(dir)).collect::<Result<Vec<_>>>()?;
             let out = out.unwrap_or_else(|| runs[0].join("report"));
             let files = launcher::report::write_report(&loaded, &out)?;
@@ -273,34 +361,21 @@ fn main() -> Result<()> {
         Command::Launch(Launch::Slurm(args)) => launcher::slurm::launch(&args, scheduled_train(&args.command)?)?,
         Command::Launch(Launch::K8s(args)) => launcher::k8s::launch(&args, scheduled_train(&args.command)?)?,
         Command::Prepare(args) => prepare::run(args)?,
-        Command::Eval(Eval::Ppl { config, weights, split, batches, json }) => {
-            let cfg = config.load()?;
-            if cfg.train.threads > 0 {
-                tch::set_num_threads(cfg.train.threads as i32);
-            }
-            // Under a launcher (bd3 launch local, srun) the ranks share the batches out.
-            let dist = trainer::dist::init(cfg.dist.options())?;
-            let comm = dist.comm();
-            let gpus = tch::Cuda::device_count().max(0) as usize;
-            let device = trainer::device::rank_device(cfg.train.device, &dist.placement, gpus)?;
-            let (model, _vs) = load_model_on(&cfg, &weights, device)?;
-            let split = match split {
-                Split::Train => dataloader::SplitName::Train,
-                Split::Valid => dataloader::SplitName::Valid,
-            };
-            let max_sequences = (batches > 0).then_some(batches * cfg.train.micro_batch);
-            let tokens = trainer::data::split_tokens(&cfg, split, max_sequences)?;
-            let sequences = &tokens;
-            let objective = trainer::objective::Objective::new(&cfg)?;
-            let batches = trainer::eval::EvalBatches {
-                seq_len: cfg.model.seq_len,
-                micro_batch: cfg.train.micro_batch,
-                max_batches: batches,
-            };
+        Command::Eval(Eval::Ppl { split, batches, interval }) => {
+            let run = split.open(batches)?;
+            let comm = run.dist.comm();
             let busy = launcher::spinner("evaluating the NELBO");
-            let report = trainer::eval::nelbo(&model, &objective, sequences, batches, cfg.train.seed, comm)?;
+            let report = trainer::eval::nelbo_on_interval(
+                &run.model,
+                &run.objective,
+                &run.tokens,
+                run.batches(batches),
+                interval.unwrap_or(trainer::diffusion::ClipInterval::FULL),
+                run.cfg.train.seed,
+                comm,
+            )?;
             busy.finish_and_clear();
-            match (comm.rank(), json) {
+            match (comm.rank(), split.json) {
                 (0, true) => {
                     let value = serde_json::json!({
                         "nll": report.nll, "ppl": report.ppl(), "bits_per_token": report.bits_per_token(),
@@ -315,6 +390,51 @@ fn main() -> Result<()> {
                     report.bits_per_token(),
                     report.tokens
                 ),
+                _ => {}
+            }
+        }
+        Command::Eval(Eval::Clip { split, batches }) => {
+            let d = split.config.load()?.diffusion;
+            let batches = if batches > 0 { batches } else { d.clip_search_batches.max(1) };
+            let run = split.open(batches)?;
+            let comm = run.dist.comm();
+            let Some(objective) = run.objective.diffusion() else {
+                anyhow::bail!("{}: the clip search needs a diffusion model, not model.arch = \"ar\"", split.config.config.display());
+            };
+            let candidates = trainer::eval::clip_candidates(d.block_size, &d.clip_search_widths, d.clip_search_delta);
+            let busy = launcher::spinner("scoring the clip intervals");
+            let search = trainer::eval::clip_search(
+                &run.model,
+                objective,
+                &run.tokens,
+                run.batches(batches),
+                candidates,
+                run.cfg.train.seed,
+                comm,
+            )?;
+            busy.finish_and_clear();
+            let scored: Vec<_> = (0..search.candidates.len())
+                .filter(|&i| search.batches[i] > 0)
+                .map(|i| (search.candidates[i], search.variance_sums[i] / search.batches[i] as f64, search.batches[i]))
+                .collect();
+            let best = search.best().context("no clip interval could be scored (is the split empty?)")?;
+            match (comm.rank(), split.json) {
+                (0, true) => {
+                    let interval = |c: trainer::diffusion::ClipInterval| serde_json::json!([c.beta, c.omega]);
+                    let value = serde_json::json!({
+                        "best": {"interval": interval(best.0), "variance": best.1},
+                        "candidates": scored.iter().map(|&(c, v, n)| serde_json::json!({
+                            "interval": interval(c), "variance": v, "batches": n,
+                        })).collect::<Vec<_>>(),
+                    });
+                    println!("{value}");
+                }
+                (0, false) => {
+                    for (c, v, n) in &scored {
+                        println!("[{:.3}, {:.3}]  variance {v:.4}  over {n} batches", c.beta, c.omega);
+                    }
+                    println!("best: [{:.3}, {:.3}]  variance {:.4}", best.0.beta, best.0.omega, best.1);
+                }
                 _ => {}
             }
         }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use plotters::prelude::*;
 
 /// The charts, one per metric that any run recorded: (key in `metrics.jsonl`, title).
@@ -149,7 +149,7 @@ fn register_font() -> Result<()> {
 }
 
 fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> Result<()> {
-    let lines: Vec<(&str, Vec<(f64, f64)>)> = runs
+    let lines: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
         .map(|run| {
             let scale = match axis {
@@ -158,17 +158,33 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
             };
             let points =
                 run.series.get(key).map_or_else(Vec::new, |s| s.iter().map(|&(x, y)| (x * scale, y)).collect());
-            (run.name.as_str(), points)
+            (run.name.clone(), points)
         })
         .collect();
-    let all = lines.iter().flat_map(|(_, p)| p.iter());
+    ensure!(lines.iter().any(|(_, p)| !p.is_empty()), "no data for {key}");
+    let x_desc = match axis {
+        Axis::Step => "step",
+        Axis::Tokens => "tokens seen",
+    };
+    let labels = ChartLabels { title: &format!("{title} by {}", axis.name()), x: x_desc, y: title, markers: false };
+    draw_lines(lines, &labels, file)
+}
+
+/// Titles of a chart, and whether every point gets a marker (for series of a few points).
+pub struct ChartLabels<'a> {
+    pub title: &'a str,
+    pub x: &'a str,
+    pub y: &'a str,
+    pub markers: bool,
+}
+
+/// One line per named series on shared axes, with a legend.
+fn draw_lines(lines: Vec<(String, Vec<(f64, f64)>)>, labels: &ChartLabels, file: &Path) -> Result<()> {
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in all {
+    for &(x, y) in lines.iter().flat_map(|(_, p)| p.iter()) {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
-    if x0 > x1 {
-        bail!("no data for {key}");
-    }
+    ensure!(x0 <= x1, "no points to draw into {}", file.display());
     // A flat or single-point series still gets a visible range.
     let pad = |lo: f64, hi: f64| {
         if hi - lo > 0.0 {
@@ -182,7 +198,7 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
     let draw_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", file.display());
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{title} by {}", axis.name()), ("sans-serif", 22))
+        .caption(labels.title, ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(80)
@@ -190,11 +206,8 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
         .map_err(|e| draw_err(&e))?;
     chart
         .configure_mesh()
-        .x_desc(match axis {
-            Axis::Step => "step",
-            Axis::Tokens => "tokens seen",
-        })
-        .y_desc(title)
+        .x_desc(labels.x)
+        .y_desc(labels.y)
         .x_label_formatter(&|x| short_number(*x))
         .y_label_formatter(&|y| short_number(*y))
         .draw()
@@ -202,10 +215,15 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
     for (i, (name, points)) in lines.into_iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let style = ShapeStyle::from(&color).stroke_width(2);
+        if labels.markers {
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 4, style.filled())))
+                .map_err(|e| draw_err(&e))?;
+        }
         chart
             .draw_series(LineSeries::new(points, style))
             .map_err(|e| draw_err(&e))?
-            .label(name.to_string())
+            .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     chart
@@ -217,6 +235,38 @@ fn draw_chart(runs: &[Run], key: &str, title: &str, axis: Axis, file: &Path) -> 
         .map_err(|e| draw_err(&e))?;
     root.present().map_err(|e| draw_err(&e))?;
     Ok(())
+}
+
+/// `bd3 report --points`: one chart of the points in a JSONL file, each line an object with
+/// `series` (the legend's name), `x` and `y`; series keep the order they first appear in, and
+/// each series' points are joined in x order.
+pub fn draw_points(points_file: &Path, labels: &ChartLabels, png: &Path) -> Result<()> {
+    register_font()?;
+    let text = std::fs::read_to_string(points_file).with_context(|| format!("reading {}", points_file.display()))?;
+    let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{} line {}", points_file.display(), i + 1);
+        let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
+        let field = |name: &str| {
+            value.get(name).and_then(|v| v.as_f64()).with_context(|| format!("{}: field `{name}` must be a number", at()))
+        };
+        let (x, y) = (field("x")?, field("y")?);
+        let series = value
+            .get("series")
+            .and_then(|s| s.as_str())
+            .with_context(|| format!("{}: field `series` must be a string", at()))?;
+        match lines.iter_mut().find(|(name, _)| name == series) {
+            Some((_, points)) => points.push((x, y)),
+            None => lines.push((series.to_string(), vec![(x, y)])),
+        }
+    }
+    for (_, points) in &mut lines {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    if let Some(dir) = png.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    draw_lines(lines, labels, png)
 }
 
 /// 1234567 → "1.23M", 7500 → "7.5k", 0.5 → "0.5", 0.000123 → "1.23e-4": axis labels that

@@ -69,16 +69,33 @@ pub fn nelbo(
     seed: u64,
     comm: &dyn Communicator,
 ) -> Result<NelboReport> {
+    nelbo_on_interval(model, objective, sequences, batches, ClipInterval::FULL, seed, comm)
+}
+
+/// [`nelbo`] with t drawn from `clip` instead of the full interval. Only the full interval
+/// gives the bound that is reported; the one other unbiased choice is (1, 1) at L′ = 1, where
+/// every token is masked with weight 1 and the "estimate" is the exact NLL (docs/algorithm.md
+/// §3.8, §6.1). Any other clipped interval is a biased estimate (§3.4).
+pub fn nelbo_on_interval(
+    model: &Dit,
+    objective: &Objective,
+    sequences: &[u32],
+    batches: EvalBatches,
+    clip: ClipInterval,
+    seed: u64,
+    comm: &dyn Communicator,
+) -> Result<NelboReport> {
     let (mut total, mut tokens) = (0.0, 0usize);
     tch::no_grad(|| -> Result<()> {
         for (i, rows, batch) in batches.iter(sequences).filter(|(i, ..)| i % comm.world_size() == comm.rank()) {
             let mut rng = NoiseRng::new(seed, stream::VALID_NOISE, i as u64, 0);
-            let terms = objective.token_losses(model, batch, rows, ClipInterval::FULL, &mut rng, false)?;
+            let terms = objective.token_losses(model, batch, rows, clip, &mut rng, false)?;
             let cols = terms.size()[1];
             // Diffusion: drop position 0 (clean, not counted). AR: already predicts 1..L.
             let counted = if cols as usize == batches.seq_len { terms.narrow(1, 1, cols - 1) } else { terms };
             total += counted.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
-            tokens += counted.numel();
+            // Padding positions have zero terms and are not counted either.
+            tokens += objective.counted_terms(batch, rows, true);
         }
         Ok(())
     })?;
