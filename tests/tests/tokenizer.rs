@@ -201,13 +201,12 @@ fn prepare_with_a_tokenizer_json_round_trips_and_its_special_ids_reach_the_sampl
     assert_refused(&out, &cmd, &["records the mask id 4", "diffusion.mask_id = 4"]);
 }
 
-#[test]
-fn unpacked_framing_pads_one_sentence_per_sequence() {
-    let scratch = scratch_dir("tokenizer-pad");
-    let dir = scratch.path();
+/// `n` sentences in `dir`, prepared one per sequence of 12 tokens (`--framing pad`) with the
+/// test tokenizer, the last `valid` held out: (data set, corpus file, the sentences).
+fn prepare_padded(dir: &Path, n: usize, valid: usize) -> (String, String, Vec<String>) {
     let tokenizer = dir.join("tokenizer.json");
     write_tokenizer(&tokenizer);
-    let docs = write_corpus(&dir.join("corpus.jsonl"), 30);
+    let docs = write_corpus(&dir.join("corpus.jsonl"), n);
     let (data, input) = (dir.join("data").display().to_string(), dir.join("corpus.jsonl").display().to_string());
     let tokenizer_arg = tokenizer.display().to_string();
     let args = [
@@ -222,8 +221,18 @@ fn unpacked_framing_pads_one_sentence_per_sequence() {
         "pad",
         "--tokenizer",
         &tokenizer_arg,
+        "--valid-documents",
+        &valid.to_string(),
     ];
-    ok(bd3(&[&args[..], &["--valid-documents", "5"]].concat()));
+    ok(bd3(&args));
+    (data, input, docs)
+}
+
+#[test]
+fn unpacked_framing_pads_one_sentence_per_sequence() {
+    let scratch = scratch_dir("tokenizer-pad");
+    let dir = scratch.path();
+    let (data, input, docs) = prepare_padded(dir, 30, 5);
     let tok = TextTokenizer::of_data_set(&data).unwrap();
     let train = split_tokens(&data, dataloader::SplitName::Train);
     assert_eq!(train.len(), 25 * 12, "one sequence per training sentence");
@@ -247,4 +256,66 @@ fn unpacked_framing_pads_one_sentence_per_sequence() {
     let args =
         ["prepare", "--input", &input, "--output", &format!("{data}-gpt2"), "--seq-len", "12", "--framing", "pad"];
     assert_refused(&bd3(&args), &args, &["framing `pad` needs a tokenizer with a padding token"]);
+}
+
+/// The losses logged to a run's metrics.jsonl, one per step.
+fn losses(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
+        .collect()
+}
+
+/// Without sentence packing the loss is the mean over the global batch's non-padding
+/// positions: the same on 1 rank with 8 rows, 1 rank with 2 micro-batches of 4 and 2 ranks of 4,
+/// although the micro-batches hold different numbers of padding positions; evaluation counts
+/// only the non-padding tokens.
+#[test]
+fn unpacked_training_leaves_padding_out_of_the_loss_on_any_number_of_ranks() {
+    let scratch = scratch_dir("tokenizer-pad-loss");
+    let dir = scratch.path();
+    let (data, _, _) = prepare_padded(dir, 40, 10);
+    let train = split_tokens(&data, dataloader::SplitName::Train);
+    let pads: Vec<usize> = train.chunks(12).map(|s| s.iter().filter(|&&t| t == PAD).count()).collect();
+    assert!(pads[..4].iter().sum::<usize>() != pads[4..8].iter().sum::<usize>(), "{pads:?}");
+
+    let runs = dir.join("runs");
+    let dataset = format!("data.dataset={data:?}");
+    let vocab = format!("model.vocab_size={VOCAB}");
+    let mask = format!("diffusion.mask_id={MASK}");
+    let common = ["train.steps=3", "model.seq_len=12", "diffusion.block_size=4", &dataset, &vocab, &mask];
+    let run = |name: &str, nproc: usize, extra: &[&str]| {
+        let mut cmd = tiny_command("train", &runs, name, &[&common[..], extra].concat());
+        if nproc > 1 {
+            // `bd3 launch local --nproc N train …`: the same arguments under mpirun.
+            let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+            cmd = Command::new(bd3_binary());
+            cmd.current_dir(repo_root()).args(["launch", "local", "--nproc", &nproc.to_string()]).args(args);
+        }
+        ok(cmd.output().unwrap());
+        losses(&runs.join(name))
+    };
+    let whole = run("whole", 1, &["train.micro_batch=8"]);
+    let accumulated = run("accumulated", 1, &["train.micro_batch=4", "train.grad_accum=2"]);
+    let two_ranks = run("two-ranks", 2, &["train.micro_batch=4"]);
+    assert_eq!(whole.len(), 3, "{whole:?}");
+    for (what, other) in [("2 micro-batches", &accumulated), ("2 ranks", &two_ranks)] {
+        for (a, b) in whole.iter().zip(other.iter()) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: {other:?} against one batch of 8: {whole:?}");
+        }
+        assert_eq!(other.len(), whole.len());
+    }
+
+    // Evaluation counts the non-padding tokens after position 0 of the held-out sentences (all
+    // 10 of them: a data set's split is evaluated in whole micro-batches).
+    let run_dir = runs.join("whole");
+    let (config, weights) = (run_dir.join("config.toml"), run_dir.join("model.safetensors"));
+    let (config, weights) = (config.to_str().unwrap(), weights.to_str().unwrap());
+    let args = ["eval", "ppl", "--config", config, "--weights", weights, "--json", "--set", "train.micro_batch=5"];
+    let report: serde_json::Value = serde_json::from_str(ok(bd3(&args)).trim()).unwrap();
+    let valid = split_tokens(&data, dataloader::SplitName::Valid);
+    let counted: usize = valid.chunks(12).map(|s| s[1..].iter().filter(|&&t| t != PAD).count()).sum();
+    assert_eq!(report["tokens"], counted, "{report}");
+    assert!(counted < valid.len() / 12 * 11, "the held-out sentences have padding");
 }

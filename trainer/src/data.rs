@@ -171,6 +171,24 @@ pub fn special_ids(cfg: &Config) -> Result<SpecialIds> {
     })
 }
 
+/// The padding id the loss leaves out: that of a data set prepared with `--framing pad` (one
+/// document per sequence, filled with the tokenizer's padding token), from its `index.json`.
+/// Packed data sets (`wrap`, `bos-eos`) and the in-memory corpus have no padding.
+pub fn padding_id(cfg: &Config) -> Result<Option<u32>> {
+    let url = &cfg.data.dataset;
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let index = Manifest::load_url(url).with_context(|| format!("data.dataset {url}"))?;
+    if index.framing != "pad" {
+        return Ok(None);
+    }
+    let pad = index.special_ids.pad.with_context(|| {
+        format!("data.dataset {url}: index.json has framing \"pad\" but records no padding id (special_ids.pad)")
+    })?;
+    Ok(Some(pad))
+}
+
 /// [`check_vocabulary`] against a prepared data set's `index.json`; a tokenizer with a mask token
 /// of its own (BERT's `[MASK]`) must be the model's `diffusion.mask_id`.
 fn check_data_set_vocabulary(cfg: &Config, url: &str, reader: &Reader) -> Result<()> {

@@ -364,11 +364,27 @@ impl<'a> Trainer<'a> {
         }
         let clip = self.state.progress.clip();
         let autocast = cfg.train.bf16 && self.device.is_cuda();
-        let (mut loss_sum, mut data_wait_seconds) = (0.0, 0.0);
-        for micro in 0..accum {
-            let waited = Instant::now();
-            let batch = self.data.next_batch()?;
-            data_wait_seconds += waited.elapsed().as_secs_f64();
+        let mut loss_sum = 0.0;
+        let waited = Instant::now();
+        let batches = (0..accum).map(|_| self.data.next_batch()).collect::<Result<Vec<_>>>()?;
+        let data_wait_seconds = waited.elapsed().as_secs_f64();
+        // With padding (data prepared with --framing pad) the loss is the mean over the global
+        // batch's non-padding positions, whose number only all the ranks together know: each
+        // micro-batch's sum is scaled so that averaging over micro-steps and ranks gives it.
+        let padded_scale = match self.objective.pad_id {
+            None => None,
+            Some(_) => {
+                let local: usize = batches.iter().map(|b| self.objective.counted_terms(&b.tokens, mb, false)).sum();
+                let mut counted = [local as f64];
+                if world > 1 {
+                    let t = Tensor::from_slice(&counted);
+                    comm.all_reduce(&t, ReduceOp::Sum)?;
+                    counted[0] = t.double_value(&[0]);
+                }
+                Some((accum * world) as f64 / counted[0].max(1.0))
+            }
+        };
+        for (micro, batch) in batches.iter().enumerate() {
             // This rank's rows of the global batch: the data reader's slice rule.
             let rows = GlobalRows {
                 seed: cfg.train.seed,
@@ -376,10 +392,13 @@ impl<'a> Trainer<'a> {
                 global: mb * accum * world,
                 first: (rank * accum + micro) * mb,
             };
-            let loss = tch::autocast(autocast, || {
+            let terms = tch::autocast(autocast, || {
                 self.objective.token_losses_of_rows(&self.model, &batch.tokens, mb, &rows, clip)
-            })?
-            .mean(Kind::Float);
+            })?;
+            let loss = match padded_scale {
+                None => terms.mean(Kind::Float),
+                Some(scale) => terms.sum(Kind::Float) * scale,
+            };
             let scaled = &loss / accum as f64;
             if micro + 1 == accum {
                 // Gradients are reduced across ranks only now, overlapped with this backward.

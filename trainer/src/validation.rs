@@ -33,8 +33,8 @@ pub fn validation(
         max_batches: cfg.train.eval_batches,
     };
     let nelbo = eval::nelbo(model, objective, valid, batches, cfg.train.seed, comm)?;
-    let clip = match objective {
-        Objective::Diffusion(obj) if cfg.diffusion.clip_search => {
+    let clip = match objective.diffusion() {
+        Some(obj) if cfg.diffusion.clip_search => {
             let d = &cfg.diffusion;
             let candidates = eval::clip_candidates(d.block_size, &d.clip_search_widths, d.clip_search_delta);
             let batches = EvalBatches { max_batches: d.clip_search_batches.max(1), ..batches };

@@ -84,15 +84,16 @@ fn the_formulas_count_what_the_model_executes() {
         let tokens: Vec<u32> = (0..batch * 256).map(|i| (i * 7919 % 50_000) as u32).collect();
         let formula = forward_flops_per_sequence(&cfg).unwrap();
         let what = format!("{arch}, L′ = {block}");
-        let (masked, executed) = tch::no_grad(|| match Objective::new(&cfg).unwrap() {
-            Objective::Diffusion(obj) => {
+        let objective = Objective::new(&cfg).unwrap();
+        let (masked, executed) = tch::no_grad(|| match objective.diffusion() {
+            Some(obj) => {
                 let noise =
                     obj.sample_noise(&tokens, batch, ClipInterval::FULL, &mut NoiseRng::new(3, 0, 0, 0)).unwrap();
                 let x0 = tokens_tensor(&tokens, batch, 256, tch::Device::Cpu);
                 let masked = noise.xt.iter().filter(|&&t| t == cfg.diffusion.mask_id).count();
                 (masked, count_forward_flops(|| obj.token_losses(&model, &x0, &noise, false).unwrap()).1)
             }
-            objective => {
+            None => {
                 let mut rng = NoiseRng::new(3, 0, 0, 0);
                 let run =
                     || objective.token_losses(&model, &tokens, batch, ClipInterval::FULL, &mut rng, false).unwrap();

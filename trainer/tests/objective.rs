@@ -184,3 +184,44 @@ fn small_model_has_the_reference_keys_shapes_and_size() {
     assert_eq!(num_parameters(&vs), 162_246_482);
     assert!(vs.variables().keys().all(|k| !k.contains("adaLN") && !k.contains("sigma_map")));
 }
+
+/// A data set prepared with `--framing pad`: terms at padding positions are 0 (AR and diffusion),
+/// the others are those of the objective without padding (same noise), and the counts leave the
+/// padding out (and position 0 where evaluation does).
+#[test]
+fn padding_positions_have_no_loss_and_are_not_counted() {
+    const PAD: u32 = 0;
+    let (_vs, model) = random_model(5);
+    // No padding id among the clean tokens but where it is put.
+    let mut tokens: Vec<u32> = clean_batch(2).into_iter().map(|t| t.max(1)).collect();
+    // Row 0 ends in 5 padding positions, row 1 in 1.
+    tokens[SEQ - 5..SEQ].fill(PAD);
+    tokens[2 * SEQ - 1] = PAD;
+    for arch in [Arch::Bd3, Arch::Ar] {
+        let mut cfg = trainer::Config::from_toml_str("", &[]).unwrap();
+        cfg.model = ModelConfig { arch, ..tiny_config() };
+        cfg.diffusion = DiffusionConfig { block_size: 4, mask_id: MASK, ..DiffusionConfig::default() };
+        let plain = trainer::objective::Objective::new(&cfg).unwrap();
+        let padded = trainer::objective::Objective { pad_id: Some(PAD), ..trainer::objective::Objective::new(&cfg).unwrap() };
+        let terms = |objective: &trainer::objective::Objective| {
+            let mut rng = NoiseRng::new(4, 0, 0, 0);
+            tch::no_grad(|| objective.token_losses(&model, &tokens, BATCH, ClipInterval::FULL, &mut rng, false).unwrap())
+        };
+        let (with, without) = (terms(&padded), terms(&plain));
+        let cols = with.size()[1] as usize;
+        let first = SEQ - cols;
+        let kept: Vec<f32> = tokens
+            .chunks(SEQ)
+            .flat_map(|row| row[first..].iter().map(|&t| if t == PAD { 0.0 } else { 1.0 }))
+            .collect();
+        let kept = Tensor::from_slice(&kept).reshape([BATCH as i64, cols as i64]);
+        assert_close(&format!("{arch:?}: terms off the padding"), &with, &(&without * &kept), 0.0);
+        assert!(without.abs().sum(Kind::Double).double_value(&[]) > with.abs().sum(Kind::Double).double_value(&[]));
+        // Training counts every position but padding (AR: its targets 1..L); evaluation also
+        // leaves position 0 out.
+        let pads_in_targets = 6;
+        assert_eq!(padded.counted_terms(&tokens, BATCH, false), BATCH * cols - pads_in_targets);
+        assert_eq!(padded.counted_terms(&tokens, BATCH, true), BATCH * (SEQ - 1) - pads_in_targets);
+        assert_eq!(plain.counted_terms(&tokens, BATCH, false), BATCH * cols);
+    }
+}
