@@ -52,7 +52,7 @@ fn main() -> Result<()> {
     let model = Dit::new(&vs.root(), &cfg.model)?;
     let params = Params::of(&vs);
     let objective = BlockDiffusion::new(&cfg.model, &cfg.diffusion)?;
-    let optimizer = Optimizer::new(&params.tensors, &cfg.optim, false, 0, 1)?;
+    let optimizer = Optimizer::new(&params.tensors, &cfg.optim, false, 0, 1, 1 << 20)?;
     let ema = Ema::new(&params.tensors, cfg.optim.ema_decay);
     let data = dataloader::LoaderState { epoch: 0, consumed: 0, seed: 0 };
     let clip = ClipInterval::FULL;

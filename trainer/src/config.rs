@@ -366,8 +366,9 @@ pub struct DistConfig {
     /// rank updates its shard, all-gather the parameters) instead of all-reducing the gradients
     /// and updating everything on every rank (trainer::zero).
     pub zero: bool,
-    /// Average each gradient bucket over the ranks as soon as backward has produced it, while
-    /// backward goes on (trainer::dist::overlap; CPU tensors over MPI, replicated optimizer).
+    /// Average each gradient bucket over the ranks (with `zero`, reduce-scatter it) as soon as
+    /// backward has produced it, while backward goes on (trainer::dist::overlap; CPU tensors
+    /// over MPI).
     /// The result is bitwise that of reducing after backward. Off by default: on CPU the
     /// reduction needs a core of its own to pay off, and with every core computing it slowed the
     /// step (docs/benchmarks.md).

@@ -34,9 +34,18 @@ pub struct Replicated {
 }
 
 impl Optimizer {
-    pub fn new(params: &[Tensor], cfg: &OptimConfig, zero: bool, rank: usize, world: usize) -> Result<Self> {
+    /// `bucket_bytes`: the size of ZeRO's gradient buckets (the replicated optimizer takes its
+    /// own at the first reduction).
+    pub fn new(
+        params: &[Tensor],
+        cfg: &OptimConfig,
+        zero: bool,
+        rank: usize,
+        world: usize,
+        bucket_bytes: usize,
+    ) -> Result<Self> {
         Ok(if zero {
-            Self::Zero(ZeroAdamW::new(params, cfg, rank, world).context("dist.zero")?)
+            Self::Zero(ZeroAdamW::new(params, cfg, rank, world, bucket_bytes).context("dist.zero")?)
         } else {
             Self::Replicated(Replicated {
                 adam: AdamW::new(params, cfg),
@@ -60,7 +69,7 @@ impl Optimizer {
     pub fn overlapped_steps(&self) -> u64 {
         match self {
             Self::Replicated(r) => r.overlapped_steps,
-            Self::Zero(_) => 0,
+            Self::Zero(z) => z.overlapped_steps,
         }
     }
 
@@ -94,11 +103,11 @@ impl Optimizer {
         Ok(norm)
     }
 
-    /// Backward of `loss` on a step's last micro-step. With `overlap`, on several ranks, CPU
-    /// tensors and the replicated optimizer, once the gradients live in their buckets (from the
-    /// second step of a process on), each bucket is averaged over the ranks as soon as backward
-    /// has completed it (trainer::dist::overlap), and [`Self::reduce_gradients`] only clips.
-    /// Otherwise (ZeRO-1, CUDA tensors, the first step) a plain backward, reduced after.
+    /// Backward of `loss` on a step's last micro-step. With `overlap`, on several ranks and CPU
+    /// tensors, once the gradients live in their buckets (from the second step of a process on),
+    /// each bucket is averaged over the ranks (replicated) or reduce-scattered (ZeRO-1) as soon
+    /// as backward has completed it (trainer::dist::overlap), and [`Self::reduce_gradients`]
+    /// only clips. Otherwise (CUDA tensors, the first step) a plain backward, reduced after.
     pub fn backward_last(
         &mut self,
         comm: &dyn Communicator,
@@ -106,6 +115,14 @@ impl Optimizer {
         loss: &Tensor,
         overlap: bool,
     ) -> Result<()> {
+        if let Self::Zero(zero) = self {
+            if overlap {
+                zero.backward_overlapped(comm, params, loss)?;
+            } else {
+                loss.backward();
+            }
+            return Ok(());
+        }
         let on_cpu = params.first().is_some_and(|p| p.device() == tch::Device::Cpu);
         if let Self::Replicated(Replicated {
             buckets: Some(buckets), overlap: hooks, reduced, overlapped_steps, ..

@@ -227,7 +227,8 @@ impl<'a> Trainer<'a> {
         let params = Params::of(&vs);
         let objective = Objective::new(cfg)?;
         let clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
-        let optimizer = Optimizer::new(&params.tensors, &cfg.optim, cfg.dist.zero, comm.rank(), comm.world_size())?;
+        let (rank, world, bucket_bytes) = (comm.rank(), comm.world_size(), cfg.dist.bucket_bytes());
+        let optimizer = Optimizer::new(&params.tensors, &cfg.optim, cfg.dist.zero, rank, world, bucket_bytes)?;
         let ema = Ema::new(&params.tensors, cfg.optim.ema_decay);
         let progress = Progress {
             step: 0,

@@ -1,44 +1,51 @@
 //! ZeRO-1 (`dist.zero = true`): the AdamW moments are sharded across the data-parallel ranks.
 //!
-//! All trainable parameters are laid end to end, in name order, in one flat buffer padded to a
-//! multiple of the world size; rank `r` owns elements `r·n .. (r+1)·n` of it (`n` = padded / world).
+//! The trainable parameters are grouped, in name order, into gradient buckets of about
+//! `dist.bucket_mib` (trainer::dist::GradBuckets), each padded with zeros to a multiple of the
+//! world size; the buckets laid end to end are the flat buffer. Rank `r` owns the `r`-th of the
+//! world-size equal parts of every bucket, and its shard is those parts in bucket order.
 //! A step then is:
 //!
-//! 1. the gradients, flattened into that layout, are reduce-scattered (averaged): each rank
-//!    receives the averaged gradient of its shard only;
+//! 1. every bucket of gradients is reduce-scattered (averaged): each rank receives the averaged
+//!    gradient of its part only. With `dist.overlap` (CPU over MPI) a bucket goes as soon as
+//!    backward has completed it (trainer::dist::overlap), while backward goes on;
 //! 2. the global gradient norm is the square root of the all-reduced sum of every shard's squared
 //!    norm, and clipping scales the shard (the padding is zero and adds nothing);
 //! 3. each rank runs AdamW on its shard of the parameters with moments of its shard's size;
-//! 4. the updated shards are all-gathered and copied back into every rank's parameters, so the
-//!    EMA (updated afterwards, on every rank, from the full parameters) is unchanged.
+//! 4. every bucket's updated parts are all-gathered and copied back into every rank's
+//!    parameters, so the EMA (updated afterwards, on every rank, from the full parameters) is
+//!    unchanged.
 //!
 //! Checkpoints hold the same global moment tensors `optim.exp_avg.<name>` as without ZeRO: each
 //! rank writes the boxes of those tensors that its shard covers (a flat range of a tensor is a
 //! few boxes, `Slice::boxes_of_flat_range`), and reads back the rows covering its range. So a
-//! checkpoint moves freely between ZeRO and plain runs and between world sizes.
+//! checkpoint moves freely between ZeRO and plain runs, between world sizes and bucket sizes.
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use anyhow::{ensure, Context, Result};
 use checkpoint::{LocalTensor, Slice};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::OptimConfig;
-use crate::dist::{Communicator, GradBuckets, ReduceOp};
+use crate::dist::{Communicator, GradBuckets, Overlap, ReduceOp};
 use crate::optim::{clip_coefficient, AdamW};
 use crate::stateful::{kind_of, to_buffer, Params, Stateful, Stored};
 
-/// Where every parameter lies in the flat buffer, and which part of it this rank owns.
+/// Where every parameter lies in the flat buffer, and which parts of it this rank owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlatLayout {
     pub shapes: Vec<Vec<usize>>,
     /// Start of each parameter in the flat buffer.
     pub offsets: Vec<usize>,
-    /// Elements of all parameters, and that rounded up to a multiple of the world size.
+    /// Elements of all parameters, and of the flat buffer (with every bucket's padding).
     pub total: usize,
     pub padded: usize,
-    /// This rank's elements of the flat buffer.
-    pub shard: Range<usize>,
+    /// Each bucket's elements of the flat buffer; each length is a multiple of the world size.
+    pub buckets: Vec<Range<usize>>,
+    /// This rank's part of each bucket, in flat positions; the shard is their concatenation.
+    pub owned: Vec<Range<usize>>,
     /// The parts of parameters inside the shard, in flat order.
     pub pieces: Vec<ShardPiece>,
 }
@@ -52,29 +59,57 @@ pub struct ShardPiece {
 }
 
 impl FlatLayout {
-    pub fn new(shapes: Vec<Vec<usize>>, rank: usize, world: usize) -> Self {
-        let mut offsets = Vec::with_capacity(shapes.len());
-        let mut total = 0;
-        for shape in &shapes {
-            offsets.push(total);
-            total += shape.iter().product::<usize>();
-        }
-        let padded = total.div_ceil(world) * world;
-        let n = padded / world;
-        let shard = rank * n..(rank + 1) * n;
-        let mut pieces = vec![];
-        for (param, shape) in shapes.iter().enumerate() {
-            let (start, end) = (offsets[param], offsets[param] + shape.iter().product::<usize>());
-            let (lo, hi) = (start.max(shard.start), end.min(shard.end));
-            if lo < hi {
-                pieces.push(ShardPiece { param, elems: lo - start..hi - start, at: lo - shard.start });
+    /// The layout of parameters of `shapes` in buckets `bucket_of` (each parameter's bucket, in
+    /// order, as trainer::dist::GradBuckets groups them), as rank `rank` of `world` sees it.
+    pub fn new(shapes: Vec<Vec<usize>>, bucket_of: &[usize], rank: usize, world: usize) -> Self {
+        assert_eq!(shapes.len(), bucket_of.len(), "a bucket for every parameter");
+        let (mut offsets, mut buckets, mut owned, mut pieces) = (vec![], vec![], vec![], vec![]);
+        let (mut total, mut flat, mut at) = (0, 0, 0);
+        let mut first = 0;
+        while first < shapes.len() {
+            let mut end = first;
+            while end < shapes.len() && bucket_of[end] == bucket_of[first] {
+                end += 1;
             }
+            let start = flat;
+            for shape in &shapes[first..end] {
+                offsets.push(flat);
+                flat += shape.iter().product::<usize>();
+            }
+            total += flat - start;
+            let len = (flat - start).div_ceil(world) * world;
+            let part = start + rank * len / world..start + (rank + 1) * len / world;
+            for (param, shape) in shapes.iter().enumerate().take(end).skip(first) {
+                let (lo, hi) = (offsets[param], offsets[param] + shape.iter().product::<usize>());
+                let (lo, hi) = (lo.max(part.start), hi.min(part.end));
+                if lo < hi {
+                    pieces.push(ShardPiece {
+                        param,
+                        elems: lo - offsets[param]..hi - offsets[param],
+                        at: at + lo - part.start,
+                    });
+                }
+            }
+            at += part.len();
+            flat = start + len;
+            buckets.push(start..flat);
+            owned.push(part);
+            first = end;
         }
-        Self { shapes, offsets, total, padded, shard, pieces }
+        Self { shapes, offsets, total, padded: flat, buckets, owned, pieces }
     }
 
     pub fn shard_len(&self) -> usize {
-        self.shard.len()
+        self.owned.iter().map(|r| r.len()).sum()
+    }
+
+    /// Where each bucket's part starts in the shard.
+    fn shard_starts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.owned.iter().scan(0, |at, r| {
+            let start = *at;
+            *at += r.len();
+            Some(start)
+        })
     }
 }
 
@@ -83,12 +118,18 @@ pub struct ZeroAdamW {
     /// The hyper-parameters and step count; its moments are one tensor each, of the shard's size.
     pub adam: AdamW,
     pub layout: FlatLayout,
-    /// The flat gradient (padded), which the parameters' gradients are views of from the first
-    /// step on: reduce-scattered as it is, without packing.
-    grads: Option<GradBuckets>,
+    /// The gradient buckets (the flat buffer), which the parameters' gradients are views of from
+    /// the first step on: reduce-scattered as they are, without packing.
+    grads: GradBuckets,
+    /// Hooks that reduce-scatter the buckets during backward (`dist.overlap`).
+    overlap: Option<Overlap>,
+    /// This rank's part of every bucket, reduced during this step's backward.
+    reduced_in_backward: Option<Vec<Tensor>>,
     /// This rank's shard of the reduced, clipped gradient, and which parameters had a gradient,
     /// between `reduce_gradients` and `apply`.
     reduced: Option<(Tensor, Vec<bool>)>,
+    /// Steps of this process whose reduction overlapped backward.
+    pub overlapped_steps: u64,
 }
 
 fn shape_of(t: &Tensor) -> Vec<usize> {
@@ -96,18 +137,19 @@ fn shape_of(t: &Tensor) -> Vec<usize> {
 }
 
 impl ZeroAdamW {
-    pub fn new(params: &[Tensor], cfg: &OptimConfig, rank: usize, world: usize) -> Result<Self> {
+    pub fn new(params: &[Tensor], cfg: &OptimConfig, rank: usize, world: usize, bucket_bytes: usize) -> Result<Self> {
         let kind = params.first().map_or(Kind::Float, Tensor::kind);
         ensure!(
             params.iter().all(|p| p.kind() == kind),
             "dist.zero needs every trainable parameter in one dtype (the flat buffer's)"
         );
         let device = params.first().map_or(Device::Cpu, Tensor::device);
-        let layout = FlatLayout::new(params.iter().map(shape_of).collect(), rank, world);
+        let grads = GradBuckets::padded(params, bucket_bytes, world);
+        let layout = FlatLayout::new(params.iter().map(shape_of).collect(), &grads.bucket_of_each(), rank, world);
         let moment = || Tensor::zeros([layout.shard_len() as i64], (kind, device));
         let mut adam = AdamW::new(&[], cfg);
         (adam.exp_avg, adam.exp_avg_sq) = (vec![moment()], vec![moment()]);
-        Ok(Self { adam, layout, grads: None, reduced: None })
+        Ok(Self { adam, layout, grads, overlap: None, reduced_in_backward: None, reduced: None, overlapped_steps: 0 })
     }
 
     /// Averages the gradients over the ranks, clips them to `max_norm` (0: no clipping) and
@@ -119,8 +161,38 @@ impl ZeroAdamW {
         Ok(norm)
     }
 
-    /// Steps 1 and 2: reduce-scatters the gradients and clips this rank's shard of them to the
-    /// global norm, which it returns (the same on every rank); [`ZeroAdamW::apply`] uses them.
+    /// Backward of a step's last micro-step, each bucket reduce-scattered as soon as backward has
+    /// completed it (step 1 of the module docs, overlapped), when the gradients already live in
+    /// their buckets (from the second step of a process on) on CPU over several ranks; otherwise
+    /// a plain backward, reduced in [`ZeroAdamW::reduce_gradients`]. Returns whether it overlapped.
+    pub fn backward_overlapped(&mut self, comm: &dyn Communicator, params: &[Tensor], loss: &Tensor) -> Result<bool> {
+        let on_cpu = params.first().is_some_and(|p| p.device() == Device::Cpu);
+        if !(on_cpu && comm.world_size() > 1 && self.grads.hold_gradients_of(params)) {
+            loss.backward();
+            return Ok(false);
+        }
+        let hooks = match &mut self.overlap {
+            Some(h) => h,
+            None => self.overlap.insert(Overlap::install(params, &self.grads)?),
+        };
+        let parts: Mutex<Vec<Option<Tensor>>> = Mutex::new(self.grads.buckets().iter().map(|_| None).collect());
+        let reduce_scatter = |comm: &dyn Communicator, b: usize, bucket: &Tensor| {
+            let part = comm.reduce_scatter_beside_compute(bucket, ReduceOp::Avg)?;
+            parts.lock().unwrap_or_else(|e| e.into_inner())[b] = Some(part);
+            Ok(())
+        };
+        let grads = &self.grads;
+        hooks.backward_with(comm, grads, || loss.backward(), || grads.adopt_gradients(params), reduce_scatter)?;
+        let parts = parts.into_inner().unwrap_or_else(|e| e.into_inner());
+        self.reduced_in_backward =
+            Some(parts.into_iter().collect::<Option<Vec<_>>>().context("a bucket was not reduced")?);
+        self.overlapped_steps += 1;
+        Ok(true)
+    }
+
+    /// Steps 1 and 2: reduce-scatters the gradients (unless backward did) and clips this rank's
+    /// shard of them to the global norm, which it returns (the same on every rank);
+    /// [`ZeroAdamW::apply`] uses them.
     pub fn reduce_gradients(&mut self, comm: &dyn Communicator, params: &[Tensor], max_norm: f64) -> Result<f64> {
         let layout = &self.layout;
         ensure!(
@@ -131,10 +203,19 @@ impl ZeroAdamW {
         );
         let has_grad: Vec<bool> = params.iter().map(|p| p.grad().defined()).collect();
 
-        // 1. Reduce-scatter the flat gradient.
-        let flat = self.grads.get_or_insert_with(|| GradBuckets::single(params, layout.padded));
-        flat.adopt_gradients(params)?;
-        let grad = comm.reduce_scatter(&flat.buckets()[0], ReduceOp::Avg)?;
+        // 1. Reduce-scatter every bucket of the flat gradient.
+        let parts = match self.reduced_in_backward.take() {
+            Some(parts) => parts,
+            None => {
+                self.grads.adopt_gradients(params)?;
+                self.grads
+                    .buckets()
+                    .iter()
+                    .map(|b| comm.reduce_scatter(b, ReduceOp::Avg))
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
+        let grad = Tensor::cat(&parts, 0);
 
         // 2. The global norm from the shards' squared norms.
         let square = Tensor::from_slice(&[grad.square().sum(Kind::Double).double_value(&[])]);
@@ -148,25 +229,23 @@ impl ZeroAdamW {
     }
 
     /// Steps 3 and 4: AdamW on this rank's shard with the gradients [`ZeroAdamW::reduce_gradients`]
-    /// left, then every rank's updated shard into every rank's parameters.
+    /// left, then every rank's updated parts into every rank's parameters.
     pub fn apply(&mut self, comm: &dyn Communicator, params: &[Tensor], lr: f64) -> Result<()> {
         let (grad, has_grad) = self.reduced.take().context("ZeRO: an update without reduced gradients")?;
         let layout = &self.layout;
         let (kind, device) = (self.adam.exp_avg[0].kind(), self.adam.exp_avg[0].device());
 
-        // 3. AdamW on the shard, over runs of consecutive pieces whose parameter has a gradient.
-        let mut own: Vec<Tensor> = layout
-            .pieces
-            .iter()
-            .map(|piece| {
+        // 3. AdamW on the shard (zero at the buckets' padding), over runs of consecutive pieces
+        // whose parameter has a gradient. A run may span padding: zero weights, gradients and
+        // moments, which AdamW leaves zero.
+        let shard = Tensor::zeros([layout.shard_len() as i64], (kind, device));
+        tch::no_grad(|| {
+            for piece in &layout.pieces {
                 let p = params[piece.param].detach().reshape([-1]);
-                p.narrow(0, piece.elems.start as i64, piece.elems.len() as i64)
-            })
-            .collect();
-        let covered: usize = layout.pieces.iter().map(|p| p.elems.len()).sum();
-        own.push(Tensor::zeros([(layout.shard_len() - covered) as i64], (kind, device)));
-        let shard = Tensor::cat(&own, 0);
-        drop(own);
+                let (at, n) = (piece.at as i64, piece.elems.len() as i64);
+                shard.narrow(0, at, n).copy_(&p.narrow(0, piece.elems.start as i64, n));
+            }
+        });
         self.adam.step += 1;
         let mut i = 0;
         while i < layout.pieces.len() {
@@ -184,14 +263,19 @@ impl ZeroAdamW {
             i += 1; // past a piece without gradient (or the end)
         }
 
-        // 4. All-gather the updated shards into every rank's parameters.
-        let full = comm.all_gather(&shard)?;
-        tch::no_grad(|| {
-            for (i, p) in params.iter().enumerate() {
-                let n = layout.shapes[i].iter().product::<usize>() as i64;
-                p.shallow_clone().copy_(&full.narrow(0, layout.offsets[i] as i64, n).view_as(p));
-            }
-        });
+        // 4. All-gather every bucket's updated parts into every rank's parameters.
+        for ((bucket, owned), at) in layout.buckets.iter().zip(&layout.owned).zip(layout.shard_starts()) {
+            let full = comm.all_gather(&shard.narrow(0, at as i64, owned.len() as i64))?;
+            tch::no_grad(|| {
+                for (i, p) in params.iter().enumerate() {
+                    let offset = layout.offsets[i];
+                    if bucket.contains(&offset) {
+                        let n = layout.shapes[i].iter().product::<usize>() as i64;
+                        p.shallow_clone().copy_(&full.narrow(0, (offset - bucket.start) as i64, n).view_as(p));
+                    }
+                }
+            });
+        }
         Ok(())
     }
 
@@ -281,23 +365,40 @@ mod tests {
     use crate::dist::SingleProcess;
     use crate::optimizer::Optimizer;
 
+    /// Every rank's parts tile every bucket, and the pieces tile every parameter, in order,
+    /// whether the parameters share one bucket or are spread over several.
     #[test]
     fn shards_tile_the_flat_buffer() {
         let shapes = vec![vec![3, 2], vec![5], vec![], vec![2, 2, 2]];
-        for world in 1..5 {
-            let mut next = vec![0usize; shapes.len()];
-            for rank in 0..world {
-                let l = FlatLayout::new(shapes.clone(), rank, world);
-                assert_eq!(l.total, 20);
-                assert_eq!(l.padded % world, 0);
-                assert_eq!(l.shard_len(), l.padded / world);
-                for p in &l.pieces {
-                    assert_eq!(p.elems.start, next[p.param], "world {world}: {:?}", l.pieces);
-                    assert_eq!(l.offsets[p.param] + p.elems.start, l.shard.start + p.at);
-                    next[p.param] = p.elems.end;
+        for bucket_of in [vec![0, 0, 0, 0], vec![0, 0, 1, 2], vec![0, 1, 1, 2]] {
+            for world in 1..5 {
+                let mut next = vec![0usize; shapes.len()];
+                let mut covered = vec![false; 64];
+                for rank in 0..world {
+                    let l = FlatLayout::new(shapes.clone(), &bucket_of, rank, world);
+                    assert_eq!(l.total, 20);
+                    assert!(l.buckets.iter().all(|b| b.len() % world == 0), "{:?}", l.buckets);
+                    assert_eq!(l.padded, l.buckets.iter().map(|b| b.len()).sum::<usize>());
+                    assert_eq!(l.shard_len(), l.padded / world);
+                    for (b, part) in l.buckets.iter().zip(&l.owned) {
+                        assert_eq!(part.len(), b.len() / world);
+                        part.clone().for_each(|i| covered[i] = !std::mem::replace(&mut covered[i], true));
+                    }
+                    let starts: Vec<usize> = l.shard_starts().collect();
+                    for p in &l.pieces {
+                        assert_eq!(p.elems.start, next[p.param], "world {world}: {:?}", l.pieces);
+                        // The flat position of the piece is where the shard says.
+                        let flat = l.offsets[p.param] + p.elems.start;
+                        let k = l.owned.iter().position(|r| r.contains(&flat)).unwrap();
+                        assert_eq!(flat - l.owned[k].start + starts[k], p.at);
+                        assert!(l.owned[k].end >= flat + p.elems.len());
+                        next[p.param] = p.elems.end;
+                    }
                 }
+                assert_eq!(next, vec![6, 5, 1, 8], "{bucket_of:?}, world {world}");
+                let padded = FlatLayout::new(shapes.clone(), &bucket_of, 0, world).padded;
+                assert!(covered[..padded].iter().all(|&c| c), "the parts tile the flat buffer once");
             }
-            assert_eq!(next, vec![6, 5, 1, 8]);
         }
     }
 
@@ -314,8 +415,9 @@ mod tests {
         };
         let a = make();
         let b: Vec<Tensor> = a.iter().map(|t| t.detach().copy().set_requires_grad(true)).collect();
-        let mut plain = Optimizer::new(&a, &cfg, false, 0, 1).unwrap();
-        let mut zero = Optimizer::new(&b, &cfg, true, 0, 1).unwrap();
+        let mut plain = Optimizer::new(&a, &cfg, false, 0, 1, 1 << 20).unwrap();
+        // Buckets of 40 bytes: the parameters in three of them.
+        let mut zero = Optimizer::new(&b, &cfg, true, 0, 1, 40).unwrap();
         for step in 0..4 {
             for (params, opt) in [(&a, &mut plain), (&b, &mut zero)] {
                 for p in params.iter() {

@@ -72,22 +72,20 @@ pub struct GradBuckets {
 impl GradBuckets {
     /// Zeroed buckets for tensors shaped like `like`, grouped as [`all_reduce_bucketed`] does.
     pub fn new(like: &[Tensor], bucket_bytes: usize) -> Self {
+        Self::padded(like, bucket_bytes, 1)
+    }
+
+    /// [`GradBuckets::new`] with every bucket's length rounded up to a multiple of `multiple`
+    /// (zeros at its end): ZeRO's buckets, reduce-scattered into equal parts for `multiple` ranks.
+    pub fn padded(like: &[Tensor], bucket_bytes: usize, multiple: usize) -> Self {
         let (mut buckets, mut views, mut bucket_of) = (vec![], vec![], vec![]);
         for range in bucket_groups(like, bucket_bytes) {
             bucket_of.extend(range.clone().map(|_| buckets.len()));
             let group = &like[range];
             let n: usize = group.iter().map(Tensor::numel).sum();
-            buckets.push(Self::bucket_for(group, n, &mut views));
+            buckets.push(Self::bucket_for(group, n.div_ceil(multiple) * multiple, &mut views));
         }
         Self { buckets, views, bucket_of }
-    }
-
-    /// One zeroed bucket of `len` elements (at least those of `like`, of one type; the rest is
-    /// padding) for all of `like`: ZeRO's flat gradient.
-    pub fn single(like: &[Tensor], len: usize) -> Self {
-        let mut views = vec![];
-        let bucket = Self::bucket_for(like, len, &mut views);
-        Self { buckets: vec![bucket], views, bucket_of: vec![0; like.len()] }
     }
 
     /// A zeroed flat buffer of `len` elements whose first elements `views` receives, shaped like

@@ -78,6 +78,10 @@ pub trait Communicator {
     fn all_reduce_beside_compute(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
         self.all_reduce(tensor, op)
     }
+    /// [`Communicator::reduce_scatter`] beside computation, as [`Communicator::all_reduce_beside_compute`].
+    fn reduce_scatter_beside_compute(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.reduce_scatter(input, op)
+    }
 }
 
 /// Where this process sits in its job, as its launcher described it.

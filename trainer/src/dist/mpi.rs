@@ -89,26 +89,61 @@ impl MpiComm {
             let rc =
                 unsafe { mpi::ffi::MPI_Iallreduce(in_place(), buf, count, dtype, sum, world, request.as_mut_ptr()) };
             ensure!(rc == 0, "MPI_Iallreduce failed with code {rc}");
-            loop {
-                let mut done = 0;
-                // SAFETY: the request MPI_Iallreduce started, tested until it completes.
-                let rc = unsafe { mpi::ffi::MPI_Test(request.as_mut_ptr(), &mut done, mpi::ffi::RSMPI_STATUS_IGNORE) };
-                ensure!(rc == 0, "MPI_Test failed with code {rc}");
-                if done != 0 {
-                    break;
-                }
-                std::thread::sleep(POLL_INTERVAL);
-            }
+            wait_polled(&mut request, "MPI_Iallreduce")?;
         }
         Ok(())
     }
 
-    fn reduce_scatter_typed<T: Equivalence + Copy>(&self, input: &Tensor, out: &Tensor) -> Result<()> {
+    /// Sums `input` over the ranks and writes this rank's block of the result into `out`:
+    /// `MPI_Reduce_scatter_block`, or with `polled`, `MPI_Ireduce_scatter_block` progressed as in
+    /// [`Self::all_reduce_typed`].
+    fn reduce_scatter_typed<T: Equivalence + Copy>(&self, input: &Tensor, out: &Tensor, polled: bool) -> Result<()> {
         let send = Self::cpu_slice::<T>(input)?;
         let recv = Self::cpu_slice::<T>(out)?;
         let _watch = self.watchdog.enter("reduce_scatter");
-        self.world.reduce_scatter_block_into(&send[..], recv, SystemOperation::sum());
-        Ok(())
+        if !polled {
+            self.world.reduce_scatter_block_into(&send[..], recv, SystemOperation::sum());
+            return Ok(());
+        }
+        let count = i32::try_from(recv.len()).context("reduce_scatter: more than 2^31 elements per rank")?;
+        let (dtype, sum, world) =
+            (T::equivalent_datatype().as_raw(), SystemOperation::sum().as_raw(), self.world.as_raw());
+        let mut request = std::mem::MaybeUninit::<mpi::ffi::MPI_Request>::uninit();
+        // SAFETY: a send buffer of `count × world` and a receive buffer of `count` elements of T's
+        // MPI type, both live and untouched until the request completes below.
+        let rc = unsafe {
+            mpi::ffi::MPI_Ireduce_scatter_block(
+                send.as_ptr().cast(),
+                recv.as_mut_ptr().cast(),
+                count,
+                dtype,
+                sum,
+                world,
+                request.as_mut_ptr(),
+            )
+        };
+        ensure!(rc == 0, "MPI_Ireduce_scatter_block failed with code {rc}");
+        wait_polled(&mut request, "MPI_Ireduce_scatter_block")
+    }
+
+    /// [`Communicator::reduce_scatter`], with `polled` beside computation.
+    fn reduce_scatter_polled(&self, input: &Tensor, op: ReduceOp, polled: bool) -> Result<Tensor> {
+        check_cpu_contiguous(input)?;
+        let world = self.world_size();
+        let n = input.numel();
+        ensure!(n % world == 0, "reduce_scatter of {n} elements over {world} ranks: not a multiple of the world size");
+        let kind = Self::reduction_kind(input.kind())?;
+        let wide = input.flatten(0, -1).to_kind(kind);
+        let out = Tensor::empty([(n / world) as i64], (kind, Device::Cpu));
+        match kind {
+            Kind::Float => self.reduce_scatter_typed::<f32>(&wide, &out, polled)?,
+            Kind::Double => self.reduce_scatter_typed::<f64>(&wide, &out, polled)?,
+            _ => self.reduce_scatter_typed::<i64>(&wide, &out, polled)?,
+        }
+        if op == ReduceOp::Avg {
+            average(&out, world);
+        }
+        Ok(out.to_kind(input.kind()))
     }
 
     /// The kind in which `kind` is summed: itself, or f32 for the 16-bit floats.
@@ -167,6 +202,21 @@ fn average(t: &Tensor, world: usize) {
     }
 }
 
+/// Waits for the non-blocking collective `request` (started by `what`): `MPI_Test` every
+/// [`POLL_INTERVAL`], the thread asleep in between, so the wait does not take a core.
+fn wait_polled(request: &mut std::mem::MaybeUninit<mpi::ffi::MPI_Request>, what: &str) -> Result<()> {
+    loop {
+        let mut done = 0;
+        // SAFETY: a request the collective started, tested until it completes.
+        let rc = unsafe { mpi::ffi::MPI_Test(request.as_mut_ptr(), &mut done, mpi::ffi::RSMPI_STATUS_IGNORE) };
+        ensure!(rc == 0, "MPI_Test of {what} failed with code {rc}");
+        if done != 0 {
+            return Ok(());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {
         self.world.rank() as usize
@@ -185,22 +235,11 @@ impl Communicator for MpiComm {
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        check_cpu_contiguous(input)?;
-        let world = self.world_size();
-        let n = input.numel();
-        ensure!(n % world == 0, "reduce_scatter of {n} elements over {world} ranks: not a multiple of the world size");
-        let kind = Self::reduction_kind(input.kind())?;
-        let wide = input.flatten(0, -1).to_kind(kind);
-        let out = Tensor::empty([(n / world) as i64], (kind, Device::Cpu));
-        match kind {
-            Kind::Float => self.reduce_scatter_typed::<f32>(&wide, &out)?,
-            Kind::Double => self.reduce_scatter_typed::<f64>(&wide, &out)?,
-            _ => self.reduce_scatter_typed::<i64>(&wide, &out)?,
-        }
-        if op == ReduceOp::Avg {
-            average(&out, world);
-        }
-        Ok(out.to_kind(input.kind()))
+        self.reduce_scatter_polled(input, op, false)
+    }
+
+    fn reduce_scatter_beside_compute(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.reduce_scatter_polled(input, op, true)
     }
 
     fn all_gather(&self, input: &Tensor) -> Result<Tensor> {

@@ -124,15 +124,31 @@ impl Overlap {
     }
 
     /// Runs `backward` while the communication thread averages every bucket of `buckets` over
-    /// `comm`'s ranks as soon as backward has completed it; returns when all are reduced.
-    /// `prepare` runs after backward and before the buckets no hook sent are (it makes the
-    /// gradients of parameters that got none zeros in their buckets).
+    /// `comm`'s ranks, in place, as soon as backward has completed it; returns when all are
+    /// reduced. `prepare` runs after backward and before the buckets no hook sent are (it makes
+    /// the gradients of parameters that got none zeros in their buckets).
     pub fn backward_reducing(
         &self,
         comm: &dyn Communicator,
         buckets: &GradBuckets,
         backward: impl FnOnce(),
         prepare: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let all_reduce =
+            |comm: &dyn Communicator, _: usize, bucket: &Tensor| comm.all_reduce_beside_compute(bucket, ReduceOp::Avg);
+        self.backward_with(comm, buckets, backward, prepare, all_reduce)
+    }
+
+    /// [`Overlap::backward_reducing`] with another collective: the communication thread calls
+    /// `reduce(comm, b, bucket)` for every bucket `b`, in the order backward completes them
+    /// (ZeRO-1 reduce-scatters them).
+    pub fn backward_with(
+        &self,
+        comm: &dyn Communicator,
+        buckets: &GradBuckets,
+        backward: impl FnOnce(),
+        prepare: impl FnOnce() -> Result<()>,
+        reduce: impl Fn(&dyn Communicator, usize, &Tensor) -> Result<()> + Send,
     ) -> Result<()> {
         let s = &*self.shared;
         for (b, &n) in s.bucket_sizes.iter().enumerate() {
@@ -148,10 +164,7 @@ impl Overlap {
                 let comm = comm;
                 let mut reduced = 0;
                 for b in rx {
-                    let bucket = &flat[b];
-                    comm.0
-                        .all_reduce_beside_compute(bucket, ReduceOp::Avg)
-                        .with_context(|| format!("reducing bucket {b}"))?;
+                    reduce(comm.0, b, &flat[b]).with_context(|| format!("reducing bucket {b}"))?;
                     reduced += 1;
                 }
                 Ok(reduced)
