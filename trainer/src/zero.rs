@@ -373,7 +373,7 @@ mod tests {
         for bucket_of in [vec![0, 0, 0, 0], vec![0, 0, 1, 2], vec![0, 1, 1, 2]] {
             for world in 1..5 {
                 let mut next = vec![0usize; shapes.len()];
-                let mut covered = vec![false; 64];
+                let mut covered = [false; 64];
                 for rank in 0..world {
                     let l = FlatLayout::new(shapes.clone(), &bucket_of, rank, world);
                     assert_eq!(l.total, 20);
