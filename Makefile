@@ -34,6 +34,8 @@ demo: build
 test: setup
 	@# Slurm for tests/tests/slurm.rs, whose tests start and stop their own clusters with it.
 	scripts/slurm.sh install
+	@# data/english for tests/tests/experiments.rs (experiments/ at --scale tiny).
+	scripts/corpus.sh
 	$(CARGO) build -p bd3-launcher
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) nextest run -p bd3-kernels --features cuda --no-fail-fast -E 'binary(cuda)'

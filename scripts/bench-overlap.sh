@@ -5,11 +5,13 @@
 # non-overlapped step spends reducing (all-reduce + clipping; with overlap only the clipping is
 # left there), and the share of the reduction the overlap hid:
 #   hidden = (step_after − step_during) / (reduce_after − reduce_during).
-#   scripts/bench-overlap.sh [STEPS_TINY] [STEPS_SMALL]     (defaults 20 and 5)
+#   scripts/bench-overlap.sh [STEPS_TINY] [STEPS_SMALL] [ZERO]     (defaults 20, 5 and false)
+# With ZERO=true both runs use ZeRO-1 (dist.zero), whose buckets are reduce-scattered.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TINY_STEPS=${1:-20}
 SMALL_STEPS=${2:-5}
+ZERO=${3:-false}
 BD3=target/debug/bd3
 cargo build -p bd3-launcher >&2
 out=$(mktemp -d)
@@ -19,22 +21,22 @@ run() { # config steps micro-batch name overlap
         --set train.eval_every=0 --set train.eval_batches=1 --set diffusion.clip_search=false \
         --set train.sample_tokens=0 --set train.device=\"cpu\" --set train.threads=1 \
         --set "train.micro_batch=$3" --set train.grad_accum=1 --set checkpoint.every=0 \
-        --set "run.dir=\"$out\"" --set "run.name=\"$4\"" --set "dist.overlap=$5" >"$out/$4.log" 2>&1
+        --set "run.dir=\"$out\"" --set "run.name=\"$4\"" --set "dist.overlap=$5" --set "dist.zero=$ZERO" >"$out/$4.log" 2>&1
 }
-echo "| config | micro-batch per rank | step, reduced after (s) | step, overlapped (s) | reduce + clip, after (s) | clip, overlapped (s) | reduction hidden |"
-echo "|---|---|---|---|---|---|---|"
+echo "| config | ZeRO | micro-batch per rank | step, reduced after (s) | step, overlapped (s) | reduce + clip, after (s) | clip, overlapped (s) | reduction hidden |"
+echo "|---|---|---|---|---|---|---|---|"
 for spec in "tiny $TINY_STEPS 8" "small $SMALL_STEPS 1"; do
     read -r config steps mb <<<"$spec"
     run "$config" "$steps" "$mb" "$config-after" false
     run "$config" "$steps" "$mb" "$config-during" true
-    python3 - "$out" "$config" "$mb" <<'PY'
+    python3 - "$out" "$config" "$mb" "$ZERO" <<'PY'
 import json, sys
-out, config, mb = sys.argv[1:]
+out, config, mb, zero = sys.argv[1:]
 def means(name):
     rows = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl") if '"step_time_s"' in l][2:]
     return (sum(r["step_time_s"] for r in rows) / len(rows), sum(r["reduce_time_s"] for r in rows) / len(rows))
 (t_after, r_after), (t_during, r_during) = means(f"{config}-after"), means(f"{config}-during")
 hidden = (t_after - t_during) / (r_after - r_during) if r_after > r_during else float("nan")
-print(f"| {config} | {mb} | {t_after:.3f} | {t_during:.3f} | {r_after:.3f} | {r_during:.3f} | {100 * hidden:.0f} % |")
+print(f"| {config} | {'yes' if zero == 'true' else 'no'} | {mb} | {t_after:.3f} | {t_during:.3f} | {r_after:.3f} | {r_during:.3f} | {100 * hidden:.0f} % |")
 PY
 done

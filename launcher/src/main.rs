@@ -248,12 +248,17 @@ impl SplitArgs {
 
 impl SplitEval {
     fn batches(&self, max_batches: usize) -> trainer::eval::EvalBatches {
-        trainer::eval::EvalBatches { seq_len: self.cfg.model.seq_len, micro_batch: self.cfg.train.micro_batch, max_batches }
+        trainer::eval::EvalBatches {
+            seq_len: self.cfg.model.seq_len,
+            micro_batch: self.cfg.train.micro_batch,
+            max_batches,
+        }
     }
 }
 
 fn parse_interval(text: &str) -> Result<trainer::diffusion::ClipInterval, String> {
-    let parsed = text.split_once(',').and_then(|(b, o)| Some((b.trim().parse::<f64>().ok()?, o.trim().parse::<f64>().ok()?)));
+    let parsed =
+        text.split_once(',').and_then(|(b, o)| Some((b.trim().parse::<f64>().ok()?, o.trim().parse::<f64>().ok()?)));
     match parsed {
         Some((beta, omega)) if 0.0 < beta && beta <= omega && omega <= 1.0 => {
             Ok(trainer::diffusion::ClipInterval { beta, omega })
@@ -363,6 +368,11 @@ fn main() -> Result<()> {
         Command::Prepare(args) => prepare::run(args)?,
         Command::Eval(Eval::Ppl { split, batches, interval }) => {
             let run = split.open(batches)?;
+            anyhow::ensure!(
+                interval.is_none() || run.objective.diffusion().is_some(),
+                "{}: --interval draws the diffusion noise; an AR model (model.arch = \"ar\") has none",
+                split.config.config.display()
+            );
             let comm = run.dist.comm();
             let busy = launcher::spinner("evaluating the NELBO");
             let report = trainer::eval::nelbo_on_interval(
@@ -399,7 +409,10 @@ fn main() -> Result<()> {
             let run = split.open(batches)?;
             let comm = run.dist.comm();
             let Some(objective) = run.objective.diffusion() else {
-                anyhow::bail!("{}: the clip search needs a diffusion model, not model.arch = \"ar\"", split.config.config.display());
+                anyhow::bail!(
+                    "{}: the clip search needs a diffusion model, not model.arch = \"ar\"",
+                    split.config.config.display()
+                );
             };
             let candidates = trainer::eval::clip_candidates(d.block_size, &d.clip_search_widths, d.clip_search_delta);
             let busy = launcher::spinner("scoring the clip intervals");

@@ -216,9 +216,7 @@ fn draw_lines(lines: Vec<(String, Vec<(f64, f64)>)>, labels: &ChartLabels, file:
         let color = COLORS[i % COLORS.len()];
         let style = ShapeStyle::from(&color).stroke_width(2);
         if labels.markers {
-            chart
-                .draw_series(points.iter().map(|&p| Circle::new(p, 4, style.filled())))
-                .map_err(|e| draw_err(&e))?;
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, style.filled()))).map_err(|e| draw_err(&e))?;
         }
         chart
             .draw_series(LineSeries::new(points, style))
@@ -248,7 +246,10 @@ pub fn draw_points(points_file: &Path, labels: &ChartLabels, png: &Path) -> Resu
         let at = || format!("{} line {}", points_file.display(), i + 1);
         let value: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}: not JSON", at()))?;
         let field = |name: &str| {
-            value.get(name).and_then(|v| v.as_f64()).with_context(|| format!("{}: field `{name}` must be a number", at()))
+            value
+                .get(name)
+                .and_then(|v| v.as_f64())
+                .with_context(|| format!("{}: field `{name}` must be a number", at()))
         };
         let (x, y) = (field("x")?, field("y")?);
         let series = value

@@ -77,7 +77,9 @@ impl Objective {
     ) -> Result<Tensor> {
         let x0 = tokens_tensor(tokens, batch, tokens.len() / batch, model.device());
         let terms = match &self.loss {
-            Loss::Diffusion(obj) => obj.token_losses(model, &x0, &obj.sample_noise_of_rows(tokens, rows, clip)?, true)?,
+            Loss::Diffusion(obj) => {
+                obj.token_losses(model, &x0, &obj.sample_noise_of_rows(tokens, rows, clip)?, true)?
+            }
             Loss::Autoregressive { mask_id } => ar_token_losses(model, &x0, *mask_id, true)?,
         };
         Ok(self.without_padding(terms, &x0))

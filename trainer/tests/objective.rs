@@ -202,18 +202,19 @@ fn padding_positions_have_no_loss_and_are_not_counted() {
         cfg.model = ModelConfig { arch, ..tiny_config() };
         cfg.diffusion = DiffusionConfig { block_size: 4, mask_id: MASK, ..DiffusionConfig::default() };
         let plain = trainer::objective::Objective::new(&cfg).unwrap();
-        let padded = trainer::objective::Objective { pad_id: Some(PAD), ..trainer::objective::Objective::new(&cfg).unwrap() };
+        let padded =
+            trainer::objective::Objective { pad_id: Some(PAD), ..trainer::objective::Objective::new(&cfg).unwrap() };
         let terms = |objective: &trainer::objective::Objective| {
             let mut rng = NoiseRng::new(4, 0, 0, 0);
-            tch::no_grad(|| objective.token_losses(&model, &tokens, BATCH, ClipInterval::FULL, &mut rng, false).unwrap())
+            tch::no_grad(|| {
+                objective.token_losses(&model, &tokens, BATCH, ClipInterval::FULL, &mut rng, false).unwrap()
+            })
         };
         let (with, without) = (terms(&padded), terms(&plain));
         let cols = with.size()[1] as usize;
         let first = SEQ - cols;
-        let kept: Vec<f32> = tokens
-            .chunks(SEQ)
-            .flat_map(|row| row[first..].iter().map(|&t| if t == PAD { 0.0 } else { 1.0 }))
-            .collect();
+        let kept: Vec<f32> =
+            tokens.chunks(SEQ).flat_map(|row| row[first..].iter().map(|&t| if t == PAD { 0.0 } else { 1.0 })).collect();
         let kept = Tensor::from_slice(&kept).reshape([BATCH as i64, cols as i64]);
         assert_close(&format!("{arch:?}: terms off the padding"), &with, &(&without * &kept), 0.0);
         assert!(without.abs().sum(Kind::Double).double_value(&[]) > with.abs().sum(Kind::Double).double_value(&[]));
