@@ -169,7 +169,17 @@ class Experiment:
                 "--json", "--set", f"train.seed={seed}", "--batches", self.scale["ppl_batches"]]
         if interval:
             args += ["--interval", interval]
-        return self.bd3_json(*args)
+        # Evaluations are kept beside the weights they scored: experiments sharing a model do not
+        # evaluate it again (experiment.json changes, and the directory is rebuilt, with them).
+        cache_file = run / "experiment-evals.json"
+        cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        key = " ".join(map(str, args[5:]))
+        if key not in cache:
+            cache[key] = self.bd3_json(*args)
+            cache_file.write_text(json.dumps(cache))
+        else:
+            self.commands.append("(reused) bd3 " + " ".join(shlex.quote(str(a)) for a in args).replace(str(ROOT) + "/", ""))
+        return cache[key]
 
     def ppl_over_seeds(self, run):
         """NLL mean and standard deviation over the scale's evaluation seeds (one for AR, whose
