@@ -8,8 +8,9 @@ use std::process::Command;
 
 use test_support::{bd3_binary, repo_root, scratch_dir};
 
-/// Runs `experiments/<script>.py --scale tiny` with its runs, plots and document in `dir`.
-fn experiment(script: &str, dir: &Path) -> String {
+/// Runs `experiments/<script>.py --scale tiny` with its runs, plots and document in `dir`, and
+/// `extra` options.
+fn experiment(script: &str, dir: &Path, extra: &[&str]) -> String {
     let out = Command::new("python3")
         .current_dir(repo_root())
         .arg(format!("experiments/{script}.py"))
@@ -21,6 +22,7 @@ fn experiment(script: &str, dir: &Path) -> String {
         .arg(dir.join("results.md"))
         .arg("--bd3")
         .arg(bd3_binary())
+        .args(extra)
         .output()
         .expect("running python3");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -99,7 +101,8 @@ fn the_four_experiments_run_end_to_end_at_tiny_scale() {
     let dir = scratch_dir("experiments");
     let dir = dir.path();
     for script in ["a_perplexity", "b_clipping", "c_block1_vs_ar", "d_sampling"] {
-        experiment(script, dir);
+        // (c) with its optional third model.
+        experiment(script, dir, if script.starts_with('c') { &["--with-linear"] } else { &[] });
     }
     let doc = std::fs::read_to_string(dir.join("results.md")).unwrap();
 
@@ -181,7 +184,7 @@ fn the_four_experiments_run_end_to_end_at_tiny_scale() {
     assert_png(dir.join("results/d-entropy-by-nfe.png"));
 
     // A second run reuses every trained model and rewrites its section in place.
-    let log = experiment("a_perplexity", dir);
+    let log = experiment("a_perplexity", dir, &[]);
     assert!(!log.contains("bd3 train"), "models were trained again:\n{log}");
     let again = std::fs::read_to_string(dir.join("results.md")).unwrap();
     assert_eq!(again.matches("<!-- experiment a -->").count(), 1);
