@@ -49,7 +49,7 @@ for block in (4, 16):
 
     (c_nll, c_sd, c_on, c_full, c_best), (u_nll, u_sd, _, u_full, _) = nlls["clip search"], nlls["U[1e-3, 1]"]
     gap, noise = c_nll - u_nll, 2 * max(c_sd, u_sd)
-    verdict = ("lower" if gap < -noise else "higher" if gap > noise else "not distinguishable from")
+    verdict = ("lower than" if gap < -noise else "higher than" if gap > noise else "not distinguishable from")
     findings.append(
         f"- L′ = {block}: the search settled on {c_on}; on the clip-searched model the variance of the "
         f"estimate is {c_best['variance']:.3f} at its lowest-variance interval {fmt(c_best['interval'])} "
