@@ -20,7 +20,19 @@ const CHARTS: [(&str, &str); 7] = [
     ("model_flops_per_s", "model FLOP/s per rank"),
 ];
 pub const CHART_SIZE: (u32, u32) = (900, 540);
-const COLORS: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+/// Distinct line colours; a chart with more series than these repeats them.
+const COLORS: [RGBColor; 10] = [
+    BLUE,
+    RED,
+    GREEN,
+    MAGENTA,
+    CYAN,
+    BLACK,
+    RGBColor(255, 140, 0),
+    RGBColor(128, 0, 128),
+    RGBColor(139, 69, 19),
+    RGBColor(128, 128, 128),
+];
 
 /// One run directory's metrics, config and stamp.
 pub struct Run {
