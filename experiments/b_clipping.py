@@ -2,7 +2,7 @@
 """(b) Clipped against unclipped noise schedules at L' = 4 and 16: each block size trained once
 with the data-driven clip search (docs/algorithm.md §4.2) and once on t ~ U[1e-3, 1]; the
 perplexity bound, the interval the search picks, and the variance of the NELBO estimate (the
-search's criterion: the variance of per-block losses, as in the paper's ablation, §4.3) under
+search's criterion: the variance of per-block losses, as in the paper's ablation, docs/algorithm.md §4.3) under
 the full interval and under clipped ones."""
 
 import math

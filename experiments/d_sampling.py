@@ -78,7 +78,7 @@ The models of experiments (a) and the AR model of (a) as the judge. {s['samples'
 L = {L} tokens per setting, nucleus p = 0.9 (the sampler's default), KV cache on. Generative
 perplexity is the mean of per-sample perplexities under the judge; entropy is the mean unigram
 entropy of a sample's tokens (docs/algorithm.md §6.3–6.4). NFE counts network calls per batch of
-sequences (§5.3); first-hitting makes one per token.
+sequences (docs/algorithm.md §5.3); first-hitting makes one per token.
 
 {table(["model", "sampler", "NFE", "gen PPL", "entropy", "tokens/s"], rows)}
 

@@ -74,8 +74,9 @@ pub fn nelbo(
 
 /// [`nelbo`] with t drawn from `clip` instead of the full interval. Only the full interval
 /// gives the bound that is reported; the one other unbiased choice is (1, 1) at L′ = 1, where
-/// every token is masked with weight 1 and the "estimate" is the exact NLL (docs/algorithm.md
-/// §3.8, §6.1). Any other clipped interval is a biased estimate (§3.4).
+/// every token is masked with weight 1 and the "estimate" is the exact NLL
+/// (docs/algorithm.md §3.8, §6.1). Any other clipped interval is a biased estimate
+/// (docs/algorithm.md §3.4).
 pub fn nelbo_on_interval(
     model: &Dit,
     objective: &Objective,
