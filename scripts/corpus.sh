@@ -39,8 +39,13 @@ rm -rf "$OUT" "$DONE"
 mkdir -p "$OUT/train" "$OUT/valid"
 
 log "fetching the King James Bible (Debian bible-kjv, bible-kjv-text)"
-(cd "$tmp" && apt-get download bible-kjv bible-kjv-text >/dev/null 2>&1) \
-    || { log "apt-get download bible-kjv bible-kjv-text failed"; exit 1; }
+download() { (cd "$tmp" && apt-get download bible-kjv bible-kjv-text >/dev/null 2>&1); }
+if ! download; then
+    # A fresh image may have no package lists yet.
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    download || { log "apt-get download bible-kjv bible-kjv-text failed"; exit 1; }
+fi
 for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$tmp/kjv"; done
 "$tmp/kjv/usr/bin/bible" -p "$tmp/kjv/usr/lib" "gen1:1-rev22:21" >"$tmp/kjv.txt"
 
