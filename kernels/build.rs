@@ -2,8 +2,26 @@ include!("torch_link.rs");
 
 fn main() {
     link_libtorch();
+    emulation();
     #[cfg(feature = "cuda")]
     cuda::build();
+}
+
+/// The tensor-core kernels on CPU fibers (`csrc/emulate.cpp`), in every build: the tests check the
+/// kernels' arithmetic with no GPU and no nvcc. Needs C++20 (templated lambdas) and x86-64.
+fn emulation() {
+    for f in ["csrc/emulate.cpp", "csrc/kernels.cuh", "csrc/layout.cuh", "csrc/flash.h"] {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/emulate.cpp")
+        .include("csrc")
+        .flag("-std=c++20")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .opt_level(2)
+        .pic(true)
+        .compile("bd3emulate");
 }
 
 /// The fused kernels (feature `cuda`): `csrc/flash.cu` by nvcc, `csrc/autograd.cpp` by the host C++
@@ -13,14 +31,7 @@ mod cuda {
     use std::path::{Path, PathBuf};
 
     pub fn build() {
-        for f in [
-            "csrc/flash.cu",
-            "csrc/flash.h",
-            "csrc/layout.cuh",
-            "csrc/kernels.cuh",
-            "csrc/autograd.cpp",
-            "csrc/emulate.cpp",
-        ] {
+        for f in ["csrc/flash.cu", "csrc/flash.h", "csrc/layout.cuh", "csrc/kernels.cuh", "csrc/autograd.cpp"] {
             println!("cargo:rerun-if-changed={f}");
         }
         println!("cargo:rerun-if-env-changed=NVCC");
@@ -68,17 +79,6 @@ mod cuda {
             .flag_if_supported("-Wno-unused-parameter")
             .pic(true)
             .compile("bd3autograd");
-
-        // The same kernels run on CPU threads, for the tests (no GPU needed); std::barrier is C++20.
-        cc::Build::new()
-            .cpp(true)
-            .file("csrc/emulate.cpp")
-            .include("csrc")
-            .flag("-std=c++20")
-            .flag_if_supported("-Wno-unknown-pragmas")
-            .opt_level(2)
-            .pic(true)
-            .compile("bd3emulate");
 
         // Propagated to every binary that links this crate (unlike link-arg).
         println!("cargo:rustc-link-search=native={}", cuda_lib.display());

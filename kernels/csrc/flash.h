@@ -9,7 +9,8 @@
 
 #include "layout.cuh"
 
-enum { BD3_DTYPE_F16 = 0, BD3_DTYPE_BF16 = 1 };
+// fp32 exists only in the CPU emulation (emulate.cpp).
+enum { BD3_DTYPE_F16 = 0, BD3_DTYPE_BF16 = 1, BD3_DTYPE_F32 = 2 };
 
 #ifdef __cplusplus
 extern "C" {
@@ -25,7 +26,7 @@ int bd3_flash_backward(int dtype, int head_dim, const void* q, const void* k, co
                        const float* lse, const float* delta, void* grad_q, void* grad_k, void* grad_v,
                        int batch_heads, Bd3Layout layout, float scale, void* stream);
 
-// Host-side views of layout.cuh for the Rust tests.
+// Host-side views of layout.cuh for the Rust tests (emulate.cpp).
 int bd3_layout_classify(Bd3Layout layout, int q0, int q1, int k0, int k1);
 int bd3_layout_visible(Bd3Layout layout, int q, int k);
 

@@ -5,16 +5,17 @@
 //! cuda_check --probe                      does tch see CUDA, can it make a CUDA tensor
 //! cuda_check [--device cpu|cuda] [--dtype f32|bf16|fp16] [--quick] [--bench] [--iters N]
 //!
-//! Parity: output and dq/dk/dv of the entry point against the dense-mask reference computed in
-//! fp32 from the same (rounded) inputs, as `max |ours − ref| / max(1, max |ref|)`, with a tolerance
-//! per dtype; the error of libtorch's own dense SDPA in the same dtype is reported beside it as
-//! the yardstick. Bench: forward+backward milliseconds of the entry point and of dense-mask SDPA
-//! at B=16, H=12, 2L=2048, D=64, L′ ∈ {16, 4}.
+//! Parity: output and dq/dk/dv of every backend that runs on the device (`fused` — CUDA builds on a
+//! GPU —, `sdpa-tiles`, `dense`) against the dense-mask reference computed in fp32 from the same
+//! (rounded) inputs, as `max |ours − ref| / max(1, max |ref|)`, with a tolerance per dtype; the
+//! error of libtorch's own dense SDPA in the same dtype (`dense`) is the yardstick. Bench:
+//! forward+backward milliseconds of each backend at B=16, H=12, 2L=2048, D=64, L′ ∈ {16, 4}, and
+//! each one's speed-up over dense-mask SDPA.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use kernels::{block_diffusion_attention, dense_attention, BlockLayout};
+use kernels::{attention, dense_attention, Backend, BlockLayout};
 use tch::{Device, Kind, Tensor};
 
 struct Args {
@@ -130,20 +131,47 @@ fn parity(a: &Args) -> Result<(Vec<String>, bool)> {
             let g = Tensor::randn([b, h, layout.query_len() as i64, d], (Kind::Float, a.device));
             let up = |t: &Tensor| t.to_kind(Kind::Float);
             let reference = with_grads(&|q, k, v| dense_attention(q, k, v, &layout), [&up(&q), &up(&k), &up(&v)], &g)?;
-            let ours = with_grads(&|q, k, v| block_diffusion_attention(q, k, v, &layout), [&q, &k, &v], &g)?;
-            let sdpa = with_grads(&|q, k, v| dense_attention(q, k, v, &layout), [&q, &k, &v], &g)?;
-            let errs: Vec<f64> = ours.iter().zip(&reference).map(|(o, r)| rel_err(o, r)).collect();
-            let sdpa_errs: Vec<f64> = sdpa.iter().zip(&reference).map(|(o, r)| rel_err(o, r)).collect();
-            let pass = errs.iter().all(|e| e.is_finite() && *e <= tolerance(a.kind));
+            let mut per_backend = Vec::new();
+            let mut pass = true;
+            for backend in backends(a) {
+                let ours = with_grads(&|q, k, v| attention(backend, q, k, v, &layout), [&q, &k, &v], &g)?;
+                let e: Vec<f64> = ours.iter().zip(&reference).map(|(o, r)| rel_err(o, r)).collect();
+                pass &= e.iter().all(|e| e.is_finite() && *e <= tolerance(a.kind));
+                per_backend.push(format!(
+                    "\"{}\":{{\"out\":{:.3e},\"dq\":{:.3e},\"dk\":{:.3e},\"dv\":{:.3e}}}",
+                    backend_name(backend),
+                    e[0],
+                    e[1],
+                    e[2],
+                    e[3]
+                ));
+            }
             all &= pass;
             rows.push(format!(
-                "{{\"layout\":\"{}\",\"batch\":{b},\"heads\":{h},\"head_dim\":{d},\"err\":{{\"out\":{:.3e},\"dq\":{:.3e},\"dk\":{:.3e},\"dv\":{:.3e}}},\"dense_sdpa_err\":{{\"out\":{:.3e},\"dq\":{:.3e},\"dk\":{:.3e},\"dv\":{:.3e}}},\"pass\":{pass}}}",
+                "{{\"layout\":\"{}\",\"batch\":{b},\"heads\":{h},\"head_dim\":{d},\"err\":{{{}}},\"pass\":{pass}}}",
                 layout_name(&layout),
-                errs[0], errs[1], errs[2], errs[3], sdpa_errs[0], sdpa_errs[1], sdpa_errs[2], sdpa_errs[3]
+                per_backend.join(",")
             ));
         }
     }
     Ok((rows, all))
+}
+
+/// The backends that run on the device: the fused kernels only in CUDA builds on a GPU, fp16/bf16.
+fn backends(a: &Args) -> Vec<Backend> {
+    let fused = cfg!(feature = "cuda") && a.device != Device::Cpu && matches!(a.kind, Kind::Half | Kind::BFloat16);
+    let mut out = if fused { vec![Backend::Fused] } else { Vec::new() };
+    out.extend([Backend::SdpaTiles, Backend::Dense]);
+    out
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Auto => "auto",
+        Backend::Fused => "fused",
+        Backend::SdpaTiles => "sdpa-tiles",
+        Backend::Dense => "dense",
+    }
 }
 
 fn sync(device: Device) {
@@ -178,13 +206,16 @@ fn bench(a: &Args) -> Result<Vec<String>> {
     let mut rows = Vec::new();
     for bs in [16usize, 4] {
         let layout = BlockLayout::two_stream(n, bs)?;
-        let ours = time(&|q, k, v| block_diffusion_attention(q, k, v, &layout), [&q, &k, &v], a)?;
         let dense = time(&|q, k, v| dense_attention(q, k, v, &layout), [&q, &k, &v], a)?;
-        rows.push(format!(
-            "{{\"batch\":{b},\"heads\":{h},\"two_l\":{},\"head_dim\":{d},\"block\":{bs},\"ours_ms\":{ours:.3},\"dense_sdpa_ms\":{dense:.3},\"speedup_vs_dense\":{:.3}}}",
-            2 * n,
-            dense / ours
-        ));
+        for backend in backends(a) {
+            let ms = time(&|q, k, v| attention(backend, q, k, v, &layout), [&q, &k, &v], a)?;
+            rows.push(format!(
+                "{{\"backend\":\"{}\",\"batch\":{b},\"heads\":{h},\"two_l\":{},\"head_dim\":{d},\"block\":{bs},\"ms\":{ms:.3},\"dense_sdpa_ms\":{dense:.3},\"speedup_vs_dense\":{:.3}}}",
+                backend_name(backend),
+                2 * n,
+                dense / ms
+            ));
+        }
     }
     Ok(rows)
 }

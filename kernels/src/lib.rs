@@ -4,16 +4,21 @@
 //! [`BlockLayout`] and calls [`block_diffusion_attention`]. Behind the entry point:
 //! * [`sparse_attention`] (module `sparse`), the default: block-sparse attention that computes
 //!   only the non-empty (query tile, key tile) pairs the layout classifies analytically (`tiles`);
-//! * with the cargo feature `cuda`, fused FlashAttention-style CUDA kernels (module `cuda`) for
-//!   bf16/fp16 CUDA tensors with head dim 64 or 128;
+//! * with the cargo feature `cuda`, fused FlashAttention-2-style kernels on tensor cores (module
+//!   `cuda`) for bf16/fp16 CUDA tensors with head dim 64 or 128, whose code is also run on the CPU
+//!   by the tests (module `emulation`);
 //! * [`dense_attention`], the reference every path is tested against: scaled dot-product attention
 //!   with the full boolean mask generated from the layout.
+//!
+//! [`attention`] takes the choice explicitly ([`Backend`], `model.attention` in the config).
 
 use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod emulation;
 pub mod sparse;
 pub mod tiles;
 
@@ -131,19 +136,74 @@ fn check_blocks(seq_len: usize, block_size: usize) -> Result<()> {
     Ok(())
 }
 
-/// The attention entry point: `q`, `k`, `v` are `[batch, heads, len, head_dim]` (post-RoPE);
-/// returns `[batch, heads, query_len, head_dim]`. Scale 1/√head_dim, no dropout.
-///
-/// CUDA tensors go to the fused kernels when the crate is built with `cuda` and the kernels
-/// support the dtype and head dim ([`cuda::supports`]); other CUDA tensors take the dense
-/// reference (libtorch's fused SDPA kernels with the mask). CPU tensors take the block-sparse path.
+/// Which implementation computes the attention (`model.attention` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Per device, the backend `docs/benchmarks.md` records as fastest: `sdpa-tiles` on CPU
+    /// (2.7–2.9× dense there); on CUDA nothing is recorded yet, so the fused kernels where they
+    /// support the inputs, else `dense`.
+    #[default]
+    Auto,
+    /// The fused tensor-core kernels (feature `cuda`; CUDA tensors, fp16/bf16, head dim 64 or 128).
+    Fused,
+    /// libtorch SDPA over the non-empty tiles only ([`sparse_attention`]), on any device: full
+    /// tiles reach libtorch's flash/efficient kernels on a GPU.
+    SdpaTiles,
+    /// SDPA with the full boolean mask ([`dense_attention`]), the reference.
+    Dense,
+}
+
+impl Backend {
+    /// The concrete backend `Auto` means for these inputs (others are returned as they are).
+    pub fn resolve(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Backend {
+        match self {
+            Backend::Auto if q.device() == Device::Cpu => Backend::SdpaTiles,
+            Backend::Auto if fused_supports(q, k, v) => Backend::Fused,
+            Backend::Auto => Backend::Dense,
+            other => other,
+        }
+    }
+}
+
+fn fused_supports(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    return cuda::supports(q, k, v);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v);
+        false
+    }
+}
+
+/// The attention entry point with the default backend ([`Backend::Auto`]): `q`, `k`, `v` are
+/// `[batch, heads, len, head_dim]` (post-RoPE); returns `[batch, heads, query_len, head_dim]`.
+/// Scale 1/√head_dim, no dropout.
 pub fn block_diffusion_attention(q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<Tensor> {
+    attention(Backend::Auto, q, k, v, layout)
+}
+
+/// The attention of `layout` computed by `backend`. `Fused` on inputs the fused kernels do not
+/// support (CPU tensors, fp32, other head dims, a build without `cuda`) is an error naming why.
+pub fn attention(backend: Backend, q: &Tensor, k: &Tensor, v: &Tensor, layout: &BlockLayout) -> Result<Tensor> {
     check_shapes(q, k, v, layout)?;
-    match q.device() {
-        Device::Cpu => sparse_attention(q, k, v, layout),
-        #[cfg(feature = "cuda")]
-        _ if cuda::supports(q, k, v) => cuda::flash_attention(q, k, v, layout),
-        _ => dense_attention(q, k, v, layout),
+    match backend.resolve(q, k, v) {
+        Backend::SdpaTiles => sparse_attention(q, k, v, layout),
+        Backend::Dense => dense_attention(q, k, v, layout),
+        Backend::Fused if fused_supports(q, k, v) => {
+            #[cfg(feature = "cuda")]
+            return cuda::flash_attention(q, k, v, layout);
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("fused_supports is false without the cuda feature")
+        }
+        _ => bail!(
+            "attention backend \"fused\" needs a build with the cargo feature `cuda` and CUDA tensors of \
+             fp16 or bf16 with head dim 64 or 128; got {:?} {:?} with head dim {} (use \"auto\", \
+             \"sdpa-tiles\" or \"dense\")",
+            q.device(),
+            q.kind(),
+            q.size()[3]
+        ),
     }
 }
 

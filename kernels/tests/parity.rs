@@ -1,8 +1,10 @@
-//! Block-sparse CPU attention against the dense-mask reference: outputs and the gradients of
-//! q, k and v, in fp32, over the shapes of the issue (L ∈ {16, 128, 1024, 48, 200}, every valid
+//! Block-sparse CPU attention (the `sdpa-tiles` backend, and `auto` on CPU) and the `dense`
+//! backend against the dense-mask reference: outputs and the gradients of q, k and v, in fp32, over the shapes of the issue (L ∈ {16, 128, 1024, 48, 200}, every valid
 //! L′ ∈ {1, 4, 16, 64, L}, odd batch and head counts) and every layout.
 
-use kernels::{block_diffusion_attention, dense_attention, sparse_attention_with_tile, BlockLayout};
+use kernels::{
+    attention, block_diffusion_attention, dense_attention, sparse_attention_with_tile, Backend, BlockLayout,
+};
 use tch::{Device, Kind, Tensor};
 
 struct Grads {
@@ -39,6 +41,11 @@ fn check(layout: BlockLayout, batch: i64, heads: i64, dim: i64, tiles: &[usize])
         "entry point".into(),
         run(&|q, k, v| block_diffusion_attention(q, k, v, &layout).unwrap(), &q, &k, &v, &upstream),
     )];
+    // Every backend that runs on CPU tensors, through `model.attention`'s entry point.
+    for backend in [Backend::Auto, Backend::SdpaTiles, Backend::Dense] {
+        let f = move |q: &Tensor, k: &Tensor, v: &Tensor| attention(backend, q, k, v, &layout).unwrap();
+        candidates.push((format!("backend {backend:?}"), run(&f, &q, &k, &v, &upstream)));
+    }
     for &t in tiles {
         let f = move |q: &Tensor, k: &Tensor, v: &Tensor| sparse_attention_with_tile(q, k, v, &layout, t).unwrap();
         candidates.push((format!("row tile {t}"), run(&f, &q, &k, &v, &upstream)));
@@ -142,4 +149,26 @@ fn mismatched_inputs_are_errors() {
         .is_err());
     assert!(block_diffusion_attention(&q, &q, &t(&[1, 2, 16, 4], Kind::Double), &layout).is_err());
     assert!(block_diffusion_attention(&q, &q, &q, &layout).is_ok());
+}
+
+#[test]
+fn backends_resolve_per_device_and_fused_refuses_cpu_tensors() {
+    let layout = BlockLayout::two_stream(8, 2).unwrap();
+    let q = Tensor::zeros([1, 2, 16, 64], (Kind::BFloat16, Device::Cpu));
+    assert_eq!(Backend::Auto.resolve(&q, &q, &q), Backend::SdpaTiles);
+    assert_eq!(Backend::Dense.resolve(&q, &q, &q), Backend::Dense);
+    let err = attention(Backend::Fused, &q, &q, &q, &layout).unwrap_err().to_string();
+    assert!(err.contains("\"fused\" needs") && err.contains("Cpu"), "{err}");
+    // The names `model.attention` takes.
+    for (name, backend) in [
+        ("auto", Backend::Auto),
+        ("fused", Backend::Fused),
+        ("sdpa-tiles", Backend::SdpaTiles),
+        ("dense", Backend::Dense),
+    ] {
+        let parsed: Backend =
+            serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
+                .unwrap();
+        assert_eq!(parsed, backend);
+    }
 }

@@ -72,6 +72,10 @@ pub struct ModelConfig {
     pub seq_len: usize,
     /// Off for BD3-LM and MDLM (docs/algorithm.md §1.3): the conditioning vector is then a learned constant.
     pub time_conditioning: bool,
+    /// Attention implementation: "auto" (per device, the fastest `docs/benchmarks.md` records),
+    /// "fused" (tensor-core kernels, CUDA builds), "sdpa-tiles" (SDPA over non-empty tiles) or
+    /// "dense" (SDPA with the full mask, the reference). All compute the same function.
+    pub attention: kernels::Backend,
 }
 
 impl Default for ModelConfig {
@@ -94,6 +98,7 @@ impl ModelConfig {
             vocab_size: 50258,
             seq_len: 1024,
             time_conditioning: false,
+            attention: kernels::Backend::Auto,
         }
     }
 

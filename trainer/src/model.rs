@@ -2,10 +2,10 @@
 //!
 //! Parameter names follow the reference's state dict (`backbone.blocks.0.attn_qkv.weight`, …) so
 //! released weights load without renaming. The model knows nothing about masks: it asks
-//! `kernels::block_diffusion_attention` for the attention a [`BlockLayout`] describes.
+//! `kernels::attention` (with `model.attention`, the backend) for the attention a [`BlockLayout`] describes.
 
 use anyhow::{ensure, Result};
-use kernels::{block_diffusion_attention, BlockLayout};
+use kernels::{attention, BlockLayout};
 use tch::{nn, Kind, Tensor};
 
 use crate::config::{Arch, ModelConfig, MIN_MASK_RATE};
@@ -405,7 +405,7 @@ impl Dit {
             }
             // Per visible (query, key) pair and head: 2·dh for the score, 2·dh for the value sum.
             record_flops(FlopPart::Attention, || 4.0 * (b * h * dh) as f64 * layout.visible_pairs() as f64);
-            let o = block_diffusion_attention(&q, &k, &v, layout)?.transpose(1, 2).reshape([b, s, d]);
+            let o = attention(cfg.attention, &q, &k, &v, layout)?.transpose(1, 2).reshape([b, s, d]);
             let o = blk.attn_out.forward(&o).dropout(cfg.dropout, train);
             x = match &m {
                 Some(m) => &x + &m[2] * o,
