@@ -10,10 +10,15 @@
 #
 # Steps: preflight (glibc ≥ 2.34, torch 2.11.0, CUDA tensor from Python, the binary's libraries
 # resolve against this machine's torch), then NCCL collectives on 1 rank (target/gpu/dist-check,
-# trainer::dist::nccl), the binary's probe, bf16 parity + benchmark, fp16 parity (quick set), and
+# trainer::dist::nccl), the binary's probe, bf16 parity + benchmark, fp16 parity (quick set), a
+# bf16 training step of configs/gpu-check-step.toml with each attention backend (`train_step`:
+# dist-check step-bench; tokens/s, MFU, and whether the backends' losses agree), and
 # FlexAttention/dense SDPA from Python at the benchmark shape.
 # Env: PYTHON (default python3), GPU_CHECK_QUICK=1 for small shapes, GPU_CHECK_SKIP_PREFLIGHT=1
-# to run the CPU mode of the binary on a machine without a GPU (tests this script).
+# to run the CPU mode of the binaries on a machine without a GPU (tests this script),
+# GPU_CHECK_ONLY=name,… to run only those steps after the preflight (a rerun of one step within
+# the device budget; trainer/tests/gpu_check.rs), GPU_CHECK_DIST_BIN for another dist-check,
+# GPU_CHECK_STEP_TIMEOUT (seconds, default 240) for the training step.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -21,6 +26,7 @@ BIN=${1:-$root/target/gpu/cuda_check}
 PY=${PYTHON:-python3}
 QUICK=${GPU_CHECK_QUICK:-0}
 SKIP=${GPU_CHECK_SKIP_PREFLIGHT:-0}
+ONLY=${GPU_CHECK_ONLY:-}
 work=$(mktemp -d)
 trap '[ "${GPU_CHECK_KEEP:-0}" = 1 ] || rm -rf "$work"' EXIT
 
@@ -30,6 +36,8 @@ record() { # name ok detail-json
     printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$work/steps.tsv"
 }
 json_str() { "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read().strip()[-2000:]))'; }
+# Whether step $1 runs: every step, or those GPU_CHECK_ONLY names.
+want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 
 summary() {
     "$PY" - "$work/steps.tsv" <<'EOF'
@@ -82,18 +90,22 @@ fi
 
 # The binary's RUNPATH points at the build machine's torch; this machine's libraries come first.
 export LD_LIBRARY_PATH="$torch_dir/lib:$torch_dir/../nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if [ ! -x "$BIN" ]; then
-    record binary false "\"$BIN is missing (build it with kernels/build-gpu-check.sh and carry target/gpu)\""; finish
+# cuda_check is there and its libraries resolve (where one of its steps runs).
+if want cpu_parity || want probe || want bf16 || want fp16; then
+    if [ ! -x "$BIN" ]; then
+        record binary false "\"$BIN is missing (build it with kernels/build-gpu-check.sh and carry target/gpu)\""; finish
+    fi
+    missing=$(ldd "$BIN" | grep "not found" || true)
+    if [ -n "$missing" ]; then
+        record ldd false "$(json_str <<<"$missing")"; finish
+    fi
+    record ldd true '"all libraries resolve"'
 fi
-missing=$(ldd "$BIN" | grep "not found" || true)
-if [ -n "$missing" ]; then
-    record ldd false "$(json_str <<<"$missing")"; finish
-fi
-record ldd true '"all libraries resolve"'
 
 # --- the binary ----------------------------------------------------------------------------
 run_bin() { # name args...
     local name=$1; shift
+    want "$name" || return 0
     log "cuda_check $*"
     if "$BIN" "$@" >"$work/$name.json" 2>"$work/$name.err"; then
         local pass
@@ -103,16 +115,17 @@ run_bin() { # name args...
         record "$name" false "$(json_str <"$work/$name.err")"
     fi
 }
-# --- NCCL collectives: trainer's dist-check on 1 rank (no mpirun; the MPI libraries it links are
-# carried in target/gpu/lib). Every collective, f32/f64/bf16, odd sizes, against a serial reference.
-NCCL_BIN=${GPU_CHECK_NCCL_BIN:-$root/target/gpu/dist-check}
+# --- trainer's dist-check (no mpirun; the MPI libraries it links are carried in target/gpu/lib).
+DIST_BIN=${GPU_CHECK_DIST_BIN:-${GPU_CHECK_NCCL_BIN:-$root/target/gpu/dist-check}}
+dist_libs="$torch_dir/../nvidia/nccl/lib:$(dirname "$DIST_BIN")/lib:$LD_LIBRARY_PATH"
+# NCCL collectives on 1 rank: every collective, f32/f64/bf16, odd sizes, against a serial reference.
 nccl_check() { # name expect: "pass" (a GPU) or "no-gpu" (CPU mode: a clear error is the pass)
-    if [ ! -x "$NCCL_BIN" ]; then
-        record "$1" false "\"$NCCL_BIN is missing (build it with kernels/build-gpu-check.sh)\""; return
+    want "$1" || return 0
+    if [ ! -x "$DIST_BIN" ]; then
+        record "$1" false "\"$DIST_BIN is missing (build it with kernels/build-gpu-check.sh)\""; return
     fi
     local out
-    out=$(LD_LIBRARY_PATH="$torch_dir/../nvidia/nccl/lib:$(dirname "$NCCL_BIN")/lib:$LD_LIBRARY_PATH" \
-        "$NCCL_BIN" nccl-collectives 2>&1)
+    out=$(LD_LIBRARY_PATH=$dist_libs "$DIST_BIN" nccl-collectives 2>&1)
     local rc=$?
     if [ "$2" = pass ] && [ $rc = 0 ] && grep -q "checks passed" <<<"$out"; then
         record "$1" true "$(json_str <<<"$out")"
@@ -122,22 +135,60 @@ nccl_check() { # name expect: "pass" (a GPU) or "no-gpu" (CPU mode: a clear erro
         record "$1" false "$(json_str <<<"$out")"
     fi
 }
+# A small-model training step per attention backend (dist-check step-bench): its JSON line is the
+# detail; the pass is exit 0 with the backends' losses in agreement ("agree"). Under a timeout
+# (GPU_CHECK_STEP_TIMEOUT seconds): a hang in the fused kernels, never run on a GPU yet, must not
+# take the rest of the summary with it; stderr then says how far each backend got.
+train_step() { # name step-bench-args...
+    local name=$1; shift
+    want "$name" || return 0
+    if [ ! -x "$DIST_BIN" ]; then
+        record "$name" false "\"$DIST_BIN is missing (build it with kernels/build-gpu-check.sh)\""; return
+    fi
+    # The demo corpus, carried in target/gpu/corpus (data/ is not in git, so not on the GPU machine).
+    local corpus=$root/target/gpu/corpus
+    [ -d "$corpus" ] || corpus=$root/data/shakespeare
+    log "dist-check step-bench $*"
+    LD_LIBRARY_PATH=$dist_libs timeout "${GPU_CHECK_STEP_TIMEOUT:-240}" "$DIST_BIN" step-bench \
+        "$root/configs/gpu-check-step.toml" "data.corpus=\"$corpus\"" "$@" >"$work/$name.json" 2>"$work/$name.err"
+    local rc=$? verdict
+    verdict=$("$PY" - "$work/$name.json" "$work/$name.err" "$rc" <<'EOF'
+import json, sys
+out, err, rc = open(sys.argv[1]).read(), open(sys.argv[2]).read(), int(sys.argv[3])
+try:
+    report = json.loads(out.strip().splitlines()[-1])
+except Exception:
+    report = None
+ok = rc == 0 and isinstance(report, dict) and report.get("agree") is True
+print("true" if ok else "false")
+print(json.dumps(report if ok else {"exit": rc, "report": report, "stderr": err.strip()[-2000:]}))
+EOF
+) || verdict=$'false\n"could not read the output of dist-check step-bench"'
+    record "$name" "$(sed -n 1p <<<"$verdict")" "$(sed -n 2p <<<"$verdict")"
+}
 quick=(); [ "$QUICK" = 1 ] && quick=(--quick)
 if [ "$SKIP" = 1 ]; then
     run_bin cpu_parity --device cpu --dtype f32 --quick --bench --iters 1
     nccl_check nccl_without_gpu no-gpu
+    # The same step on a tiny fp32 CPU model, so that this mode exercises it.
+    train_step train_step --steps 2 train.device=cpu train.bf16=false model.hidden=64 model.layers=2 \
+        model.heads=2 model.cond_dim=32 model.seq_len=64 train.micro_batch=2 train.threads=1
     finish
 fi
 nccl_check nccl pass
 run_bin probe --probe
 run_bin bf16 --device cuda --dtype bf16 --bench "${quick[@]}"
 run_bin fp16 --device cuda --dtype fp16 --quick
+bench_steps=10; [ "$QUICK" = 1 ] && bench_steps=3
+train_step train_step --steps "$bench_steps"
 
 # --- FlexAttention from this machine's PyTorch --------------------------------------------------
-log "flex_bench.py"
-if "$PY" "$here/flex_bench.py" "${quick[@]}" >"$work/flex.json" 2>"$work/flex.err"; then
-    record flex true "$(cat "$work/flex.json")"
-else
-    record flex false "$(json_str <"$work/flex.err")"
+if want flex; then
+    log "flex_bench.py"
+    if "$PY" "$here/flex_bench.py" "${quick[@]}" >"$work/flex.json" 2>"$work/flex.err"; then
+        record flex true "$(cat "$work/flex.json")"
+    else
+        record flex false "$(json_str <"$work/flex.err")"
+    fi
 fi
 finish

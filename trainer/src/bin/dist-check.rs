@@ -10,13 +10,23 @@
 //!   per-step losses of this run, the number of optimizer-state elements it held, the bytes of
 //!   row groups it read and the steps whose reduction overlapped backward, on every rank;
 //! * `dist-check validate CONFIG [SECTION.FIELD=VALUE …]`: validation (NELBO and clip search) of
-//!   freshly initialized weights, its batches shared out over the ranks, printed on every rank.
+//!   freshly initialized weights, its batches shared out over the ranks, printed on every rank;
+//! * `dist-check step-bench CONFIG [--steps N] [SECTION.FIELD=VALUE …]` (one process; the
+//!   `train_step` of kernels/gpu-check.sh): N timed training steps per attention backend, one
+//!   JSON line with tokens/s, step time, MFU and final loss of each, and whether the losses agree.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use kernels::Backend;
+use serde_json::json;
 use tch::{Device, Kind, Tensor};
+use trainer::config::ResumeFrom;
 use trainer::dist::{self, all_reduce_bucketed, Communicator, DistOptions, ReduceOp};
+use trainer::flops::{device_peak_flops, gpu_name, mfu, training_flops_per_step};
+use trainer::telemetry::Telemetry;
+use trainer::train::Trainer;
+use trainer::Config;
 
 fn main() {
     if let Err(e) = run() {
@@ -90,10 +100,161 @@ fn run() -> Result<()> {
             println!("rank {} VALIDATION {report}", dist.comm().rank());
             Ok(())
         }
+        Some("step-bench") => step_bench(&args[1..]),
         _ => bail!(
             "usage: dist-check collectives | nccl-collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES] | \
-             validate CONFIG [OVERRIDES]"
+             validate CONFIG [OVERRIDES] | step-bench CONFIG [--steps N] [OVERRIDES]"
         ),
+    }
+}
+
+/// Steps each backend trains before the timed ones: the first steps pay for allocations, library
+/// heuristics and lazy initialization, which are not the steady state.
+const WARMUP_STEPS: u64 = 2;
+
+/// `step-bench CONFIG [--steps N] [OVERRIDES]`: for each attention backend the device offers, a
+/// fresh model from the same seed trains `WARMUP_STEPS` + N steps of the real objective through
+/// [`Trainer::step`] (the config's micro-batch, bf16 autocast on CUDA when `train.bf16`); N are
+/// timed. Prints one JSON line; fails when a backend failed or the losses disagree.
+fn step_bench(args: &[String]) -> Result<()> {
+    const USAGE: &str = "step-bench CONFIG [--steps N] [SECTION.FIELD=VALUE …]";
+    let path = args.first().context(USAGE)?;
+    let (mut steps, mut overrides) = (10u64, Vec::new());
+    let mut rest = args[1..].iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--steps" => steps = rest.next().context(USAGE)?.parse().context("--steps N")?,
+            _ => overrides.push(arg.clone()),
+        }
+    }
+    ensure!(steps > 0, "--steps must be positive");
+    let mut cfg = Config::load(path.as_ref(), &overrides)?;
+    let dist = dist::init(cfg.dist.options())?;
+    ensure!(dist.comm().world_size() == 1, "step-bench runs as one process, not under a launcher");
+    let gpus = tch::Cuda::device_count().max(0) as usize;
+    let device = trainer::device::rank_device(cfg.train.device, &dist.placement, gpus)?;
+    // Dense first: it is the reference the others are compared with, and an error in the fused
+    // kernels (never run on a GPU yet) that leaves the CUDA context unusable then costs only
+    // their own measurement.
+    let backends: &[Backend] = if device.is_cuda() {
+        &[Backend::Dense, Backend::SdpaTiles, Backend::Fused]
+    } else {
+        &[Backend::Dense, Backend::SdpaTiles]
+    };
+    // A measurement starts fresh and leaves nothing behind: run directories in a scratch
+    // directory removed at the end, no checkpoint to resume, no metrics endpoint.
+    let scratch = std::env::temp_dir().join(format!("bd3-step-bench-{}", std::process::id()));
+    cfg.run.dir = scratch.clone();
+    cfg.checkpoint.url.clear();
+    cfg.checkpoint.resume = ResumeFrom::None;
+    cfg.metrics.listen.clear();
+    cfg.train.steps = WARMUP_STEPS + steps;
+
+    let bf16 = cfg.train.bf16 && device.is_cuda(); // Trainer::step's autocast rule
+    let tokens_per_step = (cfg.train.micro_batch * cfg.train.grad_accum * cfg.model.seq_len) as f64;
+    let flops_per_step = training_flops_per_step(&cfg, 1)?;
+    let peak = device_peak_flops(cfg.metrics.peak_tflops, device);
+    let mut runs = Vec::new();
+    for &backend in backends {
+        cfg.model.attention = backend;
+        let name = serde_json::to_value(backend)?.as_str().context("backend name")?.to_string();
+        cfg.run.name = name.clone();
+        eprintln!("step-bench: {name} on {device:?}, {WARMUP_STEPS} + {steps} steps");
+        let run = timed_steps(&cfg, dist.comm(), device, steps);
+        // As it goes: if a later backend hangs and is killed, the earlier ones' results remain.
+        match &run {
+            Ok(r) => eprintln!(
+                "step-bench: {name}: {:.1} ms/step, final loss {:.4}",
+                1e3 * r.step_seconds,
+                r.losses.last().copied().unwrap_or(f64::NAN)
+            ),
+            Err(e) => eprintln!("step-bench: {name}: {e:#}"),
+        }
+        runs.push((name, run));
+    }
+    // Best effort: a leftover scratch directory is not worth failing the measurement for.
+    let _ = std::fs::remove_dir_all(&scratch);
+
+    // Same seed, data and noise, so the backends differ only by the attention's rounding: bf16
+    // rounds at every layer and the steps compound it, fp32 agrees to a few ulps per op.
+    let tolerance = if bf16 { 5e-2 } else { 1e-4 };
+    // Dense's losses, unless dense itself failed.
+    let reference = runs.iter().find_map(|(_, r)| r.as_ref().ok()).map(|r| r.losses.clone());
+    let mut diffs = Vec::new();
+    let mut entries = Vec::new();
+    for (name, run) in &runs {
+        entries.push(match run {
+            Ok(r) => {
+                let reference = reference.as_deref().unwrap_or(&r.losses);
+                diffs.extend(r.losses.iter().zip(reference).map(|(a, b)| (a - b).abs() / b.abs()));
+                json!({
+                    "backend": name,
+                    "tokens_per_s": tokens_per_step / r.step_seconds,
+                    "step_ms": 1e3 * r.step_seconds,
+                    "mfu": peak.map(|p| mfu(flops_per_step, 1, r.step_seconds, p)),
+                    "loss": r.losses.last(),
+                })
+            }
+            Err(e) => json!({ "backend": name, "error": format!("{e:#}") }),
+        });
+    }
+    let failed = runs.iter().filter(|(_, r)| r.is_err()).count();
+    // A NaN difference (a NaN loss under train.on_nonfinite = "skip") is never within tolerance.
+    let agree = failed == 0 && diffs.iter().all(|&d| d <= tolerance);
+    let max_rel_diff = diffs.iter().copied().fold(0.0, f64::max);
+    let device_name = match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    let report = json!({
+        "device": device_name,
+        "gpu": match device { Device::Cuda(i) => gpu_name(i), _ => None },
+        "dtype": if bf16 { "bf16" } else { "fp32" },
+        "micro_batch": cfg.train.micro_batch,
+        "seq_len": cfg.model.seq_len,
+        "steps": steps,
+        "model_flops_per_step": flops_per_step,
+        "backends": entries,
+        "max_rel_diff": max_rel_diff,
+        "tolerance": tolerance,
+        "agree": agree,
+    });
+    println!("{report}");
+    ensure!(failed == 0, "{failed} of {} backends failed (see \"error\" above)", runs.len());
+    ensure!(agree, "the backends' losses differ by up to {max_rel_diff:.3e} (relative), above {tolerance:e}");
+    Ok(())
+}
+
+/// What one backend's run of [`step_bench`] measured.
+struct TimedSteps {
+    /// The loss of every step, warm-up included.
+    losses: Vec<f64>,
+    /// Mean wall-clock seconds of a timed step.
+    step_seconds: f64,
+}
+
+/// Builds the run of `cfg` as the training loop does ([`Trainer::new`]) and trains `WARMUP_STEPS`
+/// untimed steps, then `steps` timed ones.
+fn timed_steps(cfg: &Config, comm: &dyn Communicator, device: Device, steps: u64) -> Result<TimedSteps> {
+    let telemetry = Telemetry::start("", &cfg.run.name, 0, 0, device.is_cuda())?;
+    let mut trainer = Trainer::new(cfg, comm, device, telemetry)?;
+    let mut losses = Vec::new();
+    for step in 0..WARMUP_STEPS {
+        losses.push(trainer.step(step)?.loss);
+    }
+    // CUDA queues work: the clock starts and stops with the device idle.
+    synchronize(device);
+    let started = Instant::now();
+    for step in WARMUP_STEPS..WARMUP_STEPS + steps {
+        losses.push(trainer.step(step)?.loss);
+    }
+    synchronize(device);
+    Ok(TimedSteps { losses, step_seconds: started.elapsed().as_secs_f64() / steps as f64 })
+}
+
+fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
     }
 }
 
