@@ -8,7 +8,8 @@ fn main() {
 }
 
 /// The tensor-core kernels on CPU fibers (`csrc/emulate.cpp`), in every build: the tests check the
-/// kernels' arithmetic with no GPU and no nvcc. Needs C++20 (templated lambdas) and x86-64.
+/// kernels' arithmetic with no GPU and no nvcc. Needs C++20 (templated lambdas); fibers switch in
+/// assembly on x86-64 and through POSIX ucontext elsewhere.
 fn emulation() {
     for f in ["csrc/emulate.cpp", "csrc/kernels.cuh", "csrc/layout.cuh", "csrc/flash.h"] {
         println!("cargo:rerun-if-changed={f}");

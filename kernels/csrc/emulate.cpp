@@ -2,8 +2,8 @@
 // indexing are tested without a GPU (kernels/tests/tensor_cores.rs compares them with the dense
 // reference). This file is the host side of the warp-level interface flash.cu implements in PTX:
 //
-// - Each thread of a block is a fiber (its own stack, switched in user space); the block runs on
-//   the calling OS thread. __syncthreads waits for every thread of the block, each warp-level
+// - Each thread of a block is a fiber (its own stack, switched in user space: a few instructions
+//   of assembly on x86-64, POSIX ucontext elsewhere); the block runs on the calling OS thread. __syncthreads waits for every thread of the block, each warp-level
 //   primitive for the 32 lanes of its warp, as on the GPU.
 // - mma_16816, ldmatrix_x4(_trans) and __shfl_xor_sync are collective: every lane deposits what it
 //   holds, the warp meets, and every lane takes its result from the others' deposits, placing
@@ -31,6 +31,8 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#include <ucontext.h>
 
 #include "flash.h"
 
@@ -107,8 +109,22 @@ struct PendingCopy {
     bool valid;
 };
 
-struct Thread {
+// Where a suspended fiber (or the scheduler) resumes. x86-64 uses the assembly switch below
+// (a few instructions); elsewhere, or with BD3_EMULATION_UCONTEXT, POSIX ucontext (portable, but a
+// system call per switch for the signal mask: several times slower).
+#if defined(__x86_64__) && !defined(BD3_EMULATION_UCONTEXT)
+#define BD3_FIBER_ASM 1
+struct Context {
     void* sp = nullptr;
+};
+#else
+struct Context {
+    ucontext_t uc;
+};
+#endif
+
+struct Thread {
+    Context context;
     std::unique_ptr<char[]> stack;
     State state = State::Done;
     int parity = 0;  // which exchange buffer the next warp-level operation uses
@@ -124,7 +140,7 @@ struct Block {
     Thread threads[kMaxThreads];
     int count = 0;
     int current = -1;
-    void* scheduler_sp = nullptr;
+    Context scheduler;
     const std::function<void()>* body = nullptr;
     Dim block_index;
     // Two exchange buffers per warp: a lane writes buffer p for one operation, and can only write
@@ -137,10 +153,10 @@ thread_local Block* g_block = nullptr;
 
 }  // namespace
 
+#ifdef BD3_FIBER_ASM
 // Saves the callee-saved registers and the stack pointer into *from, switches to the stack `to`
-// (saved by an earlier switch, or prepared by start_stack), restores and returns there.
+// (saved by an earlier switch, or prepared by start_context), restores and returns there.
 extern "C" void bd3_fiber_switch(void** from, void* to);
-#if defined(__x86_64__)
 asm(R"(
     .text
     .globl bd3_fiber_switch
@@ -165,8 +181,6 @@ bd3_fiber_switch:
     .section .note.GNU-stack,"",@progbits
     .text
 )");
-#else
-#error "the kernel emulation's fibers are written for x86-64"
 #endif
 
 namespace {
@@ -176,22 +190,39 @@ namespace {
     std::abort();
 }
 
+void switch_context(Context& from, Context& to) {
+#ifdef BD3_FIBER_ASM
+    bd3_fiber_switch(&from.sp, to.sp);
+#else
+    if (swapcontext(&from.uc, &to.uc) != 0) fail("swapcontext failed");
+#endif
+}
+
 [[noreturn]] void fiber_entry() {
     Block& b = *g_block;
     (*b.body)();
     b.threads[b.current].state = State::Done;
-    bd3_fiber_switch(&b.threads[b.current].sp, b.scheduler_sp);
+    switch_context(b.threads[b.current].context, b.scheduler);
     fail("a finished thread was resumed");
 }
 
-// A fresh stack whose first switch "returns" into fiber_entry with the ABI's alignment
-// (rsp ≡ 8 mod 16 at a function's entry).
-void* start_stack(char* stack, size_t bytes) {
+// A context that starts fiber_entry on `stack`.
+void start_context(Context& c, char* stack, size_t bytes) {
+#ifdef BD3_FIBER_ASM
+    // The first switch "returns" into fiber_entry with the ABI's alignment (rsp ≡ 8 mod 16 at a
+    // function's entry), below six zeroed callee-saved registers.
     auto top = reinterpret_cast<uintptr_t>(stack + bytes) & ~uintptr_t(15);
     auto* slot = reinterpret_cast<void**>(top - 16);
     slot[0] = reinterpret_cast<void*>(&fiber_entry);
     slot[1] = nullptr;
-    return reinterpret_cast<void*>(top - 16 - 6 * sizeof(void*));  // six callee-saved registers
+    c.sp = reinterpret_cast<void*>(top - 16 - 6 * sizeof(void*));
+#else
+    if (getcontext(&c.uc) != 0) fail("getcontext failed");
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, reinterpret_cast<void (*)()>(&fiber_entry), 0);
+#endif
 }
 
 // From a thread: wait at a barrier of kind `state`.
@@ -199,7 +230,7 @@ void wait_at(State state) {
     Block& b = *g_block;
     Thread& t = b.threads[b.current];
     t.state = state;
-    bd3_fiber_switch(&t.sp, b.scheduler_sp);
+    switch_context(t.context, b.scheduler);
 }
 
 // Runs `body` as every thread of one block of `count` threads.
@@ -209,7 +240,7 @@ void run_block(Block& b, int count, const std::function<void()>& body) {
     for (int i = 0; i < count; ++i) {
         Thread& t = b.threads[i];
         if (!t.stack) t.stack.reset(new char[kStackBytes]);
-        t.sp = start_stack(t.stack.get(), kStackBytes);
+        start_context(t.context, t.stack.get(), kStackBytes);
         t.state = State::Ready;
         t.parity = 0;
         t.open.clear();
@@ -220,7 +251,7 @@ void run_block(Block& b, int count, const std::function<void()>& body) {
         for (int i = 0; i < count; ++i) {
             if (b.threads[i].state != State::Ready) continue;
             b.current = i;
-            bd3_fiber_switch(&b.scheduler_sp, b.threads[i].sp);
+            switch_context(b.scheduler, b.threads[i].context);
             ran = true;
         }
         b.current = -1;
