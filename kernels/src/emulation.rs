@@ -127,10 +127,15 @@ fn prepare(ts: [&Tensor; 3], layout: &BlockLayout, kind: Kind) -> Result<Prepare
     let size = tensors[0].size();
     ensure!(size.len() == 4, "the kernel emulation takes [batch, heads, len, head_dim] tensors, got {size:?}");
     ensure!(matches!(size[3], 64 | 128), "the kernels have head dims 64 and 128, not {}", size[3]);
+    // The C++ side indexes by these sizes: anything else would read out of bounds.
+    let (k_size, v_size) = (tensors[1].size(), tensors[2].size());
     ensure!(
-        size[2] as usize == layout.query_len() && tensors[1].size()[2] as usize == layout.key_len(),
-        "shapes {size:?} and {:?} do not match layout {layout:?}",
-        tensors[1].size()
+        size[2] as usize == layout.query_len()
+            && k_size.len() == 4
+            && k_size[2] as usize == layout.key_len()
+            && k_size == v_size
+            && (k_size[0], k_size[1], k_size[3]) == (size[0], size[1], size[3]),
+        "q {size:?}, k {k_size:?}, v {v_size:?} do not match layout {layout:?}"
     );
     Ok(Prepared {
         batch_heads: i32::try_from(size[0] * size[1])?,
@@ -197,8 +202,17 @@ pub fn backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let p = prepare([q, k, v], layout, kind)?;
     let [q, k, v] = &p.tensors;
-    let grad_out = grad_out.to_kind(kind).contiguous();
-    let lse = lse.to_kind(Kind::Float).contiguous();
+    let grad_out = grad_out.to_device(Device::Cpu).to_kind(kind).contiguous();
+    let lse = lse.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+    ensure!(
+        grad_out.size() == q.size() && out.size() == q.size() && lse.size() == q.size()[..3],
+        "grad_out {:?}, out {:?} and lse {:?} must match q {:?} (lse without head_dim)",
+        grad_out.size(),
+        out.size(),
+        lse.size(),
+        q.size()
+    );
+    let out = out.to_device(Device::Cpu);
     let delta = (grad_out.to_kind(Kind::Float) * out.to_kind(kind).to_kind(Kind::Float))
         .sum_dim_intlist(-1, false, Kind::Float)
         .contiguous();

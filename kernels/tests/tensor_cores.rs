@@ -200,7 +200,7 @@ fn a_wrong_fragment_mapping_is_caught() {
 }
 
 #[test]
-fn unsupported_head_dims_and_dtypes_are_errors() {
+fn unsupported_head_dims_dtypes_and_shapes_are_errors() {
     let layout = BlockLayout::two_stream(8, 2).unwrap();
     let t = Tensor::zeros([1, 1, 16, 32], (Kind::Float, Device::Cpu));
     let err = emulation::forward(&t, &t, &t, &layout, Kind::Float, Variant::Exact).unwrap_err();
@@ -208,6 +208,13 @@ fn unsupported_head_dims_and_dtypes_are_errors() {
     let t = Tensor::zeros([1, 1, 16, 64], (Kind::Float, Device::Cpu));
     let err = emulation::forward(&t, &t, &t, &layout, Kind::Double, Variant::Exact).unwrap_err();
     assert!(err.to_string().contains("fp32, bf16 and fp16"), "{err}");
+    // Shapes the kernels would index out of bounds are refused before the C++ side runs.
+    let short = Tensor::zeros([1, 1, 8, 64], (Kind::Float, Device::Cpu));
+    let err = emulation::forward(&t, &t, &short, &layout, Kind::Float, Variant::Exact).unwrap_err();
+    assert!(err.to_string().contains("do not match layout"), "{err}");
+    let (out, lse) = emulation::forward(&t, &t, &t, &layout, Kind::Float, Variant::Exact).unwrap();
+    let err = emulation::backward(&t, &t, &t, &out, &lse, &short, &layout, Kind::Float, Variant::Exact).unwrap_err();
+    assert!(err.to_string().contains("must match q"), "{err}");
 }
 
 #[test]
