@@ -138,7 +138,6 @@ struct Dim {
 
 struct Block {
     Thread threads[kMaxThreads];
-    int count = 0;
     int current = -1;
     Context scheduler;
     const std::function<void()>* body = nullptr;
@@ -235,7 +234,6 @@ void wait_at(State state) {
 
 // Runs `body` as every thread of one block of `count` threads.
 void run_block(Block& b, int count, const std::function<void()>& body) {
-    b.count = count;
     b.body = &body;
     for (int i = 0; i < count; ++i) {
         Thread& t = b.threads[i];

@@ -139,7 +139,7 @@ fn parity(a: &Args) -> Result<(Vec<String>, bool)> {
                 pass &= e.iter().all(|e| e.is_finite() && *e <= tolerance(a.kind));
                 per_backend.push(format!(
                     "\"{}\":{{\"out\":{:.3e},\"dq\":{:.3e},\"dk\":{:.3e},\"dv\":{:.3e}}}",
-                    backend_name(backend),
+                    backend.name(),
                     e[0],
                     e[1],
                     e[2],
@@ -163,15 +163,6 @@ fn backends(a: &Args) -> Vec<Backend> {
     let mut out = if fused { vec![Backend::Fused] } else { Vec::new() };
     out.extend([Backend::SdpaTiles, Backend::Dense]);
     out
-}
-
-fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Auto => "auto",
-        Backend::Fused => "fused",
-        Backend::SdpaTiles => "sdpa-tiles",
-        Backend::Dense => "dense",
-    }
 }
 
 fn sync(device: Device) {
@@ -211,7 +202,7 @@ fn bench(a: &Args) -> Result<Vec<String>> {
             let ms = time(&|q, k, v| attention(backend, q, k, v, &layout), [&q, &k, &v], a)?;
             rows.push(format!(
                 "{{\"backend\":\"{}\",\"batch\":{b},\"heads\":{h},\"two_l\":{},\"head_dim\":{d},\"block\":{bs},\"ms\":{ms:.3},\"dense_sdpa_ms\":{dense:.3},\"speedup_vs_dense\":{:.3}}}",
-                backend_name(backend),
+                backend.name(),
                 2 * n,
                 dense / ms
             ));

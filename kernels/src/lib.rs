@@ -155,6 +155,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The name `model.attention` takes (the serde name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Fused => "fused",
+            Backend::SdpaTiles => "sdpa-tiles",
+            Backend::Dense => "dense",
+        }
+    }
+
     /// The concrete backend `Auto` means for these inputs (others are returned as they are).
     pub fn resolve(self, q: &Tensor, k: &Tensor, v: &Tensor) -> Backend {
         match self {

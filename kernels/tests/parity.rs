@@ -170,5 +170,6 @@ fn backends_resolve_per_device_and_fused_refuses_cpu_tensors() {
             serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<serde::de::value::Error>::new(name))
                 .unwrap();
         assert_eq!(parsed, backend);
+        assert_eq!(backend.name(), name);
     }
 }

@@ -157,7 +157,7 @@ fn step_bench(args: &[String]) -> Result<()> {
     let mut runs = Vec::new();
     for &backend in backends {
         cfg.model.attention = backend;
-        let name = serde_json::to_value(backend)?.as_str().context("backend name")?.to_string();
+        let name = backend.name().to_string();
         cfg.run.name = name.clone();
         eprintln!("step-bench: {name} on {device:?}, {WARMUP_STEPS} + {steps} steps");
         let run = timed_steps(&cfg, dist.comm(), device, steps);
