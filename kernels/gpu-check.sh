@@ -10,7 +10,9 @@
 #
 # Steps: preflight (glibc ≥ 2.34, torch 2.11.0, CUDA tensor from Python, the binary's libraries
 # resolve against this machine's torch), then NCCL collectives on 1 rank (target/gpu/dist-check,
-# trainer::dist::nccl), the binary's probe, bf16 parity + benchmark, fp16 parity (quick set), a
+# trainer::dist::nccl), gradient reduction overlapped with backward over NCCL on 1 rank
+# (`nccl_overlap`: dist-check overlap cuda; bit-identical to reducing after backward, with the time
+# of each and the all-reduce bandwidth), the binary's probe, bf16 parity + benchmark, fp16 parity (quick set), a
 # bf16 training step of configs/gpu-check-step.toml with each attention backend (`train_step`:
 # dist-check step-bench; tokens/s, MFU, and whether the backends' losses agree), and
 # FlexAttention/dense SDPA from Python at the benchmark shape.
@@ -166,16 +168,38 @@ EOF
 ) || verdict=$'false\n"could not read the output of dist-check step-bench"'
     record "$name" "$(sed -n 1p <<<"$verdict")" "$(sed -n 2p <<<"$verdict")"
 }
+# Gradients averaged while backward runs (dist-check overlap: over NCCL on a communication stream
+# on a GPU, over the CPU otherwise) against the same collectives after backward. The pass is exit 0
+# with bit-identical gradients; the JSON line (times, bandwidth) is the detail.
+overlap_step() { # name device
+    want "$1" || return 0
+    if [ ! -x "$DIST_BIN" ]; then
+        record "$1" false "\"$DIST_BIN is missing (build it with kernels/build-gpu-check.sh)\""; return
+    fi
+    log "dist-check overlap $2"
+    local out rc
+    out=$(LD_LIBRARY_PATH=$dist_libs timeout 120 "$DIST_BIN" overlap "$2" 2>&1)
+    rc=$?
+    local line
+    line=$(sed -n 's/^rank 0 OVERLAP //p' <<<"$out")
+    if [ $rc = 0 ] && [ -n "$line" ]; then
+        record "$1" true "$line"
+    else
+        record "$1" false "$(json_str <<<"exit $rc: $out")"
+    fi
+}
 quick=(); [ "$QUICK" = 1 ] && quick=(--quick)
 if [ "$SKIP" = 1 ]; then
     run_bin cpu_parity --device cpu --dtype f32 --quick --bench --iters 1
     nccl_check nccl_without_gpu no-gpu
+    overlap_step overlap_cpu cpu
     # The same step on a tiny fp32 CPU model, so that this mode exercises it.
     train_step train_step --steps 2 train.device=cpu train.bf16=false model.hidden=64 model.layers=2 \
         model.heads=2 model.cond_dim=32 model.seq_len=64 train.micro_batch=2 train.threads=1
     finish
 fi
 nccl_check nccl pass
+overlap_step nccl_overlap cuda
 run_bin probe --probe
 run_bin bf16 --device cuda --dtype bf16 --bench "${quick[@]}"
 run_bin fp16 --device cuda --dtype fp16 --quick

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -23,6 +24,10 @@ int dtype_code(const at::Tensor& t) {
     TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
                 "bd3 fused attention supports fp16 and bf16, got ", t.scalar_type());
     return t.scalar_type() == at::kHalf ? BD3_DTYPE_F16 : BD3_DTYPE_BF16;
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+    TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
 void check_launch(int err, const char* what) {
@@ -132,5 +137,57 @@ extern "C" char* bd3_cuda_current_stream(int device, void** stream) {
 extern "C" char* bd3_cuda_synchronize(int device) {
     return guarded([&] { c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).synchronize(); });
 }
+
+// Stores a stream of libtorch's pool on `device` (a cudaStream_t that does not synchronize with
+// the default stream) in *stream: trainer::dist::nccl runs overlapped collectives there.
+extern "C" char* bd3_cuda_pool_stream(int device, void** stream) {
+    return guarded([&] {
+        const auto index = static_cast<c10::DeviceIndex>(device);
+        c10::cuda::set_device(index);
+        *stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, index).stream();
+    });
+}
+
+// A CUDA event without timing (the cheapest kind) on `device`, stored in *event.
+extern "C" char* bd3_cuda_event_create(int device, void** event) {
+    return guarded([&] {
+        c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+        cudaEvent_t e = nullptr;
+        check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
+        *event = e;
+    });
+}
+
+// Marks the point of `stream` that everything enqueued on it so far reaches.
+extern "C" char* bd3_cuda_event_record(void* event, void* stream) {
+    return guarded([&] {
+        check_cuda(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)),
+                   "cudaEventRecord");
+    });
+}
+
+// Makes work enqueued on `stream` from now on wait for `event` on the device, not on the host.
+extern "C" char* bd3_cuda_stream_wait_event(void* stream, void* event) {
+    return guarded([&] {
+        check_cuda(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0),
+                   "cudaStreamWaitEvent");
+    });
+}
+
+// *done = 1 when the device has passed `event`'s point, 0 when not yet (never blocks).
+extern "C" char* bd3_cuda_event_query(void* event, int* done) {
+    return guarded([&] {
+        const cudaError_t err = cudaEventQuery(static_cast<cudaEvent_t>(event));
+        if (err == cudaErrorNotReady) {
+            (void)cudaGetLastError();  // not-ready is not an error; keep it out of the next check
+            *done = 0;
+            return;
+        }
+        check_cuda(err, "cudaEventQuery");
+        *done = 1;
+    });
+}
+
+extern "C" void bd3_cuda_event_destroy(void* event) { (void)cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
 
 extern "C" void bd3_free_message(char* message) { std::free(message); }

@@ -28,6 +28,12 @@ extern "C" {
     fn bd3_free_message(message: *mut c_char);
     fn bd3_cuda_current_stream(device: i32, stream: *mut *mut c_void) -> *mut c_char;
     fn bd3_cuda_synchronize(device: i32) -> *mut c_char;
+    fn bd3_cuda_pool_stream(device: i32, stream: *mut *mut c_void) -> *mut c_char;
+    fn bd3_cuda_event_create(device: i32, event: *mut *mut c_void) -> *mut c_char;
+    fn bd3_cuda_event_record(event: *mut c_void, stream: *mut c_void) -> *mut c_char;
+    fn bd3_cuda_stream_wait_event(stream: *mut c_void, event: *mut c_void) -> *mut c_char;
+    fn bd3_cuda_event_query(event: *mut c_void, done: *mut i32) -> *mut c_char;
+    fn bd3_cuda_event_destroy(event: *mut c_void);
 }
 
 /// Whether the fused kernels handle these inputs.
@@ -80,4 +86,76 @@ pub fn synchronize(device: usize) -> Result<()> {
     // SAFETY: as in `current_stream`.
     check_message(unsafe { bd3_cuda_synchronize(device as i32) })
         .map_err(|e| anyhow!("synchronizing CUDA device {device}: {e}"))
+}
+
+/// A `cudaStream_t`. Streams are safe to use from any thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stream(pub *mut c_void);
+// SAFETY: a CUDA stream handle may be used from any host thread.
+unsafe impl Send for Stream {}
+// SAFETY: as above.
+unsafe impl Sync for Stream {}
+
+/// A stream of libtorch's pool on `device` (high priority, not synchronizing with the default
+/// stream): work there runs beside libtorch's kernels, ordered with them only by [`Event`]s.
+pub fn pool_stream(device: usize) -> Result<Stream> {
+    let mut stream = std::ptr::null_mut();
+    // SAFETY: as in `current_stream`.
+    check_message(unsafe { bd3_cuda_pool_stream(device as i32, &mut stream) })
+        .map_err(|e| anyhow!("a pool stream on CUDA device {device}: {e}"))?;
+    Ok(Stream(stream))
+}
+
+/// A CUDA event (no timing): a point in a stream that other streams can wait for on the device,
+/// and the host can poll without blocking.
+#[derive(Debug)]
+pub struct Event(*mut c_void);
+// SAFETY: CUDA events may be recorded, waited on and queried from any host thread.
+unsafe impl Send for Event {}
+// SAFETY: as above.
+unsafe impl Sync for Event {}
+
+impl Event {
+    pub fn new(device: usize) -> Result<Self> {
+        let mut event = std::ptr::null_mut();
+        // SAFETY: as in `current_stream`.
+        check_message(unsafe { bd3_cuda_event_create(device as i32, &mut event) })
+            .map_err(|e| anyhow!("a CUDA event on device {device}: {e}"))?;
+        Ok(Self(event))
+    }
+
+    /// An event recorded on `stream` now.
+    pub fn recorded(device: usize, stream: Stream) -> Result<Self> {
+        let event = Self::new(device)?;
+        event.record(stream)?;
+        Ok(event)
+    }
+
+    /// Moves the event to the point `stream` reaches with the work enqueued on it so far.
+    pub fn record(&self, stream: Stream) -> Result<()> {
+        // SAFETY: a live event and stream; the C++ side catches every exception.
+        check_message(unsafe { bd3_cuda_event_record(self.0, stream.0) }).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Makes the work enqueued on `stream` after this call wait, on the device, for the event.
+    pub fn block(&self, stream: Stream) -> Result<()> {
+        // SAFETY: as in `record`.
+        check_message(unsafe { bd3_cuda_stream_wait_event(stream.0, self.0) }).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Whether the device has passed the event (never blocks the host).
+    pub fn is_done(&self) -> Result<bool> {
+        let mut done = 0;
+        // SAFETY: as in `record`; writes one int.
+        check_message(unsafe { bd3_cuda_event_query(self.0, &mut done) }).map_err(|e| anyhow!("{e}"))?;
+        Ok(done != 0)
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created by bd3_cuda_event_create, destroyed once. CUDA defers the release of
+        // an event that is still pending.
+        unsafe { bd3_cuda_event_destroy(self.0) };
+    }
 }

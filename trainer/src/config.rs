@@ -373,7 +373,7 @@ pub struct DistConfig {
     pub zero: bool,
     /// Average each gradient bucket over the ranks (with `zero`, reduce-scatter it) as soon as
     /// backward has produced it, while backward goes on (trainer::dist::overlap; CPU tensors
-    /// over MPI).
+    /// over MPI, CUDA tensors over NCCL on a stream of their own).
     /// The result is bitwise that of reducing after backward. Off by default: on CPU the
     /// reduction needs a core of its own to pay off, and with every core computing it slowed the
     /// step (docs/benchmarks.md).

@@ -103,11 +103,12 @@ impl Optimizer {
         Ok(norm)
     }
 
-    /// Backward of `loss` on a step's last micro-step. With `overlap`, on several ranks and CPU
-    /// tensors, once the gradients live in their buckets (from the second step of a process on),
-    /// each bucket is averaged over the ranks (replicated) or reduce-scattered (ZeRO-1) as soon
-    /// as backward has completed it (trainer::dist::overlap), and [`Self::reduce_gradients`]
-    /// only clips. Otherwise (CUDA tensors, the first step) a plain backward, reduced after.
+    /// Backward of `loss` on a step's last micro-step. With `overlap`, on several ranks, once the
+    /// gradients live in their buckets (from the second step of a process on), each bucket is
+    /// averaged over the ranks (replicated) or reduce-scattered (ZeRO-1) as soon as backward has
+    /// completed it (trainer::dist::overlap: MPI for CPU tensors, NCCL for CUDA ones), and
+    /// [`Self::reduce_gradients`] only clips. Otherwise (the first step) a plain backward,
+    /// reduced after.
     pub fn backward_last(
         &mut self,
         comm: &dyn Communicator,
@@ -123,12 +124,11 @@ impl Optimizer {
             }
             return Ok(());
         }
-        let on_cpu = params.first().is_some_and(|p| p.device() == tch::Device::Cpu);
         if let Self::Replicated(Replicated {
             buckets: Some(buckets), overlap: hooks, reduced, overlapped_steps, ..
         }) = self
         {
-            if overlap && on_cpu && comm.world_size() > 1 && buckets.hold_gradients_of(params) {
+            if overlap && comm.world_size() > 1 && buckets.hold_gradients_of(params) {
                 let hooks = match hooks {
                     Some(h) => h,
                     None => hooks.insert(Overlap::install(params, buckets)?),

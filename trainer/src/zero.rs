@@ -7,8 +7,8 @@
 //! A step then is:
 //!
 //! 1. every bucket of gradients is reduce-scattered (averaged): each rank receives the averaged
-//!    gradient of its part only. With `dist.overlap` (CPU over MPI) a bucket goes as soon as
-//!    backward has completed it (trainer::dist::overlap), while backward goes on;
+//!    gradient of its part only. With `dist.overlap` a bucket goes as soon as backward has
+//!    completed it (trainer::dist::overlap; MPI or NCCL), while backward goes on;
 //! 2. the global gradient norm is the square root of the all-reduced sum of every shard's squared
 //!    norm, and clipping scales the shard (the padding is zero and adds nothing);
 //! 3. each rank runs AdamW on its shard of the parameters with moments of its shard's size;
@@ -163,11 +163,10 @@ impl ZeroAdamW {
 
     /// Backward of a step's last micro-step, each bucket reduce-scattered as soon as backward has
     /// completed it (step 1 of the module docs, overlapped), when the gradients already live in
-    /// their buckets (from the second step of a process on) on CPU over several ranks; otherwise
+    /// their buckets (from the second step of a process on) over several ranks; otherwise
     /// a plain backward, reduced in [`ZeroAdamW::reduce_gradients`]. Returns whether it overlapped.
     pub fn backward_overlapped(&mut self, comm: &dyn Communicator, params: &[Tensor], loss: &Tensor) -> Result<bool> {
-        let on_cpu = params.first().is_some_and(|p| p.device() == Device::Cpu);
-        if !(on_cpu && comm.world_size() > 1 && self.grads.hold_gradients_of(params)) {
+        if !(comm.world_size() > 1 && self.grads.hold_gradients_of(params)) {
             loss.backward();
             return Ok(false);
         }

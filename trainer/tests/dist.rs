@@ -38,6 +38,26 @@ fn every_collective_matches_a_serial_reference_on_2_and_3_ranks() {
     }
 }
 
+/// The CPU twin of kernels/gpu-check.sh's `nccl_overlap` step: the same `dist-check overlap`,
+/// over MPI on 2 ranks instead of NCCL on 1 GPU.
+#[test]
+fn the_overlap_check_finds_overlapped_gradients_bitwise_equal_on_2_ranks() {
+    let (out, stdout, stderr) = mpirun(2, &["overlap", "cpu"]);
+    assert!(out.status.success(), "{}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    for rank in 0..2 {
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("rank {rank} OVERLAP ")))
+            .unwrap_or_else(|| panic!("no report from rank {rank}:\n{stdout}\n{stderr}"));
+        let report: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(report["bitwise_equal"], true, "{report}");
+        assert_eq!(report["world_size"], 2, "{report}");
+        assert_eq!(report["reduction_changed_gradients"], true, "the ranks' inputs differ: {report}");
+        // One bucket per 1 MiB weight, the biases sharing them: at least the 8 weights' worth.
+        assert!(report["buckets"].as_u64().unwrap() >= 8, "{report}");
+    }
+}
+
 #[test]
 fn a_peer_that_stops_makes_the_others_exit_with_an_error() {
     // The last of 3 ranks never reaches the second barrier; the watchdog of the two others ends

@@ -1,6 +1,7 @@
-//! `kernels/gpu-check.sh` in its CPU mode (GPU_CHECK_SKIP_PREFLIGHT=1), step `train_step`: the
-//! script runs this build's `dist-check step-bench` on a tiny fp32 model with each CPU attention
-//! backend and records its JSON line. (The script's other CPU-mode steps need the binaries built
+//! `kernels/gpu-check.sh` in its CPU mode (GPU_CHECK_SKIP_PREFLIGHT=1), steps `train_step` and
+//! `overlap_cpu`: the script runs this build's `dist-check step-bench` on a tiny fp32 model with
+//! each CPU attention backend, and `dist-check overlap cpu` (the CPU twin of its `nccl_overlap`),
+//! and records their JSON lines. (The script's other CPU-mode steps need the binaries built
 //! with the feature `cuda` by kernels/build-gpu-check.sh, so GPU_CHECK_ONLY leaves them out.)
 
 use std::process::Command;
@@ -9,13 +10,13 @@ use serde_json::Value;
 use test_support::repo_root;
 
 #[test]
-fn gpu_check_cpu_mode_records_a_training_step_per_backend() {
+fn gpu_check_cpu_mode_records_a_training_step_per_backend_and_the_overlap_check() {
     let root = repo_root();
     let out = Command::new("bash")
         .arg(root.join("kernels/gpu-check.sh"))
         .current_dir(&root)
         .env("GPU_CHECK_SKIP_PREFLIGHT", "1")
-        .env("GPU_CHECK_ONLY", "train_step")
+        .env("GPU_CHECK_ONLY", "train_step,overlap_cpu")
         .env("GPU_CHECK_DIST_BIN", env!("CARGO_BIN_EXE_dist-check"))
         // The preflight wants torch 2.11.0 from this Python: the venv of scripts/setup.sh.
         .env("PYTHON", root.join(".venv/bin/python"))
@@ -46,6 +47,10 @@ fn gpu_check_cpu_mode_records_a_training_step_per_backend() {
         // No peak FLOP/s is known for a CPU: MFU is null, not a made-up number.
         assert!(b["mfu"].is_null(), "mfu of {b}\n{context}");
     }
+    let overlap = &summary["steps"]["overlap_cpu"];
+    assert_eq!(overlap["ok"], true, "{context}");
+    assert_eq!(overlap["detail"]["bitwise_equal"], true, "{context}");
+    assert!(overlap["detail"]["overlapped_ms"].as_f64().unwrap_or(0.0) > 0.0, "{context}");
     assert!(out.status.success(), "{context}");
     assert_eq!(summary["ok"], true, "{context}");
 }

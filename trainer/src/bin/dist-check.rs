@@ -11,6 +11,11 @@
 //!   row groups it read and the steps whose reduction overlapped backward, on every rank;
 //! * `dist-check validate CONFIG [SECTION.FIELD=VALUE …]`: validation (NELBO and clip search) of
 //!   freshly initialized weights, its batches shared out over the ranks, printed on every rank;
+//! * `dist-check overlap cpu|cuda`: the gradients of a small MLP averaged while backward runs
+//!   (`trainer::dist::Overlap`: over MPI on the CPU, over NCCL on a communication stream on the
+//!   local rank's GPU) must be bit-identical to the same collectives after backward; one JSON line
+//!   per rank with the time of each way and, on CUDA, the all-reduce bandwidth at a few sizes
+//!   (kernels/gpu-check.sh runs it on 1 GPU, trainer/tests/dist.rs on 2 CPU ranks);
 //! * `dist-check step-bench CONFIG [--steps N] [SECTION.FIELD=VALUE …]` (one process; the
 //!   `train_step` of kernels/gpu-check.sh): N timed training steps per attention backend, one
 //!   JSON line with tokens/s, step time, MFU and final loss of each, and whether the losses agree.
@@ -22,7 +27,7 @@ use kernels::Backend;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use trainer::config::ResumeFrom;
-use trainer::dist::{self, all_reduce_bucketed, Communicator, DistOptions, ReduceOp};
+use trainer::dist::{self, all_reduce_bucketed, Communicator, DistOptions, GradBuckets, Overlap, ReduceOp};
 use trainer::flops::{device_peak_flops, gpu_name, mfu, training_flops_per_step};
 use trainer::telemetry::Telemetry;
 use trainer::train::Trainer;
@@ -100,12 +105,139 @@ fn run() -> Result<()> {
             println!("rank {} VALIDATION {report}", dist.comm().rank());
             Ok(())
         }
+        Some("overlap") => {
+            let timeout = Duration::from_secs(120);
+            let dist = dist::init(DistOptions { timeout })?;
+            let report = match args.get(1).map(String::as_str) {
+                Some("cpu") => {
+                    tch::set_num_threads(1);
+                    overlap_check(dist.comm(), Device::Cpu)?
+                }
+                #[cfg(feature = "cuda")]
+                Some("cuda") => {
+                    let nccl = dist::nccl::NcclComm::init(dist.comm(), dist.placement.local_rank, timeout)?;
+                    let mut report = overlap_check(&nccl, nccl.device())?;
+                    report["all_reduce_bandwidth"] = all_reduce_bandwidth(&nccl, nccl.device())?;
+                    report
+                }
+                _ => bail!("overlap cpu|cuda (cuda needs the feature `cuda`)"),
+            };
+            let equal = report["bitwise_equal"] == json!(true);
+            println!("rank {} OVERLAP {report}", dist.comm().rank());
+            ensure!(equal, "the overlapped gradients differ from those reduced after backward");
+            Ok(())
+        }
         Some("step-bench") => step_bench(&args[1..]),
         _ => bail!(
             "usage: dist-check collectives | nccl-collectives | hang TIMEOUT_S | train CONFIG [OVERRIDES] | \
-             validate CONFIG [OVERRIDES] | step-bench CONFIG [--steps N] [OVERRIDES]"
+             validate CONFIG [OVERRIDES] | overlap cpu|cuda | step-bench CONFIG [--steps N] [OVERRIDES]"
         ),
     }
+}
+
+/// `overlap`: an MLP of `LAYERS` × (`WIDTH`² weights + bias), its gradients in 1 MiB buckets (one
+/// weight each), its input different on every rank. The gradients reduced by the same collectives
+/// (`*_beside_compute`) after backward are the reference; those of [`Overlap::backward_reducing`]
+/// must equal them bit for bit. Then `REPEATS` steps of each way are timed.
+fn overlap_check(comm: &dyn Communicator, device: Device) -> Result<serde_json::Value> {
+    const LAYERS: usize = 8;
+    const WIDTH: i64 = 512;
+    const BATCH: i64 = 256;
+    const REPEATS: usize = 10;
+    tch::manual_seed(7);
+    let params: Vec<Tensor> = (0..LAYERS)
+        .flat_map(|_| {
+            let w = Tensor::randn([WIDTH, WIDTH], (Kind::Float, device)) / (WIDTH as f64).sqrt();
+            [w, Tensor::zeros([WIDTH], (Kind::Float, device))]
+        })
+        .map(|t| t.set_requires_grad(true))
+        .collect();
+    tch::manual_seed(100 + comm.rank() as i64);
+    let x = Tensor::randn([BATCH, WIDTH], (Kind::Float, device));
+    let backward = || {
+        let mut h = x.shallow_clone();
+        for layer in params.chunks(2) {
+            h = (h.matmul(&layer[0]) + &layer[1]).tanh();
+        }
+        h.square().mean(Kind::Float).backward();
+    };
+    let buckets = GradBuckets::new(&params, 1 << 20);
+    let zero = || {
+        for b in buckets.buckets() {
+            let _ = b.shallow_clone().zero_();
+        }
+    };
+    let after = || -> Result<()> {
+        zero();
+        backward();
+        buckets.adopt_gradients(&params)?;
+        for b in buckets.buckets() {
+            comm.all_reduce_beside_compute(b, ReduceOp::Avg)?;
+        }
+        comm.finish_beside_compute()
+    };
+    let hooks = Overlap::install(&params, &buckets)?;
+    let overlapped = || -> Result<()> {
+        zero();
+        hooks.backward_reducing(comm, &buckets, backward, || buckets.adopt_gradients(&params))
+    };
+    // The first backward makes the gradients views of the buckets; the hooks do nothing outside
+    // backward_reducing.
+    after()?;
+    // This rank's own gradients, which the reduction must change on more than one rank.
+    zero();
+    backward();
+    let local: Vec<Tensor> = buckets.buckets().iter().map(Tensor::copy).collect();
+    after()?;
+    let reference: Vec<Tensor> = buckets.buckets().iter().map(Tensor::copy).collect();
+    let reduction_changed_them = local.iter().zip(&reference).any(|(l, r)| !l.equal(r));
+    overlapped()?;
+    let bitwise_equal = reference.iter().zip(buckets.buckets()).all(|(want, got)| want.equal(got));
+    let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+        synchronize(device);
+        let started = Instant::now();
+        for _ in 0..REPEATS {
+            f()?;
+        }
+        synchronize(device);
+        Ok(started.elapsed().as_secs_f64() * 1e3 / REPEATS as f64)
+    };
+    let (after_ms, overlapped_ms) = (time(&after)?, time(&overlapped)?);
+    Ok(json!({
+        "rank": comm.rank(),
+        "world_size": comm.world_size(),
+        "device": format!("{device:?}"),
+        "buckets": buckets.buckets().len(),
+        "bitwise_equal": bitwise_equal,
+        "reduction_changed_gradients": reduction_changed_them,
+        "reduced_after_backward_ms": after_ms,
+        "overlapped_ms": overlapped_ms,
+    }))
+}
+
+/// nccl-tests' figures for the blocking all-reduce at a few sizes: algorithm bandwidth (bytes /
+/// time) and bus bandwidth (× 2(n − 1)/n, what each link carries in a ring), in GB/s.
+#[cfg(feature = "cuda")]
+fn all_reduce_bandwidth(comm: &dyn Communicator, device: Device) -> Result<serde_json::Value> {
+    const REPEATS: u32 = 20;
+    let n = comm.world_size() as f64;
+    let mut rows = Vec::new();
+    for mib in [1i64, 16, 128] {
+        let t = Tensor::ones([mib << 18], (Kind::Float, device));
+        comm.all_reduce(&t, ReduceOp::Sum)?;
+        synchronize(device);
+        let started = Instant::now();
+        for _ in 0..REPEATS {
+            comm.all_reduce(&t, ReduceOp::Sum)?;
+        }
+        synchronize(device);
+        let seconds = started.elapsed().as_secs_f64() / REPEATS as f64;
+        let algbw = (mib << 20) as f64 / seconds / 1e9;
+        rows.push(
+            json!({"mib": mib, "us": seconds * 1e6, "algbw_gbs": algbw, "busbw_gbs": algbw * 2.0 * (n - 1.0) / n}),
+        );
+    }
+    Ok(json!(rows))
 }
 
 /// Steps each backend trains before the timed ones: the first steps pay for allocations, library

@@ -9,7 +9,7 @@
 //! | `mpi.rs` | [`MpiComm`]: MPI collectives on CPU tensors |
 //! | `nccl.rs` | NCCL collectives on CUDA tensors (feature `cuda`) |
 //! | `buckets.rs` | [`GradBuckets`]: gradients as views of flat buffers, reduced per bucket |
-//! | `overlap.rs` | [`Overlap`]: buckets reduced while backward goes on (autograd hooks, CPU) |
+//! | `overlap.rs` | [`Overlap`]: buckets reduced while backward goes on (autograd hooks; MPI, NCCL) |
 //! | `watchdog.rs` | the timeout that ends a rank whose collective hangs |
 //!
 //! Preemption signals (SIGTERM, SIGUSR1) are in the `preemption` module; the mpirun command line that
@@ -81,6 +81,12 @@ pub trait Communicator {
     /// [`Communicator::reduce_scatter`] beside computation, as [`Communicator::all_reduce_beside_compute`].
     fn reduce_scatter_beside_compute(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
         self.reduce_scatter(input, op)
+    }
+    /// Orders the collectives the `*_beside_compute` calls started before the work the calling
+    /// thread enqueues next. They may return before the collective has run (NCCL enqueues it on
+    /// a stream of its own); those of MPI complete before they return, so there is nothing to do.
+    fn finish_beside_compute(&self) -> Result<()> {
+        Ok(())
     }
 }
 

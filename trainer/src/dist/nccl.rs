@@ -9,18 +9,31 @@
 //! CPU communicator (MPI); every rank then joins with `ncclCommInitRank` on CUDA device
 //! `local_rank`.
 //!
-//! **Streams.** Every collective is enqueued on libtorch's *current* CUDA stream of that device
-//! (reached through bd3-kernels' C++ glue), so it runs after the kernels that produced its input
-//! and before those that consume its output, with no extra ordering. The call then waits for that
-//! stream under the same watchdog as the MPI collectives: a dead peer makes every other rank exit
-//! after `dist.timeout_s` instead of hanging in a later kernel. (The wait costs the overlap of
-//! communication with the host's next launches; a later version can watch asynchronously with
-//! `ncclCommGetAsyncError` instead.)
+//! **Streams.** A blocking collective (`all_reduce`, `reduce_scatter`, …) is enqueued on libtorch's
+//! *current* CUDA stream of the device (reached through bd3-kernels' C++ glue), so it runs after
+//! the kernels that produced its input and before those that consume its output, and the call
+//! then waits for that stream under the same watchdog as the MPI collectives: a dead peer makes
+//! every other rank exit after `dist.timeout_s` instead of hanging in a later kernel.
+//!
+//! The gradient reductions overlapped with backward (`*_beside_compute`, called by
+//! trainer::dist::overlap as buckets complete) do not wait on the host. Each one goes on a
+//! communication stream of its own (a libtorch pool stream) after an event recorded on the
+//! compute stream (libtorch's current stream of the thread that created the communicator, which
+//! backward's kernels run on) at the moment the bucket completed; the compute stream goes on with
+//! the rest of backward. [`Communicator::finish_beside_compute`] makes the compute stream wait,
+//! on the device, for everything the communication stream was given. The host never blocks in
+//! between; the watchdog polls an event recorded after each collective instead.
+//!
+//! Memory: the buckets are long-lived flat buffers, and a reduce-scatter's output is allocated
+//! for the compute stream before the collective is enqueued and is first read after
+//! `finish_beside_compute`, so libtorch's caching allocator never hands either to other work
+//! while the communication stream still uses it.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use kernels::cuda::{Event, Stream as CudaStream};
 use tch::{Device, Kind, Tensor};
 
 use super::watchdog::Watchdog;
@@ -160,6 +173,15 @@ fn nccl_type(kind: Kind) -> Result<c_int> {
     })
 }
 
+/// How a collective is ordered (module docs, Streams).
+#[derive(Clone, Copy)]
+enum When {
+    /// On libtorch's current stream, waited for by the host.
+    Waited,
+    /// On the communication stream after the compute stream's work so far, not waited for.
+    BesideCompute,
+}
+
 /// Collectives over NCCL for CUDA tensors on this rank's device.
 pub struct NcclComm {
     lib: Library,
@@ -168,6 +190,10 @@ pub struct NcclComm {
     rank: usize,
     world: usize,
     watchdog: Watchdog,
+    /// The stream backward's kernels run on (see the module docs).
+    compute: CudaStream,
+    /// The stream of the collectives overlapped with backward.
+    side: CudaStream,
 }
 
 impl NcclComm {
@@ -187,7 +213,8 @@ impl NcclComm {
         let version = lib.version()?;
         ensure!(version >= 21000, "NCCL {version} is too old: bf16 and averaging need 2.10 or newer");
         // Makes the device current for ncclCommInitRank.
-        kernels::cuda::current_stream(local_rank)?;
+        let compute = CudaStream(kernels::cuda::current_stream(local_rank)?);
+        let side = kernels::cuda::pool_stream(local_rank)?;
         let mut id = UniqueId { internal: [0; 128] };
         if rank == 0 {
             // SAFETY: writes one ncclUniqueId.
@@ -206,7 +233,7 @@ impl NcclComm {
                 "ncclCommInitRank",
             )?;
         }
-        Ok(Self { lib, comm, device: local_rank, rank, world, watchdog })
+        Ok(Self { lib, comm, device: local_rank, rank, world, watchdog, compute, side })
     }
 
     pub fn device(&self) -> Device {
@@ -230,6 +257,54 @@ impl NcclComm {
         let _watch = self.watchdog.enter(what);
         self.lib.check(call(stream), what)?;
         kernels::cuda::synchronize(self.device)
+    }
+
+    /// Enqueues `call(stream)` on the communication stream after the work enqueued on the compute
+    /// stream so far, without waiting (see the module docs); the watchdog follows it.
+    fn run_beside_compute(&self, what: &'static str, call: impl FnOnce(Stream) -> c_int) -> Result<()> {
+        // Makes the device current on this thread (the overlap's communication thread).
+        kernels::cuda::current_stream(self.device)?;
+        let ready = Event::recorded(self.device, self.compute).with_context(|| format!("ordering {what}"))?;
+        ready.block(self.side).with_context(|| format!("ordering {what}"))?;
+        self.lib.check(call(self.side.0), what)?;
+        let done = Event::recorded(self.device, self.side).with_context(|| format!("following {what}"))?;
+        // A failed query is a CUDA error, which the training thread meets at its next call.
+        self.watchdog.track(what, move || done.is_done().unwrap_or(true));
+        Ok(())
+    }
+
+    fn launch(&self, when: When, what: &'static str, call: impl FnOnce(Stream) -> c_int) -> Result<()> {
+        match when {
+            When::Waited => self.run(what, call),
+            When::BesideCompute => self.run_beside_compute(what, call),
+        }
+    }
+
+    fn all_reduce_at(&self, when: When, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        let dtype = self.check_tensor(tensor)?;
+        let ptr = tensor.data_ptr();
+        // SAFETY (every collective below): device pointers of live contiguous tensors of the
+        // element counts passed, on this communicator's device, that outlive the collective
+        // (waited for, or module docs, Memory).
+        self.launch(when, "ncclAllReduce", |s| unsafe {
+            (self.lib.all_reduce)(ptr, ptr, tensor.numel(), dtype, Self::op(op), self.comm, s)
+        })
+    }
+
+    fn reduce_scatter_at(&self, when: When, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let dtype = self.check_tensor(input)?;
+        let n = input.numel();
+        ensure!(
+            n % self.world == 0,
+            "reduce_scatter of {n} elements over {} ranks: not a multiple of the world size",
+            self.world
+        );
+        let out = Tensor::empty([(n / self.world) as i64], (input.kind(), self.device()));
+        self.launch(when, "ncclReduceScatter", |s| unsafe {
+            let (send, recv) = (input.data_ptr(), out.data_ptr());
+            (self.lib.reduce_scatter)(send, recv, n / self.world, dtype, Self::op(op), self.comm, s)
+        })?;
+        Ok(out)
     }
 
     fn op(op: ReduceOp) -> c_int {
@@ -257,36 +332,24 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
-        let dtype = self.check_tensor(tensor)?;
-        let ptr = tensor.data_ptr();
-        // SAFETY (every collective below): device pointers of live contiguous tensors of the
-        // element counts passed, on this communicator's device; the call waits for completion.
-        self.run("ncclAllReduce", |s| unsafe {
-            (self.lib.all_reduce)(ptr, ptr, tensor.numel(), dtype, Self::op(op), self.comm, s)
-        })
+        self.all_reduce_at(When::Waited, tensor, op)
     }
 
     fn reduce_scatter(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        let dtype = self.check_tensor(input)?;
-        let n = input.numel();
-        ensure!(
-            n % self.world == 0,
-            "reduce_scatter of {n} elements over {} ranks: not a multiple of the world size",
-            self.world
-        );
-        let out = Tensor::empty([(n / self.world) as i64], (input.kind(), self.device()));
-        self.run("ncclReduceScatter", |s| unsafe {
-            (self.lib.reduce_scatter)(
-                input.data_ptr(),
-                out.data_ptr(),
-                n / self.world,
-                dtype,
-                Self::op(op),
-                self.comm,
-                s,
-            )
-        })?;
-        Ok(out)
+        self.reduce_scatter_at(When::Waited, input, op)
+    }
+
+    fn all_reduce_beside_compute(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        self.all_reduce_at(When::BesideCompute, tensor, op)
+    }
+
+    fn reduce_scatter_beside_compute(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.reduce_scatter_at(When::BesideCompute, input, op)
+    }
+
+    fn finish_beside_compute(&self) -> Result<()> {
+        kernels::cuda::current_stream(self.device)?;
+        Event::recorded(self.device, self.side)?.block(self.compute).context("waiting for the overlapped collectives")
     }
 
     fn all_gather(&self, input: &Tensor) -> Result<Tensor> {
@@ -356,5 +419,15 @@ impl Communicator for Routed<'_> {
     }
     fn barrier(&self) -> Result<()> {
         self.cpu.barrier()
+    }
+    fn all_reduce_beside_compute(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+        self.pick(tensor).all_reduce_beside_compute(tensor, op)
+    }
+    fn reduce_scatter_beside_compute(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        self.pick(input).reduce_scatter_beside_compute(input, op)
+    }
+    fn finish_beside_compute(&self) -> Result<()> {
+        self.cpu.finish_beside_compute()?;
+        self.nccl.finish_beside_compute()
     }
 }

@@ -1,4 +1,4 @@
-//! Gradient reduction overlapped with backward (CPU tensors over MPI).
+//! Gradient reduction overlapped with backward (CPU tensors over MPI, CUDA tensors over NCCL).
 //!
 //! Backward produces gradients from the last layer to the first. A post hook on every
 //! parameter's AccumulateGrad node (csrc/grad_ready.cpp) tells [`Overlap`] when a parameter's
@@ -17,6 +17,11 @@
 //! `MPI_THREAD_MULTIPLE`). Whether `MPI_Iallreduce` adds in the same order as `MPI_Allreduce` is
 //! the library's choice: Open MPI's libnbc and its tuned blocking collective may differ, which is
 //! why the overlapped path reduces every bucket with it, also the buckets reduced after backward.
+//!
+//! Over NCCL (CUDA tensors, trainer::dist::nccl) the thread only enqueues: each bucket's
+//! collective goes on a communication stream after an event on the compute stream, and returns at
+//! once; after backward, `finish_beside_compute` makes the compute stream wait for the
+//! communication stream on the device. The host waits for no kernel in the whole step's reduction.
 
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -86,7 +91,7 @@ pub struct Overlap {
 }
 
 /// The communicator, for the communication thread. MPI was initialized with
-/// `MPI_THREAD_MULTIPLE`, and while the thread runs the training thread makes no MPI call.
+/// `MPI_THREAD_MULTIPLE`, and while the thread runs the training thread makes no MPI or NCCL call.
 struct CommForThread<'a>(&'a dyn Communicator);
 // SAFETY: see above: only one thread calls into the communicator at a time.
 unsafe impl Send for CommForThread<'_> {}
@@ -158,8 +163,9 @@ impl Overlap {
         let (tx, rx) = channel::<usize>();
         *s.queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         let flat: Vec<Tensor> = buckets.buckets().iter().map(Tensor::shallow_clone).collect();
+        let comm_after = comm;
         let comm = CommForThread(comm);
-        let result = std::thread::scope(|scope| {
+        std::thread::scope(|scope| -> Result<()> {
             let reducer = scope.spawn(move || -> Result<usize> {
                 let comm = comm;
                 let mut reduced = 0;
@@ -181,8 +187,9 @@ impl Overlap {
             prepared?;
             ensure!(reduced? == s.bucket_sizes.len(), "not every gradient bucket was reduced");
             Ok(())
-        });
-        result
+        })?;
+        // Over NCCL the collectives may still run: order them before what the caller enqueues.
+        comm_after.finish_beside_compute()
     }
 }
 

@@ -1,7 +1,12 @@
 //! The watchdog of the collectives: a rank whose collective has not completed within
 //! `dist.timeout_s` (a peer died or stopped) prints which one and exits, so no rank of a broken
 //! job hangs forever whatever its launcher does.
+//!
+//! Two kinds of collectives are watched: blocking ones, from [`Watchdog::enter`] until the guard
+//! drops, and ones the host does not wait for (NCCL collectives enqueued on a stream while backward
+//! goes on), from [`Watchdog::track`] until their completion test passes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,7 +28,56 @@ struct WatchState {
     /// Collectives entered so far: identifies the one that hung in the error message.
     count: AtomicU64,
     op: Mutex<&'static str>,
+    /// Collectives the host did not wait for, oldest first, until their test says done.
+    tracked: Mutex<VecDeque<Tracked>>,
     stop: AtomicBool,
+}
+
+struct Tracked {
+    op: &'static str,
+    count: u64,
+    started: Instant,
+    done: Box<dyn FnMut() -> bool + Send>,
+}
+
+impl WatchState {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            started: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            op: Mutex::new(""),
+            tracked: Mutex::new(VecDeque::new()),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    fn track(&self, op: &'static str, done: Box<dyn FnMut() -> bool + Send>) {
+        let count = self.count.fetch_add(1, Ordering::SeqCst) + 1;
+        let entry = Tracked { op, count, started: Instant::now(), done };
+        self.tracked.lock().unwrap_or_else(|e| e.into_inner()).push_back(entry);
+    }
+
+    /// The first watched collective that has run longer than `timeout`: (its number, its name).
+    fn overdue(&self, timeout: Duration) -> Option<(u64, &'static str)> {
+        let started = self.started.load(Ordering::SeqCst);
+        if started != 0 && self.epoch.elapsed().saturating_sub(Duration::from_millis(started - 1)) > timeout {
+            let op = *self.op.lock().unwrap_or_else(|e| e.into_inner());
+            return Some((self.count.load(Ordering::SeqCst), op));
+        }
+        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
+        // Collectives complete in the order they were enqueued: only the oldest can be overdue.
+        while let Some(front) = tracked.front_mut() {
+            if (front.done)() {
+                tracked.pop_front();
+            } else if front.started.elapsed() > timeout {
+                return Some((front.count, front.op));
+            } else {
+                break;
+            }
+        }
+        None
+    }
 }
 
 pub(crate) struct WatchGuard<'a>(&'a WatchState);
@@ -36,13 +90,7 @@ impl Drop for WatchGuard<'_> {
 
 impl Watchdog {
     pub(crate) fn start(rank: usize, world: usize, timeout: Duration) -> Self {
-        let shared = Arc::new(WatchState {
-            epoch: Instant::now(),
-            started: AtomicU64::new(0),
-            count: AtomicU64::new(0),
-            op: Mutex::new(""),
-            stop: AtomicBool::new(false),
-        });
+        let shared = Arc::new(WatchState::new());
         let state = Arc::clone(&shared);
         // Polling a twentieth of the timeout bounds the overshoot to 5 %.
         let poll = (timeout / 20).clamp(Duration::from_millis(10), Duration::from_millis(500));
@@ -51,14 +99,7 @@ impl Watchdog {
             .spawn(move || {
                 while !state.stop.load(Ordering::SeqCst) {
                     std::thread::sleep(poll);
-                    let started = state.started.load(Ordering::SeqCst);
-                    if started == 0 {
-                        continue;
-                    }
-                    let since = Duration::from_millis(started - 1);
-                    if state.epoch.elapsed().saturating_sub(since) > timeout {
-                        let op = *state.op.lock().unwrap_or_else(|e| e.into_inner());
-                        let count = state.count.load(Ordering::SeqCst);
+                    if let Some((count, op)) = state.overdue(timeout) {
                         // One write of the whole line: the launcher merges every rank's stderr.
                         let line = format!(
                             "bd3 rank {rank}/{world}: collective #{count} ({op}) did not complete within {:.1} s \
@@ -83,6 +124,13 @@ impl Watchdog {
         s.started.store(s.epoch.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
         WatchGuard(s)
     }
+
+    /// Watches a collective the host does not wait for until `done()` says it has completed
+    /// (`done` runs on the watchdog's thread and must not block).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn track(&self, op: &'static str, done: impl FnMut() -> bool + Send + 'static) {
+        self.shared.track(op, Box::new(done));
+    }
 }
 
 impl Drop for Watchdog {
@@ -91,5 +139,34 @@ impl Drop for Watchdog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_collective_the_host_does_not_wait_for_is_overdue_only_until_it_completes() {
+        let state = WatchState::new();
+        let timeout = Duration::from_millis(50);
+        assert_eq!(state.overdue(timeout), None);
+        let first_done = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&first_done);
+        state.track("ncclAllReduce", Box::new(move || flag.load(Ordering::SeqCst)));
+        state.track("ncclReduceScatter", Box::new(|| false));
+        assert_eq!(state.overdue(timeout), None, "nothing has run for the timeout yet");
+        std::thread::sleep(timeout * 2);
+        assert_eq!(state.overdue(timeout), Some((1, "ncclAllReduce")), "the oldest pending one is named");
+        first_done.store(true, Ordering::SeqCst);
+        assert_eq!(state.overdue(timeout), Some((2, "ncclReduceScatter")), "a completed one is dropped");
+        assert_eq!(state.tracked.lock().unwrap().len(), 1);
+        // A blocking collective is watched as before, and reported first.
+        let blocking = WatchState::new();
+        blocking.count.store(7, Ordering::SeqCst);
+        blocking.started.store(1, Ordering::SeqCst);
+        *blocking.op.lock().unwrap() = "MPI_Allreduce";
+        std::thread::sleep(timeout * 2);
+        assert_eq!(blocking.overdue(timeout), Some((7, "MPI_Allreduce")));
     }
 }
