@@ -218,3 +218,125 @@ impl Stateful for Optimizer {
         self.as_stateful_mut().load(params, from)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tch::{Device, Kind};
+
+    use super::*;
+
+    type Landing = Box<dyn FnOnce() + Send>;
+
+    /// Rank 0 of 2, whose peer contributes `0.5·x + 1` for this rank's `x`, and whose collectives
+    /// beside compute land only at `finish_beside_compute`, as NCCL's do on their stream: until
+    /// then an all-reduced bucket is unchanged and a reduce-scatter's output is NaN. A step that
+    /// read the gradients before finishing would see them.
+    #[derive(Default)]
+    struct LateCollectives {
+        pending: Mutex<Vec<Landing>>,
+    }
+
+    fn reduced(x: &Tensor, op: ReduceOp) -> Tensor {
+        let sum = x + (x * 0.5 + 1.0);
+        match op {
+            ReduceOp::Sum => sum,
+            ReduceOp::Avg => sum / 2.0,
+        }
+    }
+
+    /// Rank 0's part of the reduction of `input`: the first half.
+    fn first_half(input: &Tensor, op: ReduceOp) -> Tensor {
+        let flat = reduced(&input.flatten(0, -1), op);
+        flat.narrow(0, 0, flat.numel() as i64 / 2)
+    }
+
+    impl Communicator for LateCollectives {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn all_reduce(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+            tch::no_grad(|| tensor.shallow_clone().copy_(&reduced(tensor, op)));
+            Ok(())
+        }
+        fn reduce_scatter(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+            Ok(first_half(input, op))
+        }
+        fn all_gather(&self, input: &Tensor) -> Result<Tensor> {
+            let flat = input.flatten(0, -1);
+            Ok(Tensor::cat(&[&flat, &(&flat * 0.5 + 1.0)], 0))
+        }
+        fn broadcast(&self, _: &Tensor, _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn all_reduce_beside_compute(&self, tensor: &Tensor, op: ReduceOp) -> Result<()> {
+            let tensor = tensor.shallow_clone();
+            self.pending.lock().unwrap().push(Box::new(move || {
+                tch::no_grad(|| tensor.shallow_clone().copy_(&reduced(&tensor, op)));
+            }));
+            Ok(())
+        }
+        fn reduce_scatter_beside_compute(&self, input: &Tensor, op: ReduceOp) -> Result<Tensor> {
+            let out = Tensor::full([input.numel() as i64 / 2], f64::NAN, (input.kind(), input.device()));
+            let (input, landing) = (input.shallow_clone(), out.shallow_clone());
+            self.pending.lock().unwrap().push(Box::new(move || {
+                tch::no_grad(|| landing.shallow_clone().copy_(&first_half(&input, op)));
+            }));
+            Ok(out)
+        }
+        fn finish_beside_compute(&self) -> Result<()> {
+            for land in self.pending.lock().unwrap().drain(..) {
+                land();
+            }
+            Ok(())
+        }
+    }
+
+    /// The weights after 3 steps of 3 parameters in 4 buckets, reduced after backward or beside it.
+    fn train(zero: bool, overlap: bool) -> (Vec<Tensor>, u64) {
+        tch::manual_seed(3);
+        let params: Vec<Tensor> = [vec![5i64, 3], vec![7], vec![4, 4]]
+            .iter()
+            .map(|s| Tensor::randn(s.as_slice(), (Kind::Double, Device::Cpu)).set_requires_grad(true))
+            .collect();
+        let comm = LateCollectives::default();
+        // 48-byte buckets: several per run, so the hooks send some during backward.
+        let bucket_bytes = 48;
+        let mut opt = Optimizer::new(&params, &OptimConfig::default(), zero, 0, 2, bucket_bytes).unwrap();
+        for _ in 0..3 {
+            for p in &params {
+                p.shallow_clone().zero_grad();
+            }
+            let loss: Tensor = params.iter().map(|p| (p * 2.0).cos().sum(Kind::Double)).sum();
+            opt.backward_last(&comm, &params, &loss, overlap).unwrap();
+            opt.reduce_gradients(&comm, &params, 1.0, bucket_bytes).unwrap();
+            opt.apply(&comm, &params, 1e-2).unwrap();
+            assert!(comm.pending.lock().unwrap().is_empty(), "a collective never landed");
+        }
+        (params, opt.overlapped_steps())
+    }
+
+    /// The host-side contract of the NCCL overlap, tested without a GPU: every step reads the
+    /// overlapped reductions only after `finish_beside_compute`, replicated and with ZeRO-1.
+    #[test]
+    fn overlapped_steps_read_collectives_that_land_late_only_after_they_land() {
+        for zero in [false, true] {
+            let (after, none) = train(zero, false);
+            let (beside, overlapped) = train(zero, true);
+            assert_eq!(none, 0);
+            // The first step makes the gradients views of the buckets; the two after overlap.
+            assert_eq!(overlapped, 2, "zero = {zero}");
+            for (a, b) in after.iter().zip(&beside) {
+                assert!(a.isfinite().all().int64_value(&[]) == 1, "zero = {zero}: {a}");
+                assert!(a.equal(b), "zero = {zero}: {a} vs {b}");
+            }
+        }
+    }
+}
