@@ -40,9 +40,10 @@ test: setup
 	$(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) nextest run -p bd3-kernels --features cuda --no-fail-fast -E 'binary(cuda)'
 	$(CARGO) build -p bd3-kernels --features cuda --example cuda_check
-	@# NCCL (trainer::dist::nccl) builds here and fails clearly without a GPU. dist-check (the GPU
-	@# check's) is built in the same test build: a plain `cargo build` of it would compile the
-	@# dependencies again without the dev-dependencies' features (minutes).
+	@# NCCL (trainer::dist::nccl) builds here and fails clearly without a GPU. dist-check's code
+	@# with `cuda` (the GPU check's binary) is compiled in the same test build (as its test
+	@# harness): a plain `cargo build` of it would compile the dependencies again without the
+	@# dev-dependencies' features (minutes). kernels/build-gpu-check.sh builds the binary itself.
 	$(CARGO) nextest run -p bd3-trainer --features cuda --no-fail-fast --lib --bin dist-check -E 'test(nccl)'
 
 lint:

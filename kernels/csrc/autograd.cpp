@@ -174,9 +174,12 @@ extern "C" char* bd3_cuda_stream_wait_event(void* stream, void* event) {
     });
 }
 
-// *done = 1 when the device has passed `event`'s point, 0 when not yet (never blocks).
-extern "C" char* bd3_cuda_event_query(void* event, int* done) {
+// *done = 1 when the device has passed `event` (created on `device`), 0 when not yet (never
+// blocks). The device is made current first: a thread that never chose one (the collectives'
+// watchdog) would otherwise create a context on device 0.
+extern "C" char* bd3_cuda_event_query(int device, void* event, int* done) {
     return guarded([&] {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
         const cudaError_t err = cudaEventQuery(static_cast<cudaEvent_t>(event));
         if (err == cudaErrorNotReady) {
             (void)cudaGetLastError();  // not-ready is not an error; keep it out of the next check
@@ -188,6 +191,13 @@ extern "C" char* bd3_cuda_event_query(void* event, int* done) {
     });
 }
 
-extern "C" void bd3_cuda_event_destroy(void* event) { (void)cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
+extern "C" void bd3_cuda_event_destroy(int device, void* event) {
+    try {
+        const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+        (void)cudaEventDestroy(static_cast<cudaEvent_t>(event));
+    } catch (...) {
+        // A device that cannot be made current (a CUDA error): the event is lost with it.
+    }
+}
 
 extern "C" void bd3_free_message(char* message) { std::free(message); }

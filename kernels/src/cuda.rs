@@ -32,8 +32,8 @@ extern "C" {
     fn bd3_cuda_event_create(device: i32, event: *mut *mut c_void) -> *mut c_char;
     fn bd3_cuda_event_record(event: *mut c_void, stream: *mut c_void) -> *mut c_char;
     fn bd3_cuda_stream_wait_event(stream: *mut c_void, event: *mut c_void) -> *mut c_char;
-    fn bd3_cuda_event_query(event: *mut c_void, done: *mut i32) -> *mut c_char;
-    fn bd3_cuda_event_destroy(event: *mut c_void);
+    fn bd3_cuda_event_query(device: i32, event: *mut c_void, done: *mut i32) -> *mut c_char;
+    fn bd3_cuda_event_destroy(device: i32, event: *mut c_void);
 }
 
 /// Whether the fused kernels handle these inputs.
@@ -109,7 +109,10 @@ pub fn pool_stream(device: usize) -> Result<Stream> {
 /// A CUDA event (no timing): a point in a stream that other streams can wait for on the device,
 /// and the host can poll without blocking.
 #[derive(Debug)]
-pub struct Event(*mut c_void);
+pub struct Event {
+    event: *mut c_void,
+    device: usize,
+}
 // SAFETY: CUDA events may be recorded, waited on and queried from any host thread.
 unsafe impl Send for Event {}
 // SAFETY: as above.
@@ -121,7 +124,7 @@ impl Event {
         // SAFETY: as in `current_stream`.
         check_message(unsafe { bd3_cuda_event_create(device as i32, &mut event) })
             .map_err(|e| anyhow!("a CUDA event on device {device}: {e}"))?;
-        Ok(Self(event))
+        Ok(Self { event, device })
     }
 
     /// An event recorded on `stream` now.
@@ -134,20 +137,22 @@ impl Event {
     /// Moves the event to the point `stream` reaches with the work enqueued on it so far.
     pub fn record(&self, stream: Stream) -> Result<()> {
         // SAFETY: a live event and stream; the C++ side catches every exception.
-        check_message(unsafe { bd3_cuda_event_record(self.0, stream.0) }).map_err(|e| anyhow!("{e}"))
+        check_message(unsafe { bd3_cuda_event_record(self.event, stream.0) }).map_err(|e| anyhow!("{e}"))
     }
 
     /// Makes the work enqueued on `stream` after this call wait, on the device, for the event.
     pub fn block(&self, stream: Stream) -> Result<()> {
         // SAFETY: as in `record`.
-        check_message(unsafe { bd3_cuda_stream_wait_event(stream.0, self.0) }).map_err(|e| anyhow!("{e}"))
+        check_message(unsafe { bd3_cuda_stream_wait_event(stream.0, self.event) }).map_err(|e| anyhow!("{e}"))
     }
 
-    /// Whether the device has passed the event (never blocks the host).
+    /// Whether the device has passed the event (never blocks the host; callable from a thread
+    /// that never chose a device).
     pub fn is_done(&self) -> Result<bool> {
         let mut done = 0;
         // SAFETY: as in `record`; writes one int.
-        check_message(unsafe { bd3_cuda_event_query(self.0, &mut done) }).map_err(|e| anyhow!("{e}"))?;
+        check_message(unsafe { bd3_cuda_event_query(self.device as i32, self.event, &mut done) })
+            .map_err(|e| anyhow!("{e}"))?;
         Ok(done != 0)
     }
 }
@@ -156,6 +161,6 @@ impl Drop for Event {
     fn drop(&mut self) {
         // SAFETY: created by bd3_cuda_event_create, destroyed once. CUDA defers the release of
         // an event that is still pending.
-        unsafe { bd3_cuda_event_destroy(self.0) };
+        unsafe { bd3_cuda_event_destroy(self.device as i32, self.event) };
     }
 }

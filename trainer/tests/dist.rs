@@ -51,6 +51,7 @@ fn the_overlap_check_finds_overlapped_gradients_bitwise_equal_on_2_ranks() {
             .unwrap_or_else(|| panic!("no report from rank {rank}:\n{stdout}\n{stderr}"));
         let report: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(report["bitwise_equal"], true, "{report}");
+        assert_eq!(report["ordered"], true, "{report}");
         assert_eq!(report["world_size"], 2, "{report}");
         assert_eq!(report["reduction_changed_gradients"], true, "the ranks' inputs differ: {report}");
         // One bucket per 1 MiB weight, the biases sharing them: at least the 8 weights' worth.

@@ -50,6 +50,7 @@ fn gpu_check_cpu_mode_records_a_training_step_per_backend_and_the_overlap_check(
     let overlap = &summary["steps"]["overlap_cpu"];
     assert_eq!(overlap["ok"], true, "{context}");
     assert_eq!(overlap["detail"]["bitwise_equal"], true, "{context}");
+    assert_eq!(overlap["detail"]["ordered"], true, "{context}");
     assert!(overlap["detail"]["overlapped_ms"].as_f64().unwrap_or(0.0) > 0.0, "{context}");
     assert!(out.status.success(), "{context}");
     assert_eq!(summary["ok"], true, "{context}");

@@ -122,9 +122,19 @@ fn run() -> Result<()> {
                 }
                 _ => bail!("overlap cpu|cuda (cuda needs the feature `cuda`)"),
             };
-            let equal = report["bitwise_equal"] == json!(true);
             println!("rank {} OVERLAP {report}", dist.comm().rank());
-            ensure!(equal, "the overlapped gradients differ from those reduced after backward");
+            ensure!(
+                report["bitwise_equal"] == json!(true),
+                "the overlapped gradients differ from those reduced after backward"
+            );
+            ensure!(
+                report["world_size"] == json!(1) || report["reduction_changed_gradients"] == json!(true),
+                "the reduction over several ranks left the gradients as they were"
+            );
+            ensure!(
+                report["ordered"] == json!(true),
+                "a collective beside compute was not ordered with the compute stream"
+            );
             Ok(())
         }
         Some("step-bench") => step_bench(&args[1..]),
@@ -203,6 +213,7 @@ fn overlap_check(comm: &dyn Communicator, device: Device) -> Result<serde_json::
         Ok(started.elapsed().as_secs_f64() * 1e3 / REPEATS as f64)
     };
     let (after_ms, overlapped_ms) = (time(&after)?, time(&overlapped)?);
+    let ordered = ordering_probe(comm, device)?;
     Ok(json!({
         "rank": comm.rank(),
         "world_size": comm.world_size(),
@@ -210,13 +221,39 @@ fn overlap_check(comm: &dyn Communicator, device: Device) -> Result<serde_json::
         "buckets": buckets.buckets().len(),
         "bitwise_equal": bitwise_equal,
         "reduction_changed_gradients": reduction_changed_them,
+        "ordered": ordered,
         "reduced_after_backward_ms": after_ms,
         "overlapped_ms": overlapped_ms,
     }))
 }
 
+/// Whether a collective beside compute sees the values the compute stream wrote just before it
+/// (after a long chain of matrix products) and its result is seen after `finish_beside_compute`:
+/// a reduce-scatter, which copies even on one rank (where an all-reduce in place changes
+/// nothing), against the same reduce-scatter waited for afterwards. Over NCCL a missing event
+/// on either side shows as stale or unwritten values; over MPI it checks the same contract.
+fn ordering_probe(comm: &dyn Communicator, device: Device) -> Result<bool> {
+    let (side, chain) = if device.is_cuda() { (4096, 16) } else { (128, 4) };
+    let n = 1 << 22;
+    tch::manual_seed(11 + comm.rank() as i64);
+    let values = Tensor::randn([n as i64 * comm.world_size() as i64], (Kind::Float, device));
+    let input = Tensor::zeros_like(&values);
+    let mut a = Tensor::randn([side, side], (Kind::Float, device)) / (side as f64).sqrt();
+    for _ in 0..chain {
+        a = a.matmul(&a).tanh();
+    }
+    // Written only once the chain has run: a collective not ordered after it reads zeros.
+    tch::no_grad(|| input.shallow_clone().copy_(&(&values + a.sum(Kind::Float) * 0.0)));
+    let beside = comm.reduce_scatter_beside_compute(&input, ReduceOp::Sum)?;
+    comm.finish_beside_compute()?;
+    let seen = beside.copy();
+    let waited = comm.reduce_scatter(&input, ReduceOp::Sum)?;
+    Ok(seen.equal(&waited))
+}
+
 /// nccl-tests' figures for the blocking all-reduce at a few sizes: algorithm bandwidth (bytes /
-/// time) and bus bandwidth (× 2(n − 1)/n, what each link carries in a ring), in GB/s.
+/// time) and bus bandwidth (× 2(n − 1)/n, what each link carries in a ring; 0 on one rank, as
+/// nccl-tests prints), in GB/s.
 #[cfg(feature = "cuda")]
 fn all_reduce_bandwidth(comm: &dyn Communicator, device: Device) -> Result<serde_json::Value> {
     const REPEATS: u32 = 20;

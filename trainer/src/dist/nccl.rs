@@ -19,8 +19,9 @@
 //! trainer::dist::overlap as buckets complete) do not wait on the host. Each one goes on a
 //! communication stream of its own (a libtorch pool stream) after an event recorded on the
 //! compute stream (libtorch's current stream of the thread that created the communicator, which
-//! backward's kernels run on) at the moment the bucket completed; the compute stream goes on with
-//! the rest of backward. [`Communicator::finish_beside_compute`] makes the compute stream wait,
+//! backward's kernels run on) when the communication thread takes the bucket: after the kernels
+//! that completed it, perhaps after a few more; the compute stream goes on with the rest of
+//! backward. [`Communicator::finish_beside_compute`] makes the compute stream wait,
 //! on the device, for everything the communication stream was given. The host never blocks in
 //! between; the watchdog polls an event recorded after each collective instead.
 //!
@@ -348,7 +349,12 @@ impl Communicator for NcclComm {
     }
 
     fn finish_beside_compute(&self) -> Result<()> {
-        kernels::cuda::current_stream(self.device)?;
+        let current = CudaStream(kernels::cuda::current_stream(self.device)?);
+        ensure!(
+            current == self.compute,
+            "the training thread's CUDA stream changed since NCCL started: the overlapped gradient \
+             reduction orders itself after the stream backward ran on when NcclComm::init was called"
+        );
         Event::recorded(self.device, self.side)?.block(self.compute).context("waiting for the overlapped collectives")
     }
 

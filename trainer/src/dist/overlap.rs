@@ -165,7 +165,7 @@ impl Overlap {
         let flat: Vec<Tensor> = buckets.buckets().iter().map(Tensor::shallow_clone).collect();
         let comm_after = comm;
         let comm = CommForThread(comm);
-        std::thread::scope(|scope| -> Result<()> {
+        let reduced = std::thread::scope(|scope| -> Result<()> {
             let reducer = scope.spawn(move || -> Result<usize> {
                 let comm = comm;
                 let mut reduced = 0;
@@ -187,9 +187,11 @@ impl Overlap {
             prepared?;
             ensure!(reduced? == s.bucket_sizes.len(), "not every gradient bucket was reduced");
             Ok(())
-        })?;
-        // Over NCCL the collectives may still run: order them before what the caller enqueues.
-        comm_after.finish_beside_compute()
+        });
+        // Over NCCL the collectives may still run: order them before what the caller enqueues,
+        // also after a failure, so that memory they write is not reused before they end.
+        let finished = comm_after.finish_beside_compute();
+        reduced.and(finished)
     }
 }
 

@@ -65,18 +65,18 @@ impl WatchState {
             let op = *self.op.lock().unwrap_or_else(|e| e.into_inner());
             return Some((self.count.load(Ordering::SeqCst), op));
         }
-        let mut tracked = self.tracked.lock().unwrap_or_else(|e| e.into_inner());
         // Collectives complete in the order they were enqueued: only the oldest can be overdue.
-        while let Some(front) = tracked.front_mut() {
+        // Its test runs outside the lock: a CUDA query stalled on a driver lock must not stop
+        // `track` on the communication thread.
+        loop {
+            let mut front = self.tracked.lock().unwrap_or_else(|e| e.into_inner()).pop_front()?;
             if (front.done)() {
-                tracked.pop_front();
-            } else if front.started.elapsed() > timeout {
-                return Some((front.count, front.op));
-            } else {
-                break;
+                continue;
             }
+            let overdue = (front.started.elapsed() > timeout).then_some((front.count, front.op));
+            self.tracked.lock().unwrap_or_else(|e| e.into_inner()).push_front(front);
+            return overdue;
         }
-        None
     }
 }
 
@@ -149,7 +149,7 @@ mod tests {
     #[test]
     fn a_collective_the_host_does_not_wait_for_is_overdue_only_until_it_completes() {
         let state = WatchState::new();
-        let timeout = Duration::from_millis(50);
+        let timeout = Duration::from_millis(500);
         assert_eq!(state.overdue(timeout), None);
         let first_done = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&first_done);
