@@ -563,8 +563,8 @@ fn load_model(cfg: &Config, weights: &Path) -> Result<(trainer::Dit, tch::nn::Va
 }
 
 fn load_model_on(cfg: &Config, weights: &Path, device: tch::Device) -> Result<(trainer::Dit, tch::nn::VarStore)> {
-    let vs = tch::nn::VarStore::new(device);
-    let model = trainer::Dit::new(&vs.root(), &cfg.model)?;
+    let mut vs = tch::nn::VarStore::new(device);
+    let model = trainer::Dit::build(&mut vs, &cfg.model)?;
     trainer::weights::load_weights(&vs, weights, &cfg.diffusion)?;
     Ok((model, vs))
 }

@@ -38,6 +38,46 @@ pub fn assert_refused(out: &std::process::Output, args: &dyn std::fmt::Debug, ex
     }
 }
 
+/// The unit roundoff of fp64, u = 2⁻⁵³ ≈ 1.1e-16: one rounding moves a value by at most u relative.
+pub const F64_UNIT_ROUNDOFF: f64 = f64::EPSILON / 2.0;
+
+/// How far apart two fp64 sums of the same `n` terms taken in different orders can be, given the
+/// sum of the terms' absolute values: each lies within (n − 1)·u·Σ|x| of the exact sum (recursive
+/// summation's error bound; pairwise and blocked sums do better), so 2·n·u·Σ|x| covers both.
+/// This is what changes when a batch is split over ranks or micro-batches, and what differs
+/// between CPUs whose GEMM kernels block the inner products differently.
+pub fn reordered_sum_bound(n: usize, abs_sum: f64) -> f64 {
+    2.0 * n as f64 * F64_UNIT_ROUNDOFF * abs_sum
+}
+
+/// The override that makes a run compute in fp64 (`model.dtype`), where summing in another order
+/// moves results by about 1e-16 relative instead of 1e-7: for tests that compare runs which are
+/// equal in exact arithmetic.
+pub const FP64: &str = "model.dtype=\"float64\"";
+
+/// AdamW's ε in the runs the tests compare (the recipe's default, `optim.eps`).
+pub const ADAMW_EPS: f64 = 1e-8;
+
+/// Bound on the sum of the absolute per-token contributions to one gradient element of the
+/// tests' tiny models: each masked token's weight 1/t averages to 1 over the masked tokens of a
+/// mean loss (about t·L′ of a block's L′ tokens are masked at rate t), (softmax − one-hot) is at
+/// most 2 in magnitude, and activations after LayerNorm and the adaLN scale stay within a few
+/// units (√32 ≈ 5.7 at most for a 32-wide model): 10.
+pub const ABS_GRADIENT_SUM: f64 = 10.0;
+
+/// Tolerance on weights (absolute) and losses (relative) between fp64 runs (`model.dtype =
+/// "float64"`) that differ only in how each global batch is split over ranks and micro-batches,
+/// which changes only the order in which gradient contributions are summed. Bound: a gradient
+/// element summed over `summands` rows in another order moves by at most
+/// δ = [`reordered_sum_bound`]`(summands, ABS_GRADIENT_SUM)`; AdamW's update m̂/(√v̂ + ε) is
+/// Lipschitz in the gradient with a constant of about 1/ε, so each of `steps` steps at a learning
+/// rate of at most `lr` moves a weight by at most lr·δ/ε more. The loss follows the weights at
+/// the same scale. In fp32 (u = 6e-8) the same bound is about 1 for the tests' runs, which is
+/// why they compare in fp64.
+pub fn data_parallel_tolerance(steps: usize, lr: f64, summands: usize) -> f64 {
+    steps as f64 * lr * reordered_sum_bound(summands, ABS_GRADIENT_SUM) / ADAMW_EPS
+}
+
 /// A fresh directory under the system's temporary directory, removed when dropped (also when
 /// the test fails).
 pub fn scratch_dir(what: &str) -> tempfile::TempDir {

@@ -114,8 +114,11 @@ fn the_four_experiments_run_end_to_end_at_tiny_scale() {
     let tokens: Vec<f64> = rows.iter().map(|r| number(&r[4])).collect();
     assert!(tokens.iter().all(|&t| t == 4.0 * 4.0 * 32.0), "training tokens differ: {tokens:?}");
     for r in &rows {
+        // The table prints the NLL to 4 decimals (within 5e-5: its exp within 5.1e-5 relative)
+        // and the PPL to 2 (within 0.005).
         let nll = number(&r[2]);
-        assert!(nll.is_finite() && nll > 0.0 && (nll.exp() - number(&r[3])).abs() < 0.01 * nll.exp(), "{r:?}");
+        let ppl_error = 5.1e-5 * nll.exp() + 0.005 + 1e-9;
+        assert!(nll.is_finite() && nll > 0.0 && (nll.exp() - number(&r[3])).abs() <= ppl_error, "{r:?}");
     }
     assert!(a.contains("Ordering by NLL:"), "{a}");
     assert_png(dir.join("results/a-valid-nelbo.png"));
@@ -132,8 +135,9 @@ fn the_four_experiments_run_end_to_end_at_tiny_scale() {
             _ => assert_eq!(last, (0.001, 1.0), "{r:?}"),
         }
         let best = r[8].split(": ").nth(1).map(number).unwrap();
+        // Both printed to 3 decimals: rounding keeps their order (ties included).
         for column in 5..8 {
-            assert!(best <= number(&r[column]) + 1e-12, "the lowest variance is not the least: {r:?}");
+            assert!(best <= number(&r[column]), "the lowest variance is not the least: {r:?}");
         }
     }
     assert_png(dir.join("results/b-variance-by-interval.png"));

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use dataloader::{Reader, ReaderConfig, SpecialTokens, TextTokenizer};
-use test_support::{assert_refused, bd3_binary, repo_root, scratch_dir, tiny_command};
+use test_support::{assert_refused, bd3_binary, data_parallel_tolerance, repo_root, scratch_dir, tiny_command, FP64};
 
 /// The words of the test vocabulary, after BERT's five special tokens.
 const WORDS: [&str; 18] = [
@@ -284,7 +284,8 @@ fn unpacked_training_leaves_padding_out_of_the_loss_on_any_number_of_ranks() {
     let dataset = format!("data.dataset={data:?}");
     let vocab = format!("model.vocab_size={VOCAB}");
     let mask = format!("diffusion.mask_id={MASK}");
-    let common = ["train.steps=3", "model.seq_len=12", "diffusion.block_size=4", &dataset, &vocab, &mask];
+    // In fp64, so that the split of the batch changes the losses only within a stated bound.
+    let common = ["train.steps=3", "model.seq_len=12", "diffusion.block_size=4", &dataset, &vocab, &mask, FP64];
     let run = |name: &str, nproc: usize, extra: &[&str]| {
         let mut cmd = tiny_command("train", &runs, name, &[&common[..], extra].concat());
         if nproc > 1 {
@@ -300,9 +301,11 @@ fn unpacked_training_leaves_padding_out_of_the_loss_on_any_number_of_ranks() {
     let accumulated = run("accumulated", 1, &["train.micro_batch=4", "train.grad_accum=2"]);
     let two_ranks = run("two-ranks", 2, &["train.micro_batch=4"]);
     assert_eq!(whole.len(), 3, "{whole:?}");
+    // 3 steps at tiny.toml's lr of 3e-3 at most, sums over 8 sequences × 2 streams × 12 positions.
+    let rel = data_parallel_tolerance(3, 3e-3, 8 * 2 * 12);
     for (what, other) in [("2 micro-batches", &accumulated), ("2 ranks", &two_ranks)] {
         for (a, b) in whole.iter().zip(other.iter()) {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "{what}: {other:?} against one batch of 8: {whole:?}");
+            assert!((a - b).abs() <= rel * a.abs(), "{what}: {other:?} against one batch of 8: {whole:?} ({rel:e})");
         }
         assert_eq!(other.len(), whole.len());
     }

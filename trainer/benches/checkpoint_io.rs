@@ -48,8 +48,8 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
 
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Dit::new(&vs.root(), &cfg.model)?;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = Dit::build(&mut vs, &cfg.model)?;
     let params = Params::of(&vs);
     let objective = BlockDiffusion::new(&cfg.model, &cfg.diffusion)?;
     let optimizer = Optimizer::new(&params.tensors, &cfg.optim, false, 0, 1, 1 << 20)?;

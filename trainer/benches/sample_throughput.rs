@@ -40,8 +40,8 @@ fn main() -> Result<()> {
             let sets = ["model.seq_len=1024".to_string(), format!("diffusion.block_size={block_size}")];
             let cfg = Config::load(&root.join(format!("configs/{name}.toml")), &sets)?;
             tch::manual_seed(0);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let model = Dit::new(&vs.root(), &cfg.model)?;
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let model = Dit::build(&mut vs, &cfg.model)?;
             // Zero-initialized adaLN and output layers would give uniform predictions, whose
             // nucleus is the whole vocabulary. Draw the output projection so that logits have a
             // standard deviation of about 3, as peaked as a trained model's: the host-side

@@ -80,8 +80,8 @@ fn main() -> Result<()> {
 /// Returns (parameters, training tokens/s) over `steps` timed steps after one warm-up step.
 fn measure(cfg: &Config, variant: Variant, steps: usize) -> Result<(i64, f64)> {
     tch::manual_seed(0);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = Dit::new(&vs.root(), &cfg.model)?;
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let model = Dit::build(&mut vs, &cfg.model)?;
     let mut params = Params::of(&vs).tensors;
     let objective = BlockDiffusion::new(&cfg.model, &cfg.diffusion)?;
     let mut adamw = AdamW::new(&params, &cfg.optim);

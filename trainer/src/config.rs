@@ -76,6 +76,29 @@ pub struct ModelConfig {
     /// "fused" (tensor-core kernels, CUDA builds), "sdpa-tiles" (SDPA over non-empty tiles) or
     /// "dense" (SDPA with the full mask, the reference). All compute the same function.
     pub attention: kernels::Backend,
+    /// The parameters' dtype, and so the activations' and the optimizer state's: "float32", or
+    /// "float64" for numerical checks on CPU, where summing in another order (other ranks, other
+    /// batch splits, another CPU's GEMM kernels) changes results by about 1e-16 instead of 1e-7.
+    /// bf16 compute on CUDA is `train.bf16` (autocast), which leaves float64 alone.
+    pub dtype: ParamDtype,
+}
+
+/// `model.dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamDtype {
+    #[default]
+    Float32,
+    Float64,
+}
+
+impl ParamDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Self::Float32 => tch::Kind::Float,
+            Self::Float64 => tch::Kind::Double,
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -99,6 +122,7 @@ impl ModelConfig {
             seq_len: 1024,
             time_conditioning: false,
             attention: kernels::Backend::Auto,
+            dtype: ParamDtype::Float32,
         }
     }
 

@@ -12,10 +12,10 @@
 
 use anyhow::{bail, ensure, Result};
 use kernels::BlockLayout;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::config::{DiffusionConfig, ModelConfig, MIN_MASK_RATE};
-use crate::model::Dit;
+use crate::model::{wide_kind, Dit};
 use crate::rng::{stream, NoiseRng};
 
 /// The logit added to `[MASK]` so that its probability is exactly zero (docs/algorithm.md §3.6).
@@ -71,9 +71,10 @@ impl Noise {
         tokens_tensor(&self.xt, self.batch, self.seq_len, device)
     }
 
-    /// t repeated over every token of its block, `[batch, seq_len]` fp32.
+    /// t repeated over every token of its block, `[batch, seq_len]` fp64 (the losses divide by it
+    /// in their own kind).
     pub fn t_per_token(&self, device: Device) -> Tensor {
-        let per_token: Vec<f32> = self.t.iter().flat_map(|&t| std::iter::repeat_n(t as f32, self.block_size)).collect();
+        let per_token: Vec<f64> = self.t.iter().flat_map(|&t| std::iter::repeat_n(t, self.block_size)).collect();
         Tensor::from_slice(&per_token).reshape([self.batch as i64, self.seq_len as i64]).to_device(device)
     }
 }
@@ -243,7 +244,8 @@ impl BlockDiffusion {
 
     /// The training loss: the mean of [`Self::token_losses`] over all tokens (docs/algorithm.md §3.7).
     pub fn loss(&self, model: &Dit, x0: &Tensor, noise: &Noise, train: bool) -> Result<Tensor> {
-        Ok(self.token_losses(model, x0, noise, train)?.mean(Kind::Float))
+        let terms = self.token_losses(model, x0, noise, train)?;
+        Ok(terms.mean(terms.kind()))
     }
 
     /// Per-token losses `[batch, seq_len]`. With L′ = L the clean stream carries no information
@@ -291,15 +293,16 @@ impl BlockDiffusion {
         }
         let input_len = layout.query_len() as i64;
         let rows: Vec<i64> = masked.iter().map(|&i| i / n as i64 * input_len + i % n as i64).collect();
-        let t: Vec<f32> = masked.iter().map(|&i| noise.t[i as usize / noise.block_size] as f32).collect();
+        let t: Vec<f64> = masked.iter().map(|&i| noise.t[i as usize / noise.block_size]).collect();
         let (masked, rows) =
             (Tensor::from_slice(&masked).to_device(device), Tensor::from_slice(&rows).to_device(device));
         let logits = model.logits_at(input, layout, &rows, train)?;
-        let log_probs = mask_logit_removed(&logits, self.mask_id).log_softmax(-1, Kind::Float);
+        let log_probs = log_probs_without_mask(&logits, self.mask_id);
+        let kind = log_probs.kind();
         let target = x0.reshape([-1]).index_select(0, &masked);
-        let values =
-            -log_probs.gather(1, &target.unsqueeze(1), false).squeeze_dim(1) / Tensor::from_slice(&t).to_device(device);
-        let terms = Tensor::zeros([(batch * n) as i64], (Kind::Float, device)).index_add(0, &masked, &values);
+        let t = Tensor::from_slice(&t).to_kind(kind).to_device(device);
+        let values = -log_probs.gather(1, &target.unsqueeze(1), false).squeeze_dim(1) / t;
+        let terms = Tensor::zeros([(batch * n) as i64], (kind, device)).index_add(0, &masked, &values);
         Ok(terms.reshape([batch as i64, n as i64]))
     }
 
@@ -307,19 +310,29 @@ impl BlockDiffusion {
     /// target's log-probability instead of materializing the carry-over rows: at unmasked
     /// positions SUBS gives x_t = x_0 log-probability 0, so the term is 0 there.
     pub(crate) fn nelbo_terms(&self, logits: &Tensor, x0: &Tensor, xt: &Tensor, t: &Tensor) -> Tensor {
-        let log_probs = mask_logit_removed(logits, self.mask_id).log_softmax(-1, Kind::Float);
+        let log_probs = log_probs_without_mask(logits, self.mask_id);
+        let kind = log_probs.kind();
         let target = log_probs.gather(2, &x0.unsqueeze(2), false).squeeze_dim(2);
-        let masked = xt.eq(self.mask_id as i64).to_kind(Kind::Float);
-        -(target * masked) / t
+        let masked = xt.eq(self.mask_id as i64).to_kind(kind);
+        -(target * masked) / t.to_kind(kind)
     }
 }
 
-/// logits + (−1e6 at `[MASK]`): the model never predicts the mask token.
+/// logits + (−1e6 at `[MASK]`): the model never predicts the mask token. In fp32 at least
+/// ([`wide_kind`]).
 pub fn mask_logit_removed(logits: &Tensor, mask_id: u32) -> Tensor {
     let vocab = *logits.size().last().expect("logits have a vocabulary axis");
-    let bias = Tensor::zeros([vocab], (Kind::Float, logits.device()));
+    let kind = wide_kind(logits.kind());
+    let bias = Tensor::zeros([vocab], (kind, logits.device()));
     let _ = bias.narrow(0, mask_id as i64, 1).fill_(NEG_INF_LOGIT);
-    logits.to_kind(Kind::Float) + bias
+    logits.to_kind(kind) + bias
+}
+
+/// Log-probabilities over the vocabulary with zero mass on `[MASK]`, in fp32 at least.
+pub fn log_probs_without_mask(logits: &Tensor, mask_id: u32) -> Tensor {
+    let removed = mask_logit_removed(logits, mask_id);
+    let kind = removed.kind();
+    removed.log_softmax(-1, kind)
 }
 
 /// Next-token losses `[batch, len − 1]` of the AR model (docs/algorithm.md §1.8): input x[:, :-1], targets
@@ -328,13 +341,14 @@ pub fn ar_token_losses(model: &Dit, x0: &Tensor, mask_id: u32, train: bool) -> R
     let (_, len) = x0.size2()?;
     let input = x0.narrow(1, 0, len - 1);
     let logits = model.logits(&input, &BlockLayout::Causal { seq_len: len as usize - 1 }, len as usize - 1, train)?;
-    let log_probs = mask_logit_removed(&logits, mask_id).log_softmax(-1, Kind::Float);
+    let log_probs = log_probs_without_mask(&logits, mask_id);
     Ok(-log_probs.gather(2, &x0.narrow(1, 1, len - 1).unsqueeze(2), false).squeeze_dim(2))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     fn objective(seq_len: usize, block_size: usize, resample: bool) -> BlockDiffusion {
         BlockDiffusion { seq_len, block_size, mask_id: 99, antithetic: true, resample, ignore_bos: true }
@@ -413,6 +427,7 @@ mod tests {
         assert_eq!(terms.masked_select(&unmasked).abs().max().double_value(&[]), 0.0, "no loss where unmasked");
         let expected = -lp.gather(2, &x0.unsqueeze(2), false).squeeze_dim(2) / &t;
         let at_masked = |x: &Tensor| x.masked_select(&unmasked.logical_not());
-        assert!(at_masked(&terms).allclose(&at_masked(&expected), 1e-6, 1e-6, false));
+        // The same log-softmax and the same division: the same bits.
+        assert!(at_masked(&terms).equal(&at_masked(&expected)));
     }
 }

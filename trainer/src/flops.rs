@@ -131,6 +131,7 @@ mod tests {
         assert_eq!(gpu_peak_bf16("NVIDIA H100 PCIe"), Some(756e12));
         assert_eq!(gpu_peak_bf16("NVIDIA A100-SXM4-80GB"), Some(312e12));
         assert_eq!(gpu_peak_bf16("Tesla T4"), None);
+        // One fp64 product and division of exactly representable values: at most a few ulps off 1.
         assert!((mfu(989e12, 2, 0.5, 989e12) - 1.0).abs() < 1e-12);
     }
 }

@@ -97,10 +97,20 @@ fn record_flops(part: FlopPart, flops: impl FnOnce() -> f64) {
     });
 }
 
-/// Bias-free LayerNorm computed in fp32 (docs/algorithm.md §1.3).
+/// The kind LayerNorm, softmax and the loss compute in for activations of `kind`: fp32 for fp32
+/// and for bf16/fp16 under autocast, fp64 for a `model.dtype = "float64"` model.
+pub fn wide_kind(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
+/// Bias-free LayerNorm computed in fp32 at least (docs/algorithm.md §1.3).
 fn layer_norm(x: &Tensor, weight: &Tensor) -> Tensor {
     let d = *x.size().last().expect("non-scalar input");
-    x.to_kind(Kind::Float).layer_norm([d], None::<Tensor>, None::<Tensor>, LN_EPS, false) * weight
+    x.to_kind(wide_kind(x.kind())).layer_norm([d], None::<Tensor>, None::<Tensor>, LN_EPS, false) * weight
 }
 
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Tensor {
@@ -125,9 +135,10 @@ impl SigmaMap {
 
     fn forward(&self, sigma: &Tensor) -> Tensor {
         let half = SIGMA_FREQ_DIM / 2;
-        let j = Tensor::arange(half, (Kind::Float, sigma.device()));
+        let kind = self.mlp0.weight.kind();
+        let j = Tensor::arange(half, (kind, sigma.device()));
         let freqs = (j * (-(10_000f64.ln()) / half as f64)).exp();
-        let args = sigma.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+        let args = sigma.to_kind(kind).unsqueeze(1) * freqs.unsqueeze(0);
         let feats = Tensor::cat(&[args.cos(), args.sin()], 1);
         self.mlp2.forward(&self.mlp0.forward(&feats).silu())
     }
@@ -216,8 +227,20 @@ pub struct Dit {
 }
 
 impl Dit {
+    /// The model of `cfg` in `vs`, its variables in `model.dtype`: the one way the trainer, the
+    /// launcher and the tools build it.
+    pub fn build(vs: &mut nn::VarStore, cfg: &ModelConfig) -> Result<Self> {
+        let model = Self::new(&vs.root(), cfg)?;
+        // The variables are created in fp32 (the initializers draw in fp32) and converted in
+        // place: the model's tensors share them, so it follows.
+        if cfg.dtype.kind() != Kind::Float {
+            vs.set_kind(cfg.dtype.kind());
+        }
+        Ok(model)
+    }
+
     /// Creates the parameters under `root` (`backbone.*`), plus the clip-interval buffers
-    /// `sampling_eps_min/max` of the reference's state dict for the diffusion model.
+    /// `sampling_eps_min/max` of the reference's state dict for the diffusion model, in fp32.
     pub fn new(root: &nn::Path, cfg: &ModelConfig) -> Result<Self> {
         ensure!(cfg.hidden % cfg.heads == 0 && cfg.head_dim() % 2 == 0, "invalid head layout {cfg:?}");
         let p = root / "backbone";
@@ -457,7 +480,8 @@ impl Dit {
     fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
         let theta = positions.to_kind(Kind::Double).unsqueeze(1) * self.inv_freq.to_kind(Kind::Double).unsqueeze(0);
         let emb = Tensor::cat(&[&theta, &theta], 1).unsqueeze(0).unsqueeze(2);
-        (emb.cos().to_kind(Kind::Float), emb.sin().to_kind(Kind::Float))
+        let kind = wide_kind(self.vocab_embed.kind());
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 }
 
@@ -508,6 +532,7 @@ mod tests {
         let y = Vec::<f32>::try_from(apply_rope(&x, &emb.cos(), &emb.sin()).reshape([-1])).unwrap();
         let (a, b) = (2.0f32, 1.0f32);
         let expected = [a.cos(), -b.sin(), a.sin(), b.cos()];
+        // fp32 cos/sin of angles ≤ 2, one product and one sum: a few roundings of 6e-8 each.
         for (got, want) in y.iter().zip(expected) {
             assert!((got - want).abs() < 1e-6, "{y:?} vs {expected:?}");
         }

@@ -387,6 +387,7 @@ mod tests {
         assert_eq!(plan.memory.activations, 16.0 * per_sequence);
         // crate::flops's hand-checked count for one rank, × 8 ranks.
         assert_eq!(plan.flops_per_step, 8.0 * 22_378_304_765_952.0);
+        // The same fp64 expression in another order: a few ulps of a value below 1.
         assert!((plan.compute_seconds - 22_378_304_765_952.0 / (989e12 * 0.4)).abs() < 1e-12);
         assert!(plan.fits);
         let free = 0.9 * 80.0 * GIB - 16.0 * p;
@@ -399,6 +400,7 @@ mod tests {
         // 32 ranks over InfiniBand: 2·31·5 µs + 2·31/32 · 4p bytes / 50 GB/s.
         let bytes = 4.0 * 169_627_218.0;
         let ring = 2.0 * 31.0 * 5e-6 + 2.0 * 31.0 / 32.0 * bytes / 50e9;
+        // Seconds below 1 from a handful of fp64 operations: a few ulps (≈1e-16) each.
         assert!((plan.allreduce_ring_seconds - ring).abs() < 1e-12);
         let tree = 2.0 * 5.0 * 5e-6 + 2.0 * bytes / 50e9;
         assert!((plan.allreduce_tree_seconds - tree).abs() < 1e-12);

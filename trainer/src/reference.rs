@@ -4,9 +4,9 @@
 
 use anyhow::Result;
 use kernels::BlockLayout;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use crate::diffusion::{mask_logit_removed, BlockDiffusion, Noise, NEG_INF_LOGIT};
+use crate::diffusion::{log_probs_without_mask, BlockDiffusion, Noise, NEG_INF_LOGIT};
 use crate::model::Dit;
 
 /// The references of the vectorized objective (`crate::diffusion`).
@@ -49,8 +49,8 @@ impl BlockDiffusion {
 /// not masked.
 pub fn subs_log_probs(logits: &Tensor, xt: &Tensor, mask_id: u32) -> Tensor {
     let vocab = *logits.size().last().expect("logits have a vocabulary axis");
-    let log_probs = mask_logit_removed(logits, mask_id).log_softmax(-1, Kind::Float);
-    let carry = (xt.one_hot(vocab).to_kind(Kind::Float) - 1.0) * -NEG_INF_LOGIT;
+    let log_probs = log_probs_without_mask(logits, mask_id);
+    let carry = (xt.one_hot(vocab).to_kind(log_probs.kind()) - 1.0) * -NEG_INF_LOGIT;
     let unmasked = xt.ne(mask_id as i64).unsqueeze(2);
     log_probs.where_self(&unmasked.logical_not(), &carry)
 }

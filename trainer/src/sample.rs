@@ -550,9 +550,11 @@ mod tests {
             for kept in [&standard, &reference] {
                 assert_eq!(kept[0].0, top1, "top-1 always kept");
                 let renormalized: f64 = kept.iter().map(|k| k.1).sum();
+                // A sum of at most 51 fp64 probabilities: within 2·n·u ≈ 1e-14 of 1.
                 assert!((renormalized - 1.0).abs() < 1e-12);
             }
             let mass: f64 = standard.iter().map(|&(i, _)| probs[i]).sum();
+            // This sum and the filter's own of the same ≤ 51 probabilities: within 2·n·u ≈ 1e-14.
             assert!(mass >= p - 1e-12, "standard keeps at least p: {mass} < {p}");
             // Dropping its last (crossing) token takes the standard set below p.
             let without_last: f64 = standard[..standard.len() - 1].iter().map(|&(i, _)| probs[i]).sum();
@@ -610,6 +612,7 @@ mod tests {
         // Cycling over 100 ids: ln 100 ≈ 4.6 ≥ 4 → go on.
         let high: Vec<u32> = std::iter::once(BOS).chain((0..299).map(|i| (i % 100) as u32)).collect();
         assert_eq!(stop_check(&high, EOS, true), None);
+        // Four fp64 terms p·ln p: a few ulps off ln 4.
         assert!((unigram_entropy(&[1, 2, 3, 4]) - 4f64.ln()).abs() < 1e-12);
     }
 }

@@ -222,8 +222,8 @@ impl<'a> Trainer<'a> {
         // Each rank reads only its rows of every global batch.
         let (data, valid) = TrainData::open(cfg, comm.rank(), comm.world_size())?;
 
-        let vs = nn::VarStore::new(device);
-        let model = Dit::new(&vs.root(), &cfg.model)?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Dit::build(&mut vs, &cfg.model)?;
         let params = Params::of(&vs);
         let objective = Objective::new(cfg)?;
         let clip = ClipInterval { beta: cfg.diffusion.sampling_eps_min, omega: cfg.diffusion.sampling_eps_max };
@@ -397,8 +397,8 @@ impl<'a> Trainer<'a> {
                 self.objective.token_losses_of_rows(&self.model, &batch.tokens, mb, &rows, clip)
             })?;
             let loss = match padded_scale {
-                None => terms.mean(Kind::Float),
-                Some(scale) => terms.sum(Kind::Float) * scale,
+                None => terms.mean(terms.kind()),
+                Some(scale) => terms.sum(terms.kind()) * scale,
             };
             let scaled = &loss / accum as f64;
             if micro + 1 == accum {

@@ -44,8 +44,8 @@ pub fn import_weights(file: &Path, store: &CheckpointStore, step: u64, cfg: Opti
     let (bytes, header) = read_safetensors(file)?;
     let mut tensors = vec![];
     if let Some(cfg) = cfg {
-        let vs = nn::VarStore::new(Device::Cpu);
-        crate::model::Dit::new(&vs.root(), &cfg.model)?;
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        crate::model::Dit::build(&mut vs, &cfg.model)?;
         check_against_model(&name, &header, &vs, &OPTIONAL_BUFFERS)?;
         // What the file lacks comes from the model this config builds.
         for (key, t) in vs.variables() {
