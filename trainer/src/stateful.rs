@@ -149,9 +149,28 @@ pub fn load_into(target: &Tensor, buffer: &TensorBuffer) -> Result<()> {
     );
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     // Stored bf16 weights (as published) load into an fp32 model and vice versa.
-    let src = Tensor::from_data_size(&buffer.data, &dims, kind_of(buffer.dtype))
-        .to_kind(target.kind())
-        .to_device(target.device());
-    tch::no_grad(|| target.shallow_clone().copy_(&src));
+    let src = Tensor::from_data_size(&buffer.data, &dims, kind_of(buffer.dtype)).to_kind(target.kind());
+    refuse_non_finite(&buffer.name, &src)?;
+    tch::no_grad(|| target.shallow_clone().copy_(&src.to_device(target.device())));
+    Ok(())
+}
+
+/// Refuses a floating-point tensor holding a NaN or an infinity (stored so, or out of range of
+/// the kind it loads into), naming it: such weights would only fail much later, far from the
+/// cause ("the distribution has no mass" in the sampler, a NaN loss in training).
+fn refuse_non_finite(name: &str, t: &Tensor) -> Result<()> {
+    if !t.is_floating_point() {
+        return Ok(());
+    }
+    let bad = t.isfinite().logical_not();
+    let count = bad.sum(Kind::Int64).int64_value(&[]);
+    if count > 0 {
+        let first = bad.reshape([-1]).nonzero().int64_value(&[0, 0]);
+        let value = t.reshape([-1]).double_value(&[first]);
+        bail!(
+            "tensor `{name}` holds {count} value(s) that are not finite (the first, at flat index {first}, is {value}): \
+             refusing to load it"
+        );
+    }
     Ok(())
 }
