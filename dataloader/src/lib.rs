@@ -22,7 +22,7 @@ pub use reader::{Reader, ReaderConfig};
 pub use storage as store;
 pub use storage::object_store;
 pub use storage::RetryConfig;
-pub use tokenizer::{Gpt2Tokenizer, HfTokenizer, SpecialTokens, TextTokenizer};
+pub use tokenizer::{data_set_tokenizer, DataSetTokenizer, Gpt2Tokenizer, HfTokenizer, SpecialTokens, TextTokenizer};
 
 #[cfg(test)]
 mod tests;

@@ -157,6 +157,30 @@ impl HfTokenizer {
     }
 }
 
+/// The `tokenizer.json` a data set was written with (`bd3 prepare --tokenizer`), as `index.json`
+/// names it beside itself, with the special ids it records.
+pub struct DataSetTokenizer {
+    pub bytes: Vec<u8>,
+    /// Where it was read from, for messages.
+    pub source: String,
+    pub special: TokenizerSpecialIds,
+}
+
+/// The `tokenizer.json` of the data set at `url` (a `bd3 prepare` output); `None` for GPT-2 BPE
+/// (no file) and for no data set (an empty `url`: the in-memory corpus is tokenized with GPT-2).
+pub fn data_set_tokenizer(url: &str) -> Result<Option<DataSetTokenizer>> {
+    if url.is_empty() {
+        return Ok(None);
+    }
+    let manifest = Manifest::load_url(url)?;
+    let Some(file) = &manifest.tokenizer_file else { return Ok(None) };
+    let dir = crate::store::open(url.strip_suffix(MANIFEST_NAME).unwrap_or(url).trim_end_matches('/'))?;
+    let source = dir.display(file);
+    let bytes =
+        storage::block_on(dir.get(file)).with_context(|| format!("reading the data set's tokenizer {source}"))?;
+    Ok(Some(DataSetTokenizer { bytes: bytes.to_vec(), source, special: manifest.special_ids }))
+}
+
 /// The tokenizer of a data set: GPT-2 BPE (`bd3 prepare`'s default), or a `tokenizer.json`.
 pub enum TextTokenizer {
     Gpt2(Gpt2Tokenizer),
@@ -176,19 +200,32 @@ impl TextTokenizer {
     /// its `tokenizer.json` that `index.json` names, else GPT-2. An empty `url` (no data set) is
     /// GPT-2 (the in-memory corpus is tokenized with it).
     pub fn of_data_set(url: &str) -> Result<Self> {
-        if url.is_empty() {
-            return Ok(Self::Gpt2(Gpt2Tokenizer::new()?));
+        match data_set_tokenizer(url)? {
+            None => Ok(Self::Gpt2(Gpt2Tokenizer::new()?)),
+            Some(file) => Self::with_ids(&file.bytes, &file.source, file.special),
         }
-        let manifest = Manifest::load_url(url)?;
-        let Some(file) = &manifest.tokenizer_file else { return Ok(Self::Gpt2(Gpt2Tokenizer::new()?)) };
-        let dir = crate::store::open(url.strip_suffix(MANIFEST_NAME).unwrap_or(url).trim_end_matches('/'))?;
-        let name = dir.display(file);
-        let bytes =
-            storage::block_on(dir.get(file)).with_context(|| format!("reading the data set's tokenizer {name}"))?;
-        // The special ids are the ones index.json records (prepare may have been told them).
-        let (inner, vocab_size) = HfTokenizer::parse(&bytes, &name)?;
-        let special = manifest.special_ids;
-        Ok(Self::HuggingFace(Box::new(HfTokenizer { inner, source: name, special, vocab_size })))
+    }
+
+    /// The tokenizer `data.tokenizer` names: "gpt2", or the path of a `tokenizer.json` whose
+    /// BOS/EOS are `special` (a run records the copy of its data set's); "" is the data set at
+    /// `dataset`'s ([`Self::of_data_set`]).
+    pub fn named(name: &str, dataset: &str, special: TokenizerSpecialIds) -> Result<Self> {
+        match name {
+            "" => Self::of_data_set(dataset),
+            "gpt2" => Ok(Self::Gpt2(Gpt2Tokenizer::new()?)),
+            path => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("data.tokenizer: reading the tokenizer.json {path}"))?;
+                Self::with_ids(&bytes, path, special)
+            }
+        }
+    }
+
+    /// A `tokenizer.json` read from `source` whose special ids are already known (recorded by
+    /// `index.json` or a run; prepare may have been told them, so they are not looked up again).
+    fn with_ids(bytes: &[u8], source: &str, special: TokenizerSpecialIds) -> Result<Self> {
+        let (inner, vocab_size) = HfTokenizer::parse(bytes, source)?;
+        Ok(Self::HuggingFace(Box::new(HfTokenizer { inner, source: source.to_string(), special, vocab_size })))
     }
 
     /// How the manifest names it.

@@ -506,8 +506,8 @@ fn main() -> Result<()> {
             let busy = launcher::spinner("sampling");
             let generation = trainer::sample::generate(&model, &cfg, &opts, device)?;
             busy.finish_and_clear();
-            // The data set's own tokenizer (`bd3 prepare --tokenizer`), else GPT-2.
-            let tokenizer = dataloader::TextTokenizer::of_data_set(&cfg.data.dataset)?;
+            // `data.tokenizer`: a run's records the one it trained with; else the data set's.
+            let tokenizer = trainer::data::sample_tokenizer(&cfg)?;
             for sample in &generation.samples {
                 let text = tokenizer.decode(&sample.tokens);
                 match format {

@@ -159,7 +159,9 @@ fn prepare_with_a_tokenizer_json_round_trips_and_its_special_ids_reach_the_sampl
     ok(tiny_command("train", &runs, "bert", &sets).output().unwrap());
 
     // The sampler starts every sequence with the recorded BOS ([CLS]) and decodes with the
-    // data set's tokenizer.
+    // data set's tokenizer, both recorded by the run: the data set may be gone meanwhile.
+    let moved = dir.join("data-moved");
+    std::fs::rename(dir.join("data"), &moved).unwrap();
     let run = runs.join("bert");
     let (config, weights) = (run.join("config.toml"), run.join("model.safetensors"));
     let stdout = ok(bd3(&[
@@ -183,6 +185,7 @@ fn prepare_with_a_tokenizer_json_round_trips_and_its_special_ids_reach_the_sampl
         assert!(tokens.iter().all(|&t| t < VOCAB as u64 && t != MASK as u64), "{s}");
         assert!(s["text"].as_str().unwrap().starts_with("[CLS]"), "{s}");
     }
+    std::fs::rename(&moved, dir.join("data")).unwrap();
 
     // A model whose vocabulary cannot hold the tokenizer's ids is refused before training.
     let small = format!("model.vocab_size={}", VOCAB - 3);

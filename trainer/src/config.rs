@@ -195,6 +195,11 @@ pub struct DataConfig {
     pub bos_id: Option<u32>,
     /// The id that ends a variable-length sample; unset as `bos_id`.
     pub eos_id: Option<u32>,
+    /// The tokenizer that decodes samples: "" for the data set's (GPT-2 BPE, or the
+    /// `tokenizer.json` its `index.json` names; GPT-2 without a data set), "gpt2", or the path of
+    /// a `tokenizer.json`. A run records the one it trained with in its `config.toml` (with the
+    /// BOS/EOS ids), so that sampling from it needs no data set.
+    pub tokenizer: String,
 }
 
 impl Default for DataConfig {
@@ -205,6 +210,7 @@ impl Default for DataConfig {
             valid_documents: 2,
             bos_id: None,
             eos_id: None,
+            tokenizer: String::new(),
         }
     }
 }

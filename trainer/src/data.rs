@@ -2,6 +2,7 @@
 //! streamed from a local path or an object store, or a text corpus tokenized in memory (the
 //! demo's).
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
@@ -169,6 +170,40 @@ pub fn special_ids(cfg: &Config) -> Result<SpecialIds> {
         bos: pick("BOS", "data.bos_id", d.bos_id, index.as_ref().map(|i| i.bos))?,
         eos: pick("EOS", "data.eos_id", d.eos_id, index.as_ref().map(|i| i.eos))?,
     })
+}
+
+/// `cfg` as a run records it in its directory (`config.toml`): what it took from its data set
+/// made explicit, so that sampling from and scoring samples of its weights need no data set (it
+/// may have moved, or been on a scratch volume): the BOS and EOS ids, and the tokenizer, "gpt2"
+/// or a copy of the data set's `tokenizer.json` written into `run_dir`.
+pub fn recorded_config(cfg: &Config, run_dir: &Path) -> Result<Config> {
+    let mut recorded = cfg.clone();
+    let ids = special_ids(cfg)?;
+    (recorded.data.bos_id, recorded.data.eos_id) = (Some(ids.bos), Some(ids.eos));
+    if cfg.data.tokenizer.is_empty() {
+        recorded.data.tokenizer = match dataloader::data_set_tokenizer(&cfg.data.dataset)
+            .with_context(|| format!("data.dataset {}", cfg.data.dataset))?
+        {
+            None => "gpt2".to_string(),
+            Some(file) => {
+                let copy = run_dir.join("tokenizer.json");
+                std::fs::write(&copy, &file.bytes).with_context(|| {
+                    format!("copying the data set's tokenizer {} to {}", file.source, copy.display())
+                })?;
+                // Absolute, as the run may be sampled from any directory.
+                let copy = std::path::absolute(&copy).with_context(|| format!("resolving {}", copy.display()))?;
+                copy.display().to_string()
+            }
+        };
+    }
+    Ok(recorded)
+}
+
+/// The tokenizer that decodes a run's samples (`data.tokenizer`, with the run's BOS/EOS ids).
+pub fn sample_tokenizer(cfg: &Config) -> Result<dataloader::TextTokenizer> {
+    let ids = special_ids(cfg)?;
+    let special = dataloader::manifest::TokenizerSpecialIds { bos: ids.bos, eos: ids.eos, mask: None, pad: None };
+    dataloader::TextTokenizer::named(&cfg.data.tokenizer, &cfg.data.dataset, special)
 }
 
 /// The padding id the loss leaves out: that of a data set prepared with `--framing pad` (one

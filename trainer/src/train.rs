@@ -19,10 +19,9 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use checkpoint::{AsyncSaver, CheckpointStore, Retention, SaveJob, SaveReport, WriteOptions};
-use dataloader::TextTokenizer;
 use indicatif::ProgressBar;
 use serde_json::json;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 use tracing::info;
 
 use crate::config::{Config, OnNonFinite};
@@ -280,7 +279,8 @@ impl<'a> Trainer<'a> {
         }
         // Written only now, so that a refused resume leaves the run's config as it was.
         if lead {
-            std::fs::write(trainer.run_dir.join("config.toml"), cfg.to_toml()?)?;
+            let recorded = crate::data::recorded_config(cfg, &trainer.run_dir)?;
+            std::fs::write(trainer.run_dir.join("config.toml"), recorded.to_toml()?)?;
         }
         let resumed_at = resumed.then_some(trainer.first_step);
         trainer.metrics = MetricsLog::open(trainer.run_dir.join("metrics.jsonl"), resumed_at, lead)?;
@@ -639,7 +639,7 @@ impl<'a> Trainer<'a> {
             let opts = SampleOptions { batch: 1, ..SampleOptions::for_run(cfg, cfg.train.sample_tokens)? };
             let (model, device) = (&self.model, self.device);
             let generation = ema.swapped_in(&params.tensors, || generate(model, cfg, &opts, device))?;
-            let text = TextTokenizer::of_data_set(&cfg.data.dataset)?.decode(&generation.samples[0].tokens);
+            let text = crate::data::sample_tokenizer(cfg)?.decode(&generation.samples[0].tokens);
             std::fs::write(self.run_dir.join("sample.txt"), &text)?;
             info!(nfe = generation.nfe, tokens_per_s = generation.tokens_per_s().round(), "sampled");
             Some(text)
