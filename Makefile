@@ -26,7 +26,7 @@ demo: build
 	rm -rf $(DEMO_RUN_DIR)/tiny/checkpoints
 	$(BD3) prepare --input data/shakespeare --output $(DEMO_DATA) --seq-len 128 --valid-documents 2
 	$(BD3) train --config configs/tiny.toml --set train.steps=$(DEMO_STEPS) --set run.dir=$(DEMO_RUN_DIR) \
-		--set data.dataset=$(DEMO_DATA)
+		--set data.dataset=$(DEMO_DATA) --set 'metrics.listen="$(DEMO_METRICS)"'
 	$(BD3) sample --config $(DEMO_RUN_DIR)/tiny/config.toml --weights $(DEMO_RUN_DIR)/tiny/model.safetensors \
 		--tokens $(DEMO_SAMPLE_TOKENS)
 

@@ -1,6 +1,7 @@
 //! `make demo`, end to end, with a short step budget: set-up (already done: seconds), build,
 //! train the tiny model on the embedded corpus, report the validation NELBO, sample text from the
-//! saved weights.
+//! saved weights. Nothing it uses is shared with another run on the machine: its data set and run
+//! directory are scratch directories, and its metrics endpoint takes a free port.
 
 use std::process::Command;
 
@@ -16,7 +17,9 @@ fn make_demo_runs_end_to_end() {
         "demo",
         "DEMO_STEPS=3",
         "DEMO_SAMPLE_TOKENS=32",
+        "DEMO_METRICS=127.0.0.1:0",
         &format!("DEMO_RUN_DIR={}", run_dir.display()),
+        &format!("DEMO_DATA={}", run_dir.join("data").display()),
     ]);
     // The test harness's cargo variables must not leak into the nested cargo build.
     for (key, _) in std::env::vars() {
