@@ -9,7 +9,9 @@
 #   scripts/slurm.sh stop DIR     cancel every job, wait for them to end, stop the daemons by PID
 #
 # Starting a cluster that runs already, or stopping one that does not, does nothing. The daemons
-# and their state, logs and sockets live only in DIR; ports are the first free pair from 6817.
+# and their state, logs and sockets live only in DIR; ports are a free pair drawn at random from
+# 20000-29999 (not Slurm's 6817/6818), so that clusters started at the same moment by concurrent
+# test runs, or a real Slurm on this machine, do not meet.
 # The scheduler runs every 2 s and job credentials expire after 10 s (Slurm's default is 120 s,
 # and a requeued job waits that long before it may start again), so a requeue reruns in seconds.
 set -euo pipefail
@@ -52,9 +54,9 @@ listening_ports() {
 
 write_config() {
     local dir=$1 host=$2
-    local busy port=6817
+    local busy port=$((20000 + 2 * (RANDOM % 5000)))
     busy=$(listening_ports)
-    while grep -qx -e "$port" -e "$((port + 1))" <<<"$busy"; do port=$((port + 2)); done
+    while grep -qx -e "$port" -e "$((port + 1))" <<<"$busy"; do port=$((20000 + 2 * (RANDOM % 5000))); done
     cat >"$dir/slurm.conf" <<EOF
 # Written by scripts/slurm.sh: a single-node cluster whose state lives in $dir.
 ClusterName=bd3
