@@ -64,10 +64,10 @@ CPU_ISAS := default,SSE4_2,SSE41 avx2,AVX2,AVX2
 test-cpus: setup
 	$(CARGO) build -p bd3-launcher
 	@set -e; capability='import torch; print(torch.backends.cpu.get_cpu_capability())'; \
-	native=$$(.venv/bin/python -c "$$capability"); \
+	native=$$(.venv/bin/python -W ignore -c "$$capability"); \
 	for isa in $(CPU_ISAS); do \
 		IFS=, read -r aten mkl onednn <<<"$$isa"; \
-		picked=$$(ATEN_CPU_CAPABILITY=$$aten .venv/bin/python -c "$$capability"); \
+		picked=$$(ATEN_CPU_CAPABILITY=$$aten .venv/bin/python -W ignore -c "$$capability"); \
 		if [ "$$picked" = "$$native" ]; then \
 			echo "== ATEN_CPU_CAPABILITY=$$aten: $$picked is this CPU's own, which make test ran"; continue; \
 		fi; \
